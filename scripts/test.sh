@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install what the tests need into .venv and run lint + the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup_venv.sh test
+.venv/bin/ruff check qlora tests bench scripts
+# pytest exits 5 when it collects nothing: treat that as the failure it is.
+set +e
+.venv/bin/python -m pytest -q -ra "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi
+exit "$rc"
