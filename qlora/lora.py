@@ -1,0 +1,262 @@
+"""LoRA through a frozen (optionally 4-bit) base: the layer, its autograd function, and the swap.
+
+Glossary: `r` the adapter rank; `alpha`; `scale = alpha / r` (rsLoRA: `alpha / sqrt(r)`);
+`lora_A` [r, in] and `lora_B` [out, r] (PEFT's names, so adapters save without a key map).
+
+    y = x W^T + b + scale * (drop(x) A^T) B^T
+
+W is frozen: a `QuantizedTensor` (QLoRA) or a dense tensor (plain 16-bit LoRA), b a frozen bias.
+
+`LoRALinearFunction` is why this file exists. Autograd through `F.linear(x, dequantize(W))` would
+save the dense W for the backward pass: 2 bytes per parameter in bf16, four times the 4-bit
+weight, for every layer at once. The function saves only the small things and dequantizes W again
+in backward. With g = dL/dy [N, out], xd = drop(x) [N, in], h = xd A^T [N, r]:
+
+    dL/dx  = g W                       (through the base; W dequantized again)
+    dL/dxd = scale * (g B) A           (through the adapter; autograd carries it through dropout)
+    dL/dB  = scale * g^T h             [out, r]
+    dL/dA  = scale * (g B)^T xd        [r, in]
+    W and b are frozen: no gradient.
+
+Saved for backward: xd, h, A, B and a reference to the packed weight (never a dequantized copy;
+a test hooks saved tensors to prove it). Matmuls run in the compute dtype (bf16 by default); the
+adapter parameters are kept in float32 for the optimizer and cast for the matmuls, and their
+gradients come back in float32.
+
+Initialisation is PEFT's default: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0,
+so a fresh adapter leaves the model's output unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qlora import ops
+from qlora.quant.tensor import QuantizedTensor
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How the frozen base weights are stored: a 4-bit type, or None for 16-bit (plain LoRA)."""
+
+    quant_type: str | None = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The adapter hyperparameters (the QLoRA paper's defaults)."""
+
+    r: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.1
+    use_rslora: bool = False
+    targets: tuple[str, ...] = field(default=DEFAULT_TARGETS)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
+def _dense_weight(base: torch.Tensor | QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(base, QuantizedTensor):
+        return ops.dequantize(base, dtype)
+    return base.to(dtype)
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """y = x W^T + b + scale * (xd A^T) B^T with W frozen and re-materialised in backward (see module doc)."""
+
+    @staticmethod
+    def forward(ctx, x, x_dropped, lora_A, lora_B, bias, base, scale: float):
+        # x, x_dropped: [..., in]; lora_A: [r, in] or None; lora_B: [out, r] or None; base: [out, in]
+        weight = _dense_weight(base, x.dtype)
+        y = F.linear(x, weight, None if bias is None else bias.to(x.dtype))  # [..., out]
+        del weight
+        h = None
+        if lora_A is not None:
+            h = F.linear(x_dropped, lora_A.to(x.dtype))  # [..., in] @ [in, r] -> [..., r]
+            y = y + scale * F.linear(h, lora_B.to(x.dtype))  # [..., r] @ [r, out] -> [..., out]
+        ctx.base = base
+        ctx.scale = scale
+        ctx.has_adapter = lora_A is not None
+        ctx.param_dtypes = (None, None) if lora_A is None else (lora_A.dtype, lora_B.dtype)
+        ctx.save_for_backward(x_dropped if lora_A is not None else None, h, lora_A, lora_B)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_dropped, h, lora_A, lora_B = ctx.saved_tensors
+        dtype = grad_y.dtype
+        grad_x = grad_x_dropped = grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            weight = _dense_weight(ctx.base, dtype)
+            grad_x = grad_y @ weight  # [..., out] @ [out, in] -> [..., in]
+            del weight
+        if ctx.has_adapter:
+            scale = ctx.scale
+            B = lora_B.to(dtype)
+            g_B = grad_y @ B  # [..., out] @ [out, r] -> [..., r]
+            if ctx.needs_input_grad[1]:
+                grad_x_dropped = (scale * g_B) @ lora_A.to(dtype)  # [..., r] @ [r, in] -> [..., in]
+            g2 = grad_y.reshape(-1, grad_y.shape[-1])  # [N, out]
+            if ctx.needs_input_grad[3]:
+                grad_B = (scale * g2.t() @ h.reshape(-1, h.shape[-1])).to(ctx.param_dtypes[1])  # [out, N] @ [N, r]
+            if ctx.needs_input_grad[2]:
+                x2 = x_dropped.reshape(-1, x_dropped.shape[-1])  # [N, in]
+                grad_A = (scale * g_B.reshape(-1, g_B.shape[-1]).t() @ x2).to(ctx.param_dtypes[0])  # [r, N] @ [N, in]
+        return grad_x, grad_x_dropped, grad_A, grad_B, None, None, None
+
+
+class LoRALinear(nn.Module):
+    """A linear layer with a frozen base (4-bit or dense) and an optional trainable LoRA adapter.
+
+    Built empty (the base weight arrives later through `set_base_weight`, as the loader streams
+    the checkpoint), so a 70B model never exists densely in memory. `r = 0` means no adapter: a
+    frozen, possibly quantized linear that still saves no dense weight for backward.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = False,
+        quant: QuantSpec = QuantSpec(),
+        lora: LoraSpec | None = LoraSpec(),
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.quant = quant
+        self.compute_dtype = dtype
+        self.base: torch.Tensor | QuantizedTensor | None = None
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) if bias \
+            else None  # fmt: skip
+        self.r = lora.r if lora is not None else 0
+        self.scale = lora.scale if lora is not None else 0.0
+        self.dropout = nn.Dropout(lora.dropout) if lora is not None and lora.dropout > 0 else nn.Identity()
+        if self.r:
+            # nn.Linear holders give PEFT's key names: <layer>.lora_A.weight, <layer>.lora_B.weight
+            self.lora_A = nn.Linear(in_features, self.r, bias=False, device=device, dtype=torch.float32)
+            self.lora_B = nn.Linear(self.r, out_features, bias=False, device=device, dtype=torch.float32)
+            if device is None or torch.device(device).type != "meta":
+                self.reset_adapter()
+
+    # --- the frozen base --------------------------------------------------------------------
+    def set_base_weight(self, weight: torch.Tensor) -> None:
+        """Take the dense checkpoint weight [out, in]: quantize it in place of storage, or keep it dense."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight of shape {tuple(weight.shape)} given to a linear layer of shape "
+                             f"({self.out_features}, {self.in_features})")  # fmt: skip
+        weight = weight.detach().to(self.compute_dtype)
+        if self.quant.quant_type is None:
+            self.base = weight
+        else:
+            self.base = QuantizedTensor.quantize(weight, self.quant.quant_type, self.quant.blocksize,
+                                                 self.quant.double_quant)  # fmt: skip
+
+    def set_base_quantized(self, q: QuantizedTensor) -> None:
+        """Take an already-quantized base weight as it is (no dequantize/requantize round trip)."""
+        if tuple(q.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"quantized weight of shape {tuple(q.shape)} given to a linear layer of shape "
+                             f"({self.out_features}, {self.in_features})")  # fmt: skip
+        self.base = q
+
+    def dense_base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.base is None:
+            raise RuntimeError("this layer's base weight was never loaded")
+        return _dense_weight(self.base, dtype or self.compute_dtype)
+
+    def _apply(self, fn, recurse=True):
+        """`module.to(device)` moves the base too; dtype casts leave the 4-bit codes untouched."""
+        super()._apply(fn, recurse)
+        if isinstance(self.base, QuantizedTensor):
+            moved = fn(self.base.packed)
+            if moved.device != self.base.device:
+                self.base = self.base.to(moved.device)
+        elif self.base is not None:
+            self.base = fn(self.base)
+        return self
+
+    # --- the adapter ------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        """PEFT's default init: A kaiming-uniform (a = sqrt(5)), B zero."""
+        if self.r:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.base is None:
+            raise RuntimeError("this layer's base weight was never loaded")
+        if self.r:
+            x_dropped = self.dropout(x)
+            return LoRALinearFunction.apply(x, x_dropped, self.lora_A.weight, self.lora_B.weight, self.bias,
+                                            self.base, self.scale)  # fmt: skip
+        return LoRALinearFunction.apply(x, x, None, None, self.bias, self.base, 0.0)
+
+    def extra_repr(self) -> str:
+        base = self.quant.quant_type or "dense"
+        return f"in={self.in_features}, out={self.out_features}, base={base}, r={self.r}, scale={self.scale:g}"
+
+
+def replace_linears(
+    model: nn.Module,
+    quant: QuantSpec,
+    lora: LoraSpec | None,
+    quantized_suffixes: Iterable[str] = DEFAULT_TARGETS,
+    device: torch.device | str | None = "meta",
+    dtype: torch.dtype = torch.bfloat16,
+) -> list[str]:
+    """Swap every `nn.Linear` whose name ends in one of `quantized_suffixes` for a `LoRALinear`.
+
+    The layers named by `lora.targets` get an adapter; the others only a frozen (quantized) base.
+    Embeddings and `lm_head` are never touched (they stay 16-bit, as in bitsandbytes). Returns the
+    swapped module names. Raises if a LoRA target matches no layer (a typo would otherwise train
+    nothing).
+    """
+    suffixes = set(quantized_suffixes) | set(lora.targets if lora else ())
+    swapped, adapted_suffixes = [], set()
+    for name, module in list(model.named_modules()):
+        leaf = name.rsplit(".", 1)[-1]
+        if not isinstance(module, nn.Linear) or leaf not in suffixes:
+            continue
+        wants_adapter = lora is not None and leaf in lora.targets
+        new = LoRALinear(module.in_features, module.out_features, bias=module.bias is not None, quant=quant,
+                         lora=lora if wants_adapter else None, device=device, dtype=dtype)  # fmt: skip
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        setattr(parent, leaf, new)
+        swapped.append(name)
+        if wants_adapter:
+            adapted_suffixes.add(leaf)
+    missing = set(lora.targets if lora else ()) - adapted_suffixes
+    if missing:
+        raise ValueError(f"LoRA target modules {sorted(missing)} match no linear layer of the model")
+    return swapped
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """The layers that carry an adapter, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear) and m.r}
+
+
+def mark_only_lora_trainable(model: nn.Module) -> list[nn.Parameter]:
+    """Freeze everything but the adapters; return the trainable parameters."""
+    trainable = []
+    for name, p in model.named_parameters():
+        is_adapter = ".lora_A." in name or ".lora_B." in name
+        p.requires_grad_(is_adapter)
+        if is_adapter:
+            trainable.append(p)
+    return trainable
