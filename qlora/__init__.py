@@ -2,6 +2,14 @@
 
 from qlora.quant import QuantizedTensor, quantize
 
+
+def load_model(*args, **kwargs):
+    """Load a Llama-family checkpoint with a 4-bit base (see `qlora.loading.load_model`)."""
+    from qlora.loading import load_model as _load_model  # the model floors load on first use only
+
+    return _load_model(*args, **kwargs)
+
+
 __version__ = "0.1.0"
 
-__all__ = ["QuantizedTensor", "__version__", "quantize"]
+__all__ = ["QuantizedTensor", "__version__", "load_model", "quantize"]

@@ -1,0 +1,126 @@
+"""`load_model`: a checkpoint on disk -> a Llama-family model with a frozen 4-bit base and LoRA adapters.
+
+The order of operations is the point of this module:
+
+1. read the config and build the model on the `meta` device (no memory at all);
+2. swap the block linears for `LoRALinear`s (still on meta; nothing is allocated);
+3. stream the checkpoint one tensor at a time (safetensors shards or GGUF tensors); each block
+   linear's weight is moved to the target device and quantized there as it arrives, every other
+   tensor (embeddings, norms, lm_head, biases) is stored in the compute dtype;
+4. tie embeddings, create the adapters on the target device, and check that every key the model
+   needs arrived and nothing unknown did (errors name the keys).
+
+So peak host memory is about one tensor (safetensors maps shards; a tensor is copied out when
+read) plus the quantized model, never the dense model: `tests/test_loading.py` measures it on a
+sharded checkpoint in a fresh process. The checkpoint's own code is never run and only
+safetensors or GGUF are read (no pickle).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qlora.checkpoint_io.gguf_file import read_gguf
+from qlora.checkpoint_io.safetensors_dir import check_keys, expected_keys, iter_tensors, read_config
+from qlora.lora import DEFAULT_TARGETS, LoRALinear, LoraSpec, QuantSpec, replace_linears
+from qlora.model.config import ModelConfig
+from qlora.model.llama import LlamaForCausalLM
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelSourceError(ValueError):
+    """The model path is neither a local checkpoint nor a reachable hub id."""
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A local directory or .gguf file as given; a hub id ("org/name") downloaded through huggingface_hub."""
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    text = str(path)
+    if not _HUB_ID.match(text):
+        raise ModelSourceError(f"model path {text!r} does not exist (expected a model directory or a .gguf file)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise ModelSourceError(
+            f"{text!r} is not a local path; downloading it from the Hugging Face Hub needs huggingface_hub "
+            "(pip install 'qlora[hub]'), or download the model yourself and pass its directory"
+        ) from e
+    try:
+        local = snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"])
+    except Exception as e:  # the hub client raises many types; all mean the same to the user
+        raise ModelSourceError(
+            f"could not download {text!r} from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            "Without network access, download the model elsewhere and pass its local directory."
+        ) from None
+    return Path(local)
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The `ModelConfig` of a local directory (config.json) or GGUF file (its metadata)."""
+    p = resolve_model_path(path)
+    raw = read_gguf(p).hf_config if p.suffix == ".gguf" else read_config(p)
+    return ModelConfig.from_hf(raw)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_model(
+    path: str | Path,
+    quant_type: str | None = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str | None = None,
+    *,
+    blocksize: int = 64,
+    lora: LoraSpec | None = None,
+    quantized_modules: tuple[str, ...] = DEFAULT_TARGETS,
+) -> LlamaForCausalLM:
+    """Load a Llama-family checkpoint with its block linears quantized (`quant_type=None`: kept 16-bit).
+
+    `path`: a Hugging Face model directory (safetensors, sharded or not), a .gguf file, or a hub id.
+    `lora`: the adapters to create on the linears named by `lora.targets` (None: the frozen model
+    only). Returns the model in eval mode on `device` (default: CUDA if available, else CPU).
+    """
+    p = resolve_model_path(path)
+    device = torch.device(device) if device is not None else _default_device()
+    gguf = read_gguf(p) if p.suffix == ".gguf" else None
+    config = ModelConfig.from_hf(gguf.hf_config if gguf else read_config(p))
+    model = LlamaForCausalLM.from_config(config, device="meta")
+    needed = expected_keys(model)
+    quant = QuantSpec(quant_type, blocksize, double_quant)
+    swapped = set(replace_linears(model, quant, lora, quantized_modules, device="meta", dtype=compute_dtype))
+
+    seen: list[str] = []
+    modules = dict(model.named_modules())
+    source = str(p)
+    for name, tensor in gguf.iter_tensors() if gguf else iter_tensors(p):
+        seen.append(name)
+        module_name, _, leaf = name.rpartition(".")
+        module = modules.get(module_name)
+        if module is None or (leaf not in module._parameters and not (module_name in swapped and leaf == "weight")):
+            continue  # reported by check_keys below, with every other unexpected key
+        if module_name in swapped and leaf == "weight":
+            module.set_base_weight(tensor.to(device))
+        else:
+            module._parameters[leaf] = nn.Parameter(tensor.to(device, compute_dtype), requires_grad=False)
+        del tensor
+    check_keys(seen, needed, source=source)
+    model.tie_weights()
+    for module in model.modules():
+        if isinstance(module, LoRALinear) and module.r:
+            module.lora_A.to_empty(device=device)
+            module.lora_B.to_empty(device=device)
+            module.reset_adapter()
+    left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left_on_meta:
+        raise RuntimeError(f"{source}: these tensors were never loaded: {left_on_meta[:10]}")
+    return model.eval()
