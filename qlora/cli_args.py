@@ -1,0 +1,157 @@
+"""Command-line flags derived from the configuration dataclasses (`qlora.config`).
+
+Nothing here lists a knob by hand: `add_config_arguments` walks `TrainConfig` and generates, per
+field, a `--section.field` flag (`--lora.r`, `--train.lr_schedule`; top-level fields are plain
+`--output`, `--seed`, `--device`) whose help text, choices and type come from the field, plus the
+field's short alias where it declares one. The aliases are a contract that scripts rely on:
+
+    --model  --data  --output  --config  --max-steps  --seed  --lr  --lora-r  --optim
+    --save-every  --eval-every  --resume  --device  --quant-type
+
+Booleans take `--x` / `--no-x`; optional numbers take `none` to mean None; a list takes several
+values or a comma-separated one (`--lora.target_modules q_proj,v_proj`).
+
+Precedence is defaults < `--config FILE` < flags. To know which flags the user actually typed, every
+flag has `default=argparse.SUPPRESS`: a flag that was not given is absent from the namespace, so it
+cannot override the file with a default. The defaults still appear in `--help`, written into the
+help text from the dataclass.
+
+`parse_train_args(argv)` is the whole path for `qlora train`; `add_config_arguments` +
+`config_from_namespace` are the pieces for a parser with subcommands. Build such parsers with
+`allow_abbrev=False`: with ~40 dotted flags, argparse's prefix matching would let a typo silently
+select another flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any, get_origin
+
+from qlora.config import (
+    ConfigError,
+    Option,
+    TrainConfig,
+    config_options,
+    load_config_file,
+    merge_config_dicts,
+    unwrap_optional,
+)
+
+CONFIG_DEST = "config"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
+    """Add `--config` and one flag per field of `cls` (grouped by section) to `parser`."""
+    parser.add_argument(
+        "--config",
+        dest=CONFIG_DEST,
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="Config file (.toml, .yaml/.yml or .json) shaped like the sections below; "
+        "flags given on the command line override it.",
+    )
+    groups: dict[str, Any] = {}
+    for opt in config_options(cls, sections=True):
+        if opt.is_section:
+            doc = (opt.type.__doc__ or "").strip().splitlines()[0] if opt.type.__doc__ else opt.help
+            groups[opt.key] = parser.add_argument_group(f"{opt.key} (config section [{opt.key}])", doc)
+            continue
+        if not opt.section and "" not in groups:
+            groups[""] = parser.add_argument_group("run")
+        _add_option(groups[opt.section], opt)
+
+
+def _help_text(opt: Option) -> str:
+    if opt.required:
+        tail = "Required (here or in the config file)."
+    else:
+        tail = f"Default: {_show(opt.default)}."
+    # argparse %-formats help strings: escape literal percent signs.
+    return f"{opt.help} {tail}".replace("%", "%%")
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _add_option(group: Any, opt: Option) -> None:
+    names = [f"--{opt.key}"] + ([opt.alias] if opt.alias and opt.alias != f"--{opt.key}" else [])
+    kwargs: dict[str, Any] = {"dest": opt.key, "default": argparse.SUPPRESS, "help": _help_text(opt)}
+    base, optional = unwrap_optional(opt.type)
+    if base is bool:
+        group.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
+        return
+    kwargs["metavar"] = opt.name.upper()
+    if opt.choices is not None:
+        kwargs["choices"] = list(opt.choices)
+        kwargs["metavar"] = "{" + ",".join(map(str, opt.choices)) + "}"
+    elif get_origin(base) is list:
+        kwargs["nargs"] = "+"
+    elif base in (int, float):
+        kwargs["type"] = _optional_number(base) if optional else base
+    group.add_argument(*names, **kwargs)
+
+
+def _optional_number(base: type) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() in ("none", "null") else base(text)
+
+    parse.__name__ = base.__name__  # argparse names the type in "invalid int value: 'x'"
+    return parse
+
+
+def namespace_to_dict(ns: argparse.Namespace, cls: type = TrainConfig) -> dict[str, Any]:
+    """The flags the user gave, as a nested config dict (absent flags are absent)."""
+    out: dict[str, Any] = {}
+    for opt in config_options(cls):
+        if not hasattr(ns, opt.key):
+            continue
+        value = getattr(ns, opt.key)
+        if get_origin(unwrap_optional(opt.type)[0]) is list:
+            value = [part.strip() for item in value for part in item.split(",") if part.strip()]
+        if opt.section:
+            out.setdefault(opt.section, {})[opt.name] = value
+        else:
+            out[opt.key] = value
+    return out
+
+
+def config_from_namespace(ns: argparse.Namespace, cls: type = TrainConfig) -> TrainConfig:
+    """defaults < the --config file (if any) < the flags in `ns`; raises ConfigError."""
+    file_dict: dict[str, Any] = {}
+    path = getattr(ns, CONFIG_DEST, None)
+    if path is not None:
+        file_dict = load_config_file(path)
+    merged = merge_config_dicts(file_dict, namespace_to_dict(ns, cls))
+    source = f"command line and {path}" if path is not None else "command line"
+    return cls.from_dict(merged, source=source)
+
+
+def build_train_parser(prog: str = "qlora train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        usage="%(prog)s --model PATH --data PATH --output DIR [--config FILE] [options]",
+        description="QLoRA finetuning: a 4-bit frozen base model with trainable LoRA adapters.",
+        epilog="Precedence: built-in defaults < --config FILE < flags on the command line.",
+        allow_abbrev=False,
+    )
+    add_config_arguments(parser)
+    return parser
+
+
+def parse_train_args(argv: Sequence[str] | None = None, *, prog: str = "qlora train") -> TrainConfig:
+    """Parse `argv` into a validated TrainConfig; a bad value exits with status 2 and says why."""
+    parser = build_train_parser(prog)
+    ns = parser.parse_args(argv)
+    try:
+        return config_from_namespace(ns)
+    except ConfigError as e:
+        parser.error(str(e))
+        raise  # unreachable: parser.error exits

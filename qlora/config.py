@@ -1,0 +1,775 @@
+"""The training configuration: one tree of typed dataclasses, the single source of every knob.
+
+`TrainConfig` holds six sections (`model`, `quant`, `lora`, `data`, `optim`, `train`) and three
+top-level fields (`output`, `seed`, `device`). Everything else is derived from these classes:
+the command-line flags and `--help` (`qlora.cli_args`), the strict config-file loader below, the
+resolved `config.yaml` written next to a run, and the error messages. Defaults are the QLoRA
+paper's (r=64, alpha=16, lr 2e-4, batch 1 x 16 accumulation, max grad norm 0.3, beta2 0.999,
+constant schedule; `format-spec.md` 5).
+
+Why per-field documentation lives in `field(metadata=...)` and not in attribute docstrings
+parsed with `ast` (litgpt's way): the help text, the short flag alias (`--lora-r`) and the value
+check of a field then sit together in one declaration and are plain data at run time. Nothing
+has to find, read and parse this file's source, which would break or silently lose the help in
+installs that ship bytecode only or run from a zip, and would couple `--help` to source layout.
+The cost is one `_opt(...)` call per field instead of a bare default; `tests/test_config.py`
+enforces that every field has non-empty help.
+
+Validation happens in `__post_init__` (so an invalid config object cannot be built) and again
+through `validate()` after a caller mutates one. A problem raises `ConfigError` (a `ValueError`)
+whose message names both spellings a user may have used, the flag and the config-file key:
+"--lora-r / lora.r must be a positive integer, got -3".
+
+Config files (`.toml`, `.yaml`/`.yml`, `.json`) are this tree serialized, and loading them is
+strict: an unknown section or key is an error that names the file and the dotted key and suggests
+the nearest valid one; a value of the wrong type names the key, the expected type and what was
+found; a duplicated YAML key is an error (PyYAML would silently keep the last). YAML is read with
+YAML 1.2 float syntax, so `lr: 2e-4` is a float (YAML 1.1, PyYAML's default, makes it a string).
+
+Precedence when a run is configured: dataclass defaults < config file < command-line flags
+(`qlora.cli_args.parse_train_args`).
+
+This module imports no other `qlora` module and not torch: any floor may import it, and parsing
+flags or reading a config file needs neither a model nor an accelerator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import re
+import types
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: no stdlib TOML reader, and we add no dependency for it.
+    tomllib = None
+
+
+class ConfigError(ValueError):
+    """A configuration value, key or file is invalid; the message says which and what to do."""
+
+
+# The names the optimizer factory must understand. This Literal is the registry: add a name here
+# (and its implementation in the optimizer module) to extend it; choices and checks follow.
+OptimName = Literal["adamw", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"]
+OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimName)
+LrSchedule = Literal["constant", "cosine", "linear"]
+QuantType = Literal["nf4", "fp4", "int4", "none"]
+ComputeDtype = Literal["bfloat16", "float16", "float32"]
+
+# Mirrors qlora.quant.blockwise.SUPPORTED_BLOCKSIZES (a test keeps them equal); repeated here so
+# that reading a config never imports torch.
+SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Value checks: each returns None when the value is fine, else what it must be ("must be ...").
+
+
+def _positive_int(v: Any) -> str | None:
+    return None if v is None or v > 0 else "must be a positive integer"
+
+
+def _non_negative_int(v: Any) -> str | None:
+    return None if v is None or v >= 0 else "must be a non-negative integer"
+
+
+def _positive_float(v: Any) -> str | None:
+    return None if math.isfinite(v) and v > 0 else "must be a finite number > 0"
+
+
+def _non_negative_float(v: Any) -> str | None:
+    return None if math.isfinite(v) and v >= 0 else "must be a finite number >= 0"
+
+
+def _unit_interval_open(v: Any) -> str | None:
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+def _unit_interval_closed(v: Any) -> str | None:
+    return None if 0 <= v <= 1 else "must be in [0, 1]"
+
+
+def _non_empty_str(v: Any) -> str | None:
+    return None if v.strip() else "must not be empty"
+
+
+def _blocksize(v: Any) -> str | None:
+    return (
+        None if v in SUPPORTED_BLOCKSIZES else f"must be one of {', '.join(map(str, SUPPORTED_BLOCKSIZES))}"
+    )
+
+
+def _device(v: Any) -> str | None:
+    return None if _DEVICE_RE.match(v) else "must be auto, cpu, cuda, cuda:<index> or mps"
+
+
+def _module_names(v: Any) -> str | None:
+    if not v:
+        return "must name at least one module"
+    if any(not name.strip() for name in v):
+        return "must not contain an empty name"
+    if len(set(v)) != len(v):
+        return "must not repeat a name"
+    return None
+
+
+def _eval_fraction(v: Any) -> str | None:
+    if not math.isfinite(v) or v < 0:
+        return "must be a fraction in [0, 1) or a whole number of examples >= 1"
+    if v >= 1 and v != int(v):
+        return "must be a fraction in [0, 1) or a whole number of examples >= 1 (not a mixed number)"
+    return None
+
+
+def _opt(
+    default: Any = MISSING,
+    *,
+    doc: str,
+    alias: str | None = None,
+    check: Callable[[Any], str | None] | None = None,
+    factory: Callable[[], Any] | None = None,
+) -> Any:
+    """A dataclass field carrying its help text, its short CLI alias and its value check."""
+    metadata = {"help": doc, "alias": alias, "check": check}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sections.
+
+
+class _Section:
+    """Shared validation: types first (with int -> float widening), then each field's check."""
+
+    SECTION: ClassVar[str] = ""  # the key of this section in TrainConfig ("" for the root)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if _is_section_type(hints[f.name]):
+                continue
+            key = f"{self.SECTION}.{f.name}" if self.SECTION else f.name
+            value = _coerce(key, getattr(self, f.name), hints[f.name], where=flag_for(key, f))
+            object.__setattr__(self, f.name, value)
+            check = f.metadata.get("check")
+            problem = check(value) if check is not None and value is not None else None
+            if problem:
+                raise ConfigError(f"{flag_for(key, f)} {problem}, got {value!r}")
+        self._check_together()
+
+    def _check_together(self) -> None:
+        """Checks that involve more than one field (overridden where needed)."""
+
+
+@dataclass(kw_only=True)
+class ModelSection(_Section):
+    """The base model: where to load it from and how to run it."""
+
+    SECTION: ClassVar[str] = "model"
+
+    path: str = _opt(
+        doc="Base model: a local Hugging Face directory (config.json + *.safetensors), a .gguf file, "
+        "or a Hugging Face hub id (needs the 'hub' extra).",
+        alias="--model",
+        check=_non_empty_str,
+    )
+    compute_dtype: ComputeDtype = _opt(
+        "bfloat16",
+        doc="Dtype of activations and of the dequantized weights in matmuls; the LoRA weights and "
+        "optimizer state stay float32.",
+    )
+    gradient_checkpointing: bool = _opt(
+        True,
+        doc="Recompute each decoder block's activations during the backward pass: activation memory of "
+        "one block instead of all, for one extra forward pass of compute.",
+    )
+    max_seq_len: int | None = _opt(
+        None,
+        doc="Hard cap on tokens per example after source/target truncation; none = "
+        "data.max_source_len + data.max_target_len.",
+        check=_positive_int,
+    )
+
+
+@dataclass(kw_only=True)
+class QuantSection(_Section):
+    """How the frozen base weights are stored."""
+
+    SECTION: ClassVar[str] = "quant"
+
+    quant_type: QuantType = _opt(
+        "nf4",
+        doc="4-bit data type of the frozen base weights: nf4 (the paper's NormalFloat), fp4, int4, or "
+        "none (keep them in compute_dtype: plain LoRA).",
+        alias="--quant-type",
+    )
+    double_quant: bool = _opt(
+        True,
+        doc="Quantize the per-block absmax constants to 8 bits (block 256), ~0.127 instead of 0.5 "
+        "bits/parameter.",
+    )
+    blocksize: int = _opt(64, doc="Elements per absmax block of the 4-bit weights.", check=_blocksize)
+
+
+@dataclass(kw_only=True)
+class LoraSection(_Section):
+    """The LoRA adapters trained on top of the frozen base."""
+
+    SECTION: ClassVar[str] = "lora"
+
+    r: int = _opt(64, doc="LoRA rank (inner dimension of A and B).", alias="--lora-r", check=_positive_int)
+    alpha: float = _opt(
+        16.0,
+        doc="LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora).",
+        check=_positive_float,
+    )
+    dropout: float = _opt(
+        0.1,
+        doc="Dropout on the adapter input (paper: 0.1 up to 13B, 0.05 for 33B/65B).",
+        check=_unit_interval_open,
+    )
+    target_modules: list[str] = _opt(
+        doc="Names of the linear layers that get adapters, matched against the last component of the "
+        "module name; all seven projections of a Llama block by default (the paper's finding).",
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        check=_module_names,
+    )
+    use_rslora: bool = _opt(False, doc="Rank-stabilized LoRA: scale by alpha / sqrt(r) instead of alpha / r.")
+
+
+@dataclass(kw_only=True)
+class DataSection(_Section):
+    """The instruction data and how it is cut into training examples."""
+
+    SECTION: ClassVar[str] = "data"
+
+    path: str = _opt(
+        doc="Training data: a local .json/.jsonl file or directory of them.",
+        alias="--data",
+        check=_non_empty_str,
+    )
+    format: str = _opt(
+        "auto",
+        doc="Record format (e.g. alpaca, oasst1, chat, input-output); auto detects it from the fields "
+        "of the first record.",
+        check=_non_empty_str,
+    )
+    max_source_len: int = _opt(
+        384, doc="Tokens kept of each prompt (source), truncated.", check=_positive_int
+    )
+    max_target_len: int = _opt(
+        128, doc="Tokens kept of each response (target), truncated.", check=_positive_int
+    )
+    train_on_source: bool = _opt(
+        False, doc="Also compute the loss on the prompt tokens (by default only the response is learned)."
+    )
+    eval_fraction: float = _opt(
+        0.05,
+        doc="Held-out evaluation split when the data has none: a fraction in [0, 1) of the examples, "
+        "or a whole number >= 1 of examples (the QLoRA script holds out 1024); 0 = no evaluation.",
+        check=_eval_fraction,
+    )
+    eval_max_examples: int = _opt(
+        200,
+        doc="Evaluate on at most this many held-out examples per evaluation (0 = all).",
+        check=_non_negative_int,
+    )
+
+    def eval_count(self, n_examples: int) -> int:
+        """How many of `n_examples` to hold out: never all of them, at least 1 unless disabled."""
+        if self.eval_fraction == 0 or n_examples < 2:
+            return 0
+        if self.eval_fraction >= 1:
+            wanted = int(self.eval_fraction)
+        else:
+            wanted = max(1, round(self.eval_fraction * n_examples))
+        return min(wanted, n_examples - 1)
+
+
+@dataclass(kw_only=True)
+class OptimSection(_Section):
+    """The optimizer of the adapter weights."""
+
+    SECTION: ClassVar[str] = "optim"
+
+    name: OptimName = _opt(
+        "adamw",
+        doc="Optimizer: adamw (torch), paged_adamw_32bit / paged_adamw_8bit (state in host memory, paged "
+        "to the GPU for the update; the QLoRA script's choice), adamw_8bit (8-bit blockwise state).",
+        alias="--optim",
+    )
+    lr: float = _opt(
+        2e-4,
+        doc="Peak learning rate (paper: 2e-4 up to 13B, 1e-4 above).",
+        alias="--lr",
+        check=_positive_float,
+    )
+    weight_decay: float = _opt(0.0, doc="Decoupled (AdamW) weight decay.", check=_non_negative_float)
+    beta1: float = _opt(0.9, doc="Adam beta1 (first-moment decay).", check=_unit_interval_open)
+    beta2: float = _opt(0.999, doc="Adam beta2 (second-moment decay).", check=_unit_interval_open)
+    eps: float = _opt(1e-8, doc="Adam epsilon.", check=_positive_float)
+    max_grad_norm: float = _opt(
+        0.3,
+        doc="Clip the global gradient L2 norm to this value (0 = no clipping).",
+        check=_non_negative_float,
+    )
+
+
+@dataclass(kw_only=True)
+class LoopSection(_Section):
+    """The training loop: steps, batching, schedule, and how often to log, evaluate and save."""
+
+    SECTION: ClassVar[str] = "train"
+
+    max_steps: int = _opt(1000, doc="Optimizer steps to train for.", alias="--max-steps", check=_positive_int)
+    micro_batch_size: int = _opt(1, doc="Examples per forward/backward pass.", check=_positive_int)
+    grad_accum: int = _opt(
+        16,
+        doc="Micro-batches accumulated per optimizer step (effective batch = micro_batch_size x grad_accum).",
+        check=_positive_int,
+    )
+    warmup_steps: int | None = _opt(
+        None,
+        doc="Linear warmup steps from lr 0; none = ceil(warmup_ratio x max_steps). An explicit 0 disables "
+        "warmup whatever warmup_ratio says.",
+        check=_non_negative_int,
+    )
+    warmup_ratio: float = _opt(
+        0.03,
+        doc="Warmup as a fraction of max_steps, used when warmup_steps is none (the QLoRA script's 0.03; "
+        "note its 'constant' schedule ignored it, ours warms up).",
+        check=_unit_interval_closed,
+    )
+    lr_schedule: LrSchedule = _opt(
+        "constant",
+        doc="Learning-rate schedule after warmup: constant, cosine (to 0 at max_steps) or linear (to 0).",
+    )
+    eval_every: int = _opt(
+        0,
+        doc="Evaluate every this many optimizer steps (0 = only after the last step).",
+        alias="--eval-every",
+        check=_non_negative_int,
+    )
+    save_every: int = _opt(
+        0,
+        doc="Save a checkpoint every this many optimizer steps (0 = only after the last step).",
+        alias="--save-every",
+        check=_non_negative_int,
+    )
+    keep_last: int | None = _opt(
+        None, doc="Keep only this many most recent checkpoints (none = keep all).", check=_positive_int
+    )
+    log_every: int = _opt(
+        1, doc="Write a metrics record every this many optimizer steps.", check=_positive_int
+    )
+    resume: bool = _opt(
+        False, doc="Resume from the newest complete checkpoint in the output directory.", alias="--resume"
+    )
+    eval_batch_size: int = _opt(4, doc="Examples per evaluation forward pass.", check=_positive_int)
+
+    @property
+    def effective_warmup_steps(self) -> int:
+        """warmup_steps if given, else ceil(warmup_ratio x max_steps) (transformers' rounding)."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return math.ceil(self.warmup_ratio * self.max_steps)
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum
+
+    def _check_together(self) -> None:
+        if self.effective_warmup_steps > self.max_steps:
+            raise ConfigError(
+                f"warmup ({self.effective_warmup_steps} steps from train.warmup_steps / train.warmup_ratio) "
+                f"is longer than --max-steps / train.max_steps ({self.max_steps}); shorten the warmup"
+            )
+
+
+@dataclass(kw_only=True)
+class TrainConfig(_Section):
+    """Everything `qlora train` needs; `model.path`, `data.path` and `output` have no default."""
+
+    SECTION: ClassVar[str] = ""
+
+    model: ModelSection = _opt(doc="The base model.")
+    quant: QuantSection = _opt(doc="Quantization of the frozen base.", factory=QuantSection)
+    lora: LoraSection = _opt(doc="The LoRA adapters.", factory=LoraSection)
+    data: DataSection = _opt(doc="The training data.")
+    optim: OptimSection = _opt(doc="The optimizer.", factory=OptimSection)
+    train: LoopSection = _opt(doc="The training loop.", factory=LoopSection)
+    output: str = _opt(
+        doc="Run directory: checkpoints, metrics.jsonl, TensorBoard events, loss.png, the adapter and "
+        "the resolved config.yaml go here.",
+        check=_non_empty_str,
+    )
+    seed: int = _opt(
+        0, doc="Seed of every random generator (data order, dropout, LoRA init).", check=_non_negative_int
+    )
+    device: str = _opt(
+        "auto",
+        doc="Device: auto (cuda if available, else cpu), cpu, cuda, cuda:<index> or mps.",
+        check=_device,
+    )
+
+    def validate(self) -> None:
+        hints = _hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            tp, value = hints[f.name], getattr(self, f.name)
+            if _is_section_type(tp):
+                if not isinstance(value, tp):
+                    raise ConfigError(
+                        f"TrainConfig.{f.name} must be a {tp.__name__}, got {type(value).__name__}"
+                    )
+                value.validate()
+        super().validate()
+
+    # -- conversion -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, source: str = "configuration") -> TrainConfig:
+        """Build from a nested dict (a loaded config file, possibly partial, merged with flags).
+
+        Unknown keys are errors naming `source`. Types and values are checked by the dataclasses,
+        whose errors name the flag and the key, as do those for a missing required field. (A
+        file's types were already checked, naming the file, by `load_config_file`.)
+        """
+        check_tree(d, source=source, check_types=False)
+        kwargs: dict[str, Any] = {}
+        for opt in config_options(cls, sections=True):
+            if opt.section:
+                continue
+            if opt.is_section:
+                sub = dict(d.get(opt.key, {}))
+                _require_present(opt.type, sub, prefix=opt.key)
+                kwargs[opt.key] = opt.type(**sub)
+            elif opt.key in d:
+                kwargs[opt.key] = d[opt.key]
+        _require_present(cls, kwargs, prefix="")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(load_config_file(path), source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict (lists copied); `from_dict(to_dict())` gives an equal config."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        header = "# Resolved qlora training configuration; reload it with --config <this file>.\n"
+        return header + yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Introspection shared by validation, the loader and the CLI.
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configurable field: `key` is the dotted config key ("lora.r"), `flag` the short alias."""
+
+    key: str
+    section: str  # "" for top-level fields
+    name: str
+    type: Any
+    default: Any  # dataclasses.MISSING when required
+    help: str
+    alias: str | None
+    is_section: bool = False
+
+    @property
+    def required(self) -> bool:
+        return self.default is MISSING
+
+    @property
+    def flag(self) -> str:
+        return self.alias or f"--{self.key}"
+
+    @property
+    def choices(self) -> tuple[Any, ...] | None:
+        base, _ = unwrap_optional(self.type)
+        return get_args(base) if get_origin(base) is Literal else None
+
+
+def config_options(cls: type | None = None, *, sections: bool = False) -> Iterator[Option]:
+    """Every leaf field of `cls` (default TrainConfig) in declaration order, sections expanded.
+
+    With `sections=True` the section fields themselves are also yielded (before their leaves).
+    """
+    cls = cls or TrainConfig
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_section_type(tp):
+            if sections:
+                yield Option(f.name, "", f.name, tp, _default_of(f), f.metadata.get("help", ""), None, True)
+            sub_hints = _hints(tp)
+            for sf in dataclasses.fields(tp):
+                yield Option(
+                    f"{f.name}.{sf.name}",
+                    f.name,
+                    sf.name,
+                    sub_hints[sf.name],
+                    _default_of(sf),
+                    sf.metadata.get("help", ""),
+                    sf.metadata.get("alias"),
+                )
+        else:
+            yield Option(
+                f.name, "", f.name, tp, _default_of(f), f.metadata.get("help", ""), f.metadata.get("alias")
+            )
+
+
+def flag_for(key: str, f: dataclasses.Field | None = None) -> str:
+    """How errors name a field: "--lora-r / lora.r" (alias and key) or "--lora.alpha / lora.alpha"."""
+    if f is None:
+        f = _field_by_key(key)
+    alias = f.metadata.get("alias") if f is not None else None
+    return f"{alias or '--' + key} / {key}"
+
+
+def _field_by_key(key: str) -> dataclasses.Field | None:
+    cls: Any = TrainConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        match = [f for f in dataclasses.fields(cls) if f.name == part]
+        if not match:
+            return None
+        if i < len(parts) - 1:
+            cls = _hints(cls)[part]
+    return match[0]
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return MISSING
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _is_section_type(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, _Section)
+
+
+def unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """`int | None` -> (int, True); `int` -> (int, False)."""
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def describe_type(tp: Any) -> str:
+    base, optional = unwrap_optional(tp)
+    if get_origin(base) is Literal:
+        text = "one of " + ", ".join(repr(c) for c in get_args(base))
+    elif get_origin(base) is list:
+        text = "a list of strings"
+    else:
+        text = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+            base, str(base)
+        )
+    return text + (" or null" if optional else "")
+
+
+def _coerce(key: str, value: Any, tp: Any, *, where: str) -> Any:
+    """Check `value` against the annotation `tp`; widen int -> float. Raise ConfigError naming `where`."""
+    base, optional = unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where} must be {describe_type(tp)}, got null/None")
+    wrong = ConfigError(f"{where} must be {describe_type(tp)}, got {type(value).__name__} {value!r}")
+    if get_origin(base) is Literal:
+        choices = get_args(base)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where} must be {describe_type(tp)}, got {value!r}{hint}")
+        return value
+    if get_origin(base) is list:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise wrong
+        return list(value)
+    if base is bool:
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong
+        return value
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong
+        return float(value)
+    if base is str:
+        if not isinstance(value, str):
+            raise wrong
+        return value
+    raise TypeError(f"config field {key} has an unsupported annotation {tp!r}")  # a bug here, not the user's
+
+
+def _require_present(cls: type, given: Mapping[str, Any], *, prefix: str) -> None:
+    for f in dataclasses.fields(cls):
+        if _default_of(f) is MISSING and f.name not in given and not _is_section_type(_hints(cls)[f.name]):
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            raise ConfigError(f"{flag_for(key)} is required: pass the flag or set {key} in the --config file")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files.
+
+
+def check_tree(d: Any, *, source: str, cls: type | None = None, check_types: bool = True) -> None:
+    """Strict structural check of a (partial) nested config dict: keys exist, types match.
+
+    Errors name `source` (a file name) and the dotted key, and suggest the nearest valid key.
+    With `check_types=False` only the structure is checked (the dataclasses check the values).
+    """
+    cls = cls or TrainConfig
+    if not isinstance(d, Mapping):
+        raise ConfigError(
+            f"{source}: the top level must be a mapping of sections and keys, got {type(d).__name__}"
+        )
+    options = {o.key: o for o in config_options(cls, sections=True)}
+    for key, value in d.items():
+        opt = options.get(key) if isinstance(key, str) else None
+        if opt is not None and opt.section:  # a dotted leaf key such as "lora.r" at the top level
+            opt = None
+        if opt is None:
+            raise ConfigError(f"{source}: unknown key {key!r}{_suggest(str(key), options)}")
+        if opt.is_section:
+            if not isinstance(value, Mapping):
+                raise ConfigError(
+                    f"{source}: {key} must be a section (a mapping of keys), got {type(value).__name__}"
+                )
+            for sub_key, sub_value in value.items():
+                dotted = f"{key}.{sub_key}"
+                sub = options.get(dotted)
+                if sub is None:
+                    raise ConfigError(f"{source}: unknown key {dotted!r}{_suggest(dotted, options)}")
+                if check_types:
+                    _coerce(dotted, sub_value, sub.type, where=f"{source}: {dotted}")
+        elif check_types:
+            _coerce(key, value, opt.type, where=f"{source}: {key}")
+
+
+def _suggest(key: str, options: Mapping[str, Option]) -> str:
+    leaves = [k for k, o in options.items() if not o.is_section]
+    if key in leaves:  # e.g. a YAML top-level "lora.r: 8"
+        section, name = key.split(".", 1)
+        return f"; nest it in its section ({section}: {{{name}: ...}} in YAML, [{section}] in TOML)"
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in leaves if k.rsplit(".", 1)[-1] == leaf]
+    if same_leaf:
+        return f"; did you mean {same_leaf[0]!r}?"
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    if not close:
+        close = difflib.get_close_matches(leaf, leaves, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return "; valid keys: " + ", ".join(leaves)
+
+
+class _StrictYamlLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 floats (`2e-4` is a float) and an error on duplicated keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicated key {key!r} (first at line {seen[key].line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+            |[-+]?(?:[0-9][0-9_]*)[eE][-+]?[0-9]+
+            |\.[0-9_]+(?:[eE][-+]?[0-9]+)?)$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a .toml, .yaml/.yml or .json config file into a checked (possibly partial) nested dict."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
+    if suffix == ".toml":
+        if tomllib is None:
+            raise ConfigError(
+                f"{path}: reading TOML needs Python 3.11+ (stdlib tomllib); use a .yaml config file instead"
+            )
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from e
+    elif suffix in (".yaml", ".yml"):
+        try:
+            data = yaml.load(text, Loader=_StrictYamlLoader)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        data = {} if data is None else data
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON: {e}") from e
+    else:
+        raise ConfigError(f"{path}: unsupported config file type {suffix!r}; use .toml, .yaml, .yml or .json")
+    check_tree(data, source=str(path))
+    return data
+
+
+def merge_config_dicts(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """`override` wins key by key, one level into sections (the tree is two levels deep)."""
+    out: dict[str, Any] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in base.items()}
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key].update(value)
+        else:
+            out[key] = dict(value) if isinstance(value, Mapping) else value
+    return out

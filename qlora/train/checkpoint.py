@@ -1,0 +1,373 @@
+"""Atomic checkpoint directories: a crash at any moment never leaves a half-written newest checkpoint.
+
+Layout under the run directory `root`:
+
+    root/checkpoints/step-000123/    one complete checkpoint (what the caller gave, plus MANIFEST.json)
+    root/checkpoints/latest          "step-000123\\n": the newest one, for people and scripts
+
+A save (`save_checkpoint`) goes through three states, and only the last is visible as a checkpoint:
+
+1. Write every file into a hidden sibling, `checkpoints/.tmp-step-000123-<pid>-<random>/`; then
+   `MANIFEST.json` (format version, step, and the byte size of every file), written last; then
+   fsync every file and directory inside it.
+2. Commit: `os.rename` the directory to `step-000123` (atomic on POSIX within one filesystem) and
+   fsync `checkpoints/`. This rename is the single commit point.
+3. Point `latest` at it (write `latest.tmp`, fsync, `os.replace`, fsync the directory), then prune
+   to `keep_last` and delete leftovers of earlier crashes.
+
+`find_latest_checkpoint` trusts the manifests, not the pointer: it returns the highest-step
+directory whose manifest matches the files on disk (every file present with its recorded size). A
+crash in step 1 leaves only a hidden `.tmp-*` directory, which is never a candidate (and is deleted
+by the next save); a crash between 2 and 3 leaves a complete checkpoint that `latest` does not name
+yet, and it is correctly found; a directory that lost files (a truncated copy, a disk full) fails
+validation and the next older one is used. Sizes, not hashes: truncation is what interrupted writes
+produce, and hashing gigabytes of optimizer state at every save would cost seconds; silent bit rot
+is the filesystem's problem. Re-saving an existing step moves the old directory to
+`.old-step-N-*` first; if a crash lands between that move and the commit, the `.old` copy is still
+found (it is complete) and it is deleted after the next successful save.
+
+What a checkpoint holds is the caller's choice: `files` maps relative names to contents, encoded by
+the name's suffix (and decoded the same way by `load_checkpoint_state`):
+
+    callable        called with the destination path; writes a file or a whole directory there
+                    (e.g. a PEFT adapter folder written by the export code)
+    .json           json.dump of plain data (strict JSON: no NaN)
+    .safetensors    safetensors.torch.save_file of a dict of tensors
+    .pt             torch.save of tensors, numbers, strings, lists, tuples and dicts only, because
+                    loading uses `torch.load(weights_only=True)`: no arbitrary unpickling, ever.
+                    Optimizer and LambdaLR state dicts qualify; so does `capture_rng_state()`,
+                    which stores every RNG state as tensors for that reason.
+    bytes / str     written as is (any other suffix)
+
+Single writer: this assumes one process (rank 0) saves into `root`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import uuid
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+MANIFEST_FILE = "MANIFEST.json"
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step-(\d+)$")
+_OLD_RE = re.compile(r"^\.old-step-(\d+)-")
+
+Writer = Callable[[Path], None]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, or one on disk is incomplete or unreadable."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def save_checkpoint(
+    root: str | Path, step: int, files: Mapping[str, Any], *, keep_last: int | None = None
+) -> Path:
+    """Write `files` as the checkpoint of `step` under `root/checkpoints/`, atomically; return its path."""
+    if not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"checkpoint step must be a non-negative integer, got {step!r}")
+    if keep_last is not None and keep_last < 1:
+        raise CheckpointError(f"keep_last must be >= 1 or None, got {keep_last}")
+    ckpts = Path(root) / CHECKPOINTS_DIR
+    ckpts.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(ckpts, (".tmp-", ".del-"))
+    name = checkpoint_name(step)
+    final = ckpts / name
+    tmp = ckpts / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    old: Path | None = None
+    try:
+        for rel, value in files.items():
+            dest = tmp / _checked_relpath(rel)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _write_one(dest, rel, value)
+        sizes = {
+            p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
+        }
+        manifest = {"format": FORMAT_VERSION, "step": step, "files": sizes}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _fsync_tree(tmp)
+        if final.exists():
+            old = ckpts / f".old-{name}-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+        try:
+            os.rename(tmp, final)  # the commit point
+        except BaseException:
+            if old is not None:
+                os.rename(old, final)
+                old = None
+            raise
+        _fsync_dir(ckpts)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_latest(ckpts, name)
+    _remove_leftovers(ckpts, (".old-",))
+    if keep_last is not None:
+        prune_checkpoints(root, keep_last)
+    return final
+
+
+def _checked_relpath(rel: str) -> PurePosixPath:
+    p = PurePosixPath(rel)
+    if not rel or p.is_absolute() or ".." in p.parts or "\\" in rel:
+        raise CheckpointError(f"checkpoint file name {rel!r} must be a relative path inside the checkpoint")
+    if p.as_posix() == MANIFEST_FILE:
+        raise CheckpointError(f"{MANIFEST_FILE} is written by save_checkpoint itself; choose another name")
+    return p
+
+
+def _write_one(dest: Path, rel: str, value: Any) -> None:
+    suffix = dest.suffix.lower()
+    if callable(value):
+        value(dest)
+        if not dest.exists():
+            raise CheckpointError(f"the writer for {rel!r} returned without writing anything at {dest}")
+    elif isinstance(value, (bytes, bytearray)):
+        dest.write_bytes(value)
+    elif suffix == ".json":
+        dest.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    elif suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(dict(value), str(dest))
+    elif suffix == ".pt":
+        torch.save(value, dest)
+    elif isinstance(value, str):
+        dest.write_text(value, encoding="utf-8")
+    else:
+        raise CheckpointError(
+            f"don't know how to write {rel!r} ({type(value).__name__}): give a callable(path), bytes or str, "
+            "or use a .json, .safetensors or .pt name"
+        )
+
+
+def _fsync_tree(top: Path) -> None:
+    for dirpath, _dirnames, filenames in os.walk(top, topdown=False):
+        for fn in filenames:
+            fd = os.open(os.path.join(dirpath, fn), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a directory's entries (renames, new files) durable. Windows cannot open directories."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_latest(ckpts: Path, name: str) -> None:
+    tmp = ckpts / f"{LATEST_FILE}.tmp-{os.getpid()}"
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, ckpts / LATEST_FILE)
+    _fsync_dir(ckpts)
+
+
+def _remove_leftovers(ckpts: Path, prefixes: tuple[str, ...]) -> None:
+    for p in ckpts.iterdir():
+        if not p.name.startswith(prefixes):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and validating.
+
+
+def verify_checkpoint(ckpt_dir: str | Path) -> dict[str, Any]:
+    """Return the manifest if `ckpt_dir` is complete; else raise CheckpointError saying what is wrong."""
+    ckpt_dir = Path(ckpt_dir)
+    manifest_path = ckpt_dir / MANIFEST_FILE
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{ckpt_dir} is not a complete checkpoint: {MANIFEST_FILE} is missing"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{manifest_path} is unreadable: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise CheckpointError(
+            f"{manifest_path}: unknown checkpoint format {found!r} (expected {FORMAT_VERSION})"
+        )
+    if not isinstance(manifest.get("step"), int) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{manifest_path}: malformed manifest (needs 'step' and 'files')")
+    for rel, size in manifest["files"].items():
+        path = ckpt_dir / rel
+        if not path.is_file():
+            raise CheckpointError(f"{ckpt_dir} is incomplete: {rel} is missing")
+        if path.stat().st_size != size:
+            raise CheckpointError(
+                f"{ckpt_dir} is incomplete: {rel} has {path.stat().st_size} bytes, expected {size}"
+            )
+    return manifest
+
+
+def is_complete(ckpt_dir: str | Path) -> bool:
+    try:
+        verify_checkpoint(ckpt_dir)
+    except CheckpointError:
+        return False
+    return True
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every complete checkpoint under root/checkpoints, oldest first."""
+    ckpts = Path(root) / CHECKPOINTS_DIR
+    if not ckpts.is_dir():
+        return []
+    found: dict[int, Path] = {}
+    for p in ckpts.iterdir():
+        m = _STEP_RE.match(p.name) or _OLD_RE.match(p.name)
+        if not m or not p.is_dir():
+            continue
+        step = int(m.group(1))
+        if step in found and not found[step].name.startswith(".old-"):
+            continue  # prefer step-N over an .old copy of the same step
+        try:
+            if verify_checkpoint(p)["step"] == step:
+                found[step] = p
+        except CheckpointError:
+            continue
+    return sorted(found.items())
+
+
+def find_latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under root/checkpoints, or None when there is none."""
+    complete = list_checkpoints(root)
+    return complete[-1][1] if complete else None
+
+
+def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the `keep_last` newest complete checkpoints; return what was deleted.
+
+    Each victim is first renamed to a hidden `.del-*` name, so an interrupted deletion never
+    leaves a partial directory under a checkpoint's name. Incomplete directories are left alone.
+    """
+    complete = list_checkpoints(root)
+    victims = [p for _, p in complete[:-keep_last]] if keep_last < len(complete) else []
+    for p in victims:
+        doomed = p.with_name(f".del-{p.name.lstrip('.')}-{uuid.uuid4().hex[:8]}")
+        os.rename(p, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    return victims
+
+
+def load_checkpoint_state(
+    ckpt_dir: str | Path, names: Iterable[str] | None = None, *, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """Verify `ckpt_dir` and load its files by suffix (.json, .safetensors, .pt); others come back as Paths.
+
+    `names` selects files (or directories written by a callable, returned as Paths); default: all.
+    `.pt` files are read with `torch.load(weights_only=True)`.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    manifest = verify_checkpoint(ckpt_dir)
+    listed = list(manifest["files"])
+    wanted = listed if names is None else list(names)
+    out: dict[str, Any] = {}
+    for rel in wanted:
+        path = ckpt_dir / rel
+        if rel not in manifest["files"]:
+            if any(f.startswith(rel.rstrip("/") + "/") for f in listed):
+                out[rel] = path
+                continue
+            raise CheckpointError(f"{ckpt_dir} has no {rel!r}; it holds: {', '.join(listed)}")
+        out[rel] = _read_one(path, map_location)
+    return out
+
+
+def _read_one(path: Path, map_location: str | torch.device) -> Any:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            return json.loads(path.read_text(encoding="utf-8"))
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device=str(map_location))
+        if suffix == ".pt":
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot load {path}: {e}") from e
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Random number generator state (python `random`, torch CPU, torch CUDA), stored as tensors only.
+# numpy's generator is not captured: nothing in qlora draws from it.
+
+
+def capture_rng_state() -> dict[str, torch.Tensor]:
+    """Every RNG the loop draws from, as a flat dict of tensors (loadable with weights_only=True)."""
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "python_version": torch.tensor(version, dtype=torch.int64),
+        "python_state": torch.tensor(internal, dtype=torch.int64),  # 624 uint32 words + position
+        # gauss_next is None or a float: [has_value, value]
+        "python_gauss_next": torch.tensor(
+            [0.0 if gauss_next is None else 1.0, 0.0 if gauss_next is None else gauss_next],
+            dtype=torch.float64,
+        ),
+        "torch_cpu": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def restore_rng_state(state: Mapping[str, torch.Tensor]) -> None:
+    """Inverse of `capture_rng_state`. CUDA state is restored only onto the same number of GPUs."""
+    missing = {"python_version", "python_state", "python_gauss_next", "torch_cpu"} - set(state)
+    if missing:
+        raise CheckpointError(f"RNG state lacks {sorted(missing)}; it was not made by capture_rng_state()")
+    has_gauss, gauss = state["python_gauss_next"].tolist()
+    random.setstate(
+        (
+            int(state["python_version"]),
+            tuple(int(x) for x in state["python_state"].tolist()),
+            gauss if has_gauss else None,
+        )
+    )
+    torch.set_rng_state(state["torch_cpu"].to("cpu", torch.uint8))
+    if "torch_cuda" in state:
+        cuda_states = list(state["torch_cuda"].to("cpu", torch.uint8).unbind(0))
+        if torch.cuda.is_available() and torch.cuda.device_count() == len(cuda_states):
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:
+            warnings.warn(
+                f"checkpoint has CUDA RNG state for {len(cuda_states)} GPU(s) but this process sees "
+                f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}; CUDA random draws "
+                "(dropout) will not continue the saved sequence",
+                stacklevel=2,
+            )

@@ -1,0 +1,217 @@
+"""The training loop: `train(cfg)` finetunes LoRA adapters on a frozen (4-bit) base.
+
+It reads like a script, in three parts:
+
+  setup   tokenizer, data (train/held-out split), model (quantized on load), optimizer, schedule,
+          and, with `train.resume`, everything a checkpoint holds;
+  loop    per optimizer step: `grad_accum` micro-batches, each loss divided by the target-token
+          count of the whole step (token-weighted: the same result as one big batch), backward,
+          clip, step, schedule, log;
+  around  held-out evaluation every `eval_every` steps and at the end; an atomic checkpoint
+          every `save_every` steps and at the end; the PEFT adapter, metrics.jsonl, TensorBoard
+          events, loss.png and the resolved config in the output directory.
+
+Exact resume: a checkpoint holds the adapters (float32), the optimizer and scheduler states, every
+RNG state and the data position, so N steps + resume + N steps equals 2N steps (tested, CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qlora.adapter import ADAPTER_WEIGHTS, adapter_state_dict, load_adapter_weights, save_adapter
+from qlora.config import ConfigError, TrainConfig
+from qlora.data.collate import BatchIterator, split_holdout
+from qlora.data.encode import EncodedExample, InstructionDataset
+from qlora.loading import load_model
+from qlora.lora import LoraSpec, mark_only_lora_trainable
+from qlora.tokenizer import Tokenizer
+from qlora.train.checkpoint import (
+    capture_rng_state,
+    find_latest_checkpoint,
+    load_checkpoint_state,
+    restore_rng_state,
+    save_checkpoint,
+)
+from qlora.train.loss import loss_sum
+from qlora.train.metrics import MetricsLogger, ProgressBar, plot_losses, summarize
+from qlora.train.schedule import build_scheduler
+
+log = logging.getLogger("qlora.train")
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+IMPLEMENTED_OPTIMIZERS = ("adamw",)
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    steps: int
+    final_loss: float
+    eval_loss: float | None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device / device is {name!r} but no CUDA device is available")
+    return device
+
+
+def lora_spec(cfg: TrainConfig) -> LoraSpec:
+    return LoraSpec(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, use_rslora=cfg.lora.use_rslora,
+                    targets=tuple(cfg.lora.target_modules))  # fmt: skip
+
+
+def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name not in IMPLEMENTED_OPTIMIZERS:
+        raise ConfigError(
+            f"--optim / optim.name {o.name!r} is not implemented yet (available: {', '.join(IMPLEMENTED_OPTIMIZERS)})"
+        )
+    return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[EncodedExample], batch_size: int, pad_id: int, device: torch.device) -> float:
+    """Token-weighted mean next-token loss over `examples` (model put in eval mode, then restored)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    batches = BatchIterator(examples, batch_size, pad_id=pad_id, shuffle=False, epochs=1)
+    for batch in batches:
+        s, n = loss_sum(model, _to(batch, device))
+        total, count = total + float(s), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def prepare_data(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[list[EncodedExample], list[EncodedExample]]:
+    fmt = "alpaca" if cfg.data.format == "auto" else cfg.data.format
+    dataset = InstructionDataset.from_file(cfg.data.path, tokenizer, format=fmt,
+                                           max_source_len=cfg.data.max_source_len,
+                                           max_target_len=cfg.data.max_target_len,
+                                           train_on_source=cfg.data.train_on_source)  # fmt: skip
+    examples = list(dataset.examples)
+    held_count = cfg.data.eval_count(len(examples))
+    if held_count == 0:
+        return examples, []
+    train_examples, held_out = split_holdout(examples, held_count, seed=cfg.seed)
+    return train_examples, held_out[: cfg.data.eval_max_examples or None]  # 0 = all
+
+
+def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
+    """Run the finetune described by `cfg`; see the module docstring."""
+    output = Path(cfg.output)
+    output.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    dtype = _DTYPES[cfg.model.compute_dtype]
+    seed_everything(cfg.seed)
+
+    # --- setup ------------------------------------------------------------------------------
+    tokenizer = Tokenizer.from_pretrained(cfg.model.path)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    train_examples, held_out = prepare_data(cfg, tokenizer)
+    lora = lora_spec(cfg)
+    quant_type = None if cfg.quant.quant_type == "none" else cfg.quant.quant_type
+    model = load_model(cfg.model.path, quant_type, cfg.quant.double_quant, dtype, device,
+                       blocksize=cfg.quant.blocksize, lora=lora)  # fmt: skip
+    model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    params = mark_only_lora_trainable(model)
+    seed_everything(cfg.seed)  # the adapters' init drew from the RNG; the loop starts from a known state
+    optimizer = build_optimizer(cfg, params)
+    scheduler = build_scheduler(optimizer, cfg)
+    batches = BatchIterator(train_examples, cfg.train.micro_batch_size, pad_id=pad_id, seed=cfg.seed)
+    (output / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+
+    start_step = 0
+    if cfg.train.resume:
+        latest = find_latest_checkpoint(output)
+        if latest is None:
+            raise ConfigError(f"--resume: no complete checkpoint under {output / 'checkpoints'}")
+        state = load_checkpoint_state(latest, map_location="cpu")
+        load_adapter_weights(model, latest / "adapter")
+        optimizer.load_state_dict(state["optimizer.pt"])
+        scheduler.load_state_dict(state["scheduler.pt"])
+        batches.load_state_dict(state["data.json"])
+        restore_rng_state(state["rng.pt"])
+        start_step = int(state["trainer.json"]["step"])
+        log.info("resumed from %s at step %d", latest, start_step)
+
+    logger = MetricsLogger(output, resume_step=start_step if cfg.train.resume else None)
+    bar = ProgressBar(cfg.train.max_steps, initial=start_step, enabled=progress, device=device)
+
+    def checkpoint_now(step: int) -> None:
+        save_checkpoint(output, step, {
+            "adapter": lambda d: save_adapter(model, d, lora, str(cfg.model.path)),
+            "optimizer.pt": optimizer.state_dict(),
+            "scheduler.pt": scheduler.state_dict(),
+            "rng.pt": capture_rng_state(),
+            "data.json": batches.state_dict(),
+            "trainer.json": {"step": step},
+        }, keep_last=cfg.train.keep_last)  # fmt: skip
+
+    # --- loop -------------------------------------------------------------------------------
+    model.train()
+    loss_value, eval_loss = math.nan, None
+    step = start_step
+    for step in range(start_step + 1, cfg.train.max_steps + 1):
+        started = time.perf_counter()
+        micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+        step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        total = 0.0
+        for batch in micro:
+            s, _ = loss_sum(model, _to(batch, device))
+            (s / max(step_tokens, 1)).backward()
+            total += float(s.detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - started
+        loss_value = total / max(step_tokens, 1)
+        seen_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        tokens_per_s = seen_tokens / elapsed
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            record = logger.log_train(step, loss=loss_value, lr=lr, tokens_per_s=tokens_per_s,
+                                      grad_norm=float(grad_norm), target_tokens=step_tokens)  # fmt: skip
+            if not bar.enabled:
+                log.info(summarize(record))
+        bar.update(step, loss=loss_value, lr=lr, tokens_per_s=tokens_per_s)
+        last = step == cfg.train.max_steps
+        if held_out and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or last):
+            eval_loss = evaluate(model, held_out, cfg.train.eval_batch_size, pad_id, device)
+            logger.log_eval(step, eval_loss=eval_loss)
+            bar.write(f"step {step}: eval_loss {eval_loss:.4f}")
+        if (cfg.train.save_every and step % cfg.train.save_every == 0) or last:
+            checkpoint_now(step)
+
+    # --- outputs ----------------------------------------------------------------------------
+    bar.close()
+    logger.close()
+    save_adapter(model, output, lora, str(cfg.model.path))
+    plot_losses(output)
+    log.info("adapter written to %s (%s)", output, ADAPTER_WEIGHTS)
+    return TrainResult(output, step, loss_value, eval_loss)
+
+
+__all__ = ["TrainResult", "adapter_state_dict", "evaluate", "train"]

@@ -1,0 +1,49 @@
+"""The causal-LM loss, computed from hidden states only where a label exists.
+
+Logits are the largest tensor of a finetuning step: [tokens, vocab] in float32 is 4 GiB for
+8,192 tokens of a 128K vocabulary. Two things keep them small:
+
+- only positions with a label (not -100) go through `lm_head`: with the prompt masked, as
+  instruction tuning does by default, that is often a minority of the tokens;
+- those rows go through `lm_head` and the float32 cross-entropy in chunks, each under activation
+  checkpointing, so backward recomputes one chunk's logits at a time instead of keeping them all.
+
+`loss_sum` returns the *sum* of token losses and the number of tokens. The loop divides by the
+token count of the whole accumulated batch, so micro-batches with different numbers of target
+tokens give exactly the loss (and gradient) of one big batch: token-weighted accumulation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def _chunk_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight).float()  # [n, H] @ [H, V] -> [n, V] (fp32 for the softmax)
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+def loss_sum(model, batch: dict[str, torch.Tensor], chunk_rows: int = 2048) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropy over labelled positions, number of those positions)."""
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    hidden = model.hidden_states(input_ids, attention_mask=batch.get("attention_mask"))  # [B, T, H]
+    targets = labels[:, 1:]  # position t predicts token t+1
+    keep = targets != IGNORE_INDEX  # [B, T-1]
+    rows = hidden[:, :-1][keep]  # [N, H]: only labelled positions reach lm_head
+    wanted = targets[keep]  # [N]
+    n = int(wanted.numel())
+    if n == 0:
+        return hidden.sum() * 0.0, 0  # keeps the graph connected; contributes nothing
+    weight = model.lm_head.weight
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, chunk_rows):
+        part = slice(start, start + chunk_rows)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_ce_sum, rows[part], weight, wanted[part], use_reentrant=False)
+        else:
+            total = total + _chunk_ce_sum(rows[part], weight, wanted[part])
+    return total, n
