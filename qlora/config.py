@@ -54,6 +54,19 @@ except ModuleNotFoundError:  # Python 3.10: no stdlib TOML reader, and we add no
     tomllib = None
 
 
+# The QLoRA paper's hyperparameters change with model size (format-spec 5.2: the Guanaco scripts use
+# lr 2e-4 / dropout 0.1 for 7B and 13B... except 13B's 0.05 dropout; 1e-4 / 0.05 for 33B and 65B).
+# `resolve_size_defaults` applies them where the user left the field unset.
+LARGE_MODEL_PARAMS = 30e9  # LLaMA "33B" has 32.5e9 parameters; 13B models stay below
+PAPER_DEFAULTS_BY_SIZE = {"small": {"lr": 2e-4, "dropout": 0.1}, "large": {"lr": 1e-4, "dropout": 0.05}}
+
+
+def resolve_size_defaults(lr: float | None, dropout: float | None, n_params: float) -> tuple[float, float]:
+    """(lr, dropout): the given values, or the paper's for a model of `n_params` parameters."""
+    paper = PAPER_DEFAULTS_BY_SIZE["large" if n_params >= LARGE_MODEL_PARAMS else "small"]
+    return (paper["lr"] if lr is None else lr, paper["dropout"] if dropout is None else dropout)
+
+
 class ConfigError(ValueError):
     """A configuration value, key or file is invalid; the message says which and what to do."""
 
@@ -239,9 +252,10 @@ class LoraSection(_Section):
         doc="LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora).",
         check=_positive_float,
     )
-    dropout: float = _opt(
-        0.1,
-        doc="Dropout on the adapter input (paper: 0.1 up to 13B, 0.05 for 33B/65B).",
+    dropout: float | None = _opt(
+        None,
+        doc="Dropout on the adapter input; none = the paper's by model size: 0.1 below 33B parameters, 0.05 from "
+        "33B up (see PAPER_DEFAULTS_BY_SIZE).",
         check=_unit_interval_open,
     )
     target_modules: list[str] = _opt(
@@ -314,9 +328,9 @@ class OptimSection(_Section):
         "to the GPU for the update; the QLoRA script's choice), adamw_8bit (8-bit blockwise state).",
         alias="--optim",
     )
-    lr: float = _opt(
-        2e-4,
-        doc="Peak learning rate (paper: 2e-4 up to 13B, 1e-4 above).",
+    lr: float | None = _opt(
+        None,
+        doc="Peak learning rate; none = the paper's by model size: 2e-4 below 33B parameters, 1e-4 from 33B up.",
         alias="--lr",
         check=_positive_float,
     )

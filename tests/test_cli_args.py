@@ -80,7 +80,7 @@ def test_precedence_defaults_then_file_then_flags(tmp_path):
     assert (cfg.lora.alpha, cfg.optim.lr, cfg.seed) == (32.0, 1e-3, 5)  # file beats default
     assert cfg.model.path == "models/file"
     assert cfg.model.gradient_checkpointing is False  # an absent flag does not reset the file's value
-    assert cfg.lora.dropout == 0.1  # default where neither says anything
+    assert cfg.lora.dropout is None  # default where neither says anything
     cfg = parse_train_args(["--config", str(path), "--data", "d", "--output", "o", "--model.gradient_checkpointing"])
     assert cfg.model.gradient_checkpointing is True
 

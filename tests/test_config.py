@@ -43,10 +43,10 @@ def test_every_field_and_section_has_help_text():
 
 def test_defaults_are_the_qlora_papers():
     cfg = _cfg()
-    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.use_rslora) == (64, 16.0, 0.1, False)
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.use_rslora) == (64, 16.0, None, False)
     assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert (cfg.quant.quant_type, cfg.quant.double_quant, cfg.quant.blocksize) == ("nf4", True, 64)
-    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.max_grad_norm) == (2e-4, 0.0, 0.3)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.max_grad_norm) == (None, 0.0, 0.3)
     assert (cfg.optim.beta1, cfg.optim.beta2, cfg.optim.eps) == (0.9, 0.999, 1e-8)
     assert (cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.effective_batch_size) == (1, 16, 16)
     assert (cfg.train.lr_schedule, cfg.train.warmup_steps, cfg.train.warmup_ratio) == ("constant", None, 0.03)
@@ -217,7 +217,7 @@ def test_load_toml_and_yaml(tmp_path, name, text):
     assert cfg.lora.r == 8 and cfg.lora.alpha == 16.0 and cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
     assert (cfg.train.max_steps, cfg.train.lr_schedule, cfg.model.compute_dtype) == (20, "cosine", "float32")
-    assert cfg.lora.dropout == 0.1  # untouched keys keep their defaults
+    assert cfg.lora.dropout is None  # untouched keys keep their defaults
 
 
 @pytest.mark.parametrize(
@@ -307,3 +307,13 @@ def test_sections_are_dataclasses_with_kw_only_fields():
     with pytest.raises(TypeError):
         ModelSection("models/tiny")  # type: ignore[misc]
     assert all(f.kw_only for f in dataclasses.fields(TrainConfig))
+
+
+def test_paper_defaults_follow_model_size():
+    from qlora.config import resolve_size_defaults
+
+    assert resolve_size_defaults(None, None, 6.7e9) == (2e-4, 0.1)  # LLaMA-7B
+    assert resolve_size_defaults(None, None, 13.0e9) == (2e-4, 0.1)
+    assert resolve_size_defaults(None, None, 32.5e9) == (1e-4, 0.05)  # LLaMA-33B
+    assert resolve_size_defaults(None, None, 65.2e9) == (1e-4, 0.05)
+    assert resolve_size_defaults(3e-3, 0.2, 65.2e9) == (3e-3, 0.2)  # the user's values win

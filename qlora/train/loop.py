@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 
 from qlora.adapter import ADAPTER_WEIGHTS, adapter_state_dict, load_adapter_weights, save_adapter
-from qlora.config import ConfigError, TrainConfig
+from qlora.config import ConfigError, TrainConfig, resolve_size_defaults
 from qlora.data.collate import BatchIterator, split_holdout
 from qlora.data.encode import EncodedExample, InstructionDataset
-from qlora.loading import load_model
+from qlora.loading import load_model, read_model_config
 from qlora.lora import LoraSpec, mark_only_lora_trainable
+from qlora.model.config import ModelConfig
 from qlora.tokenizer import Tokenizer
 from qlora.train.checkpoint import (
     capture_rng_state,
@@ -67,18 +68,26 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def lora_spec(cfg: TrainConfig) -> LoraSpec:
-    return LoraSpec(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, use_rslora=cfg.lora.use_rslora,
+def count_parameters(c: ModelConfig) -> int:
+    """Parameters of the dense model `c` describes (to pick the paper's size-dependent defaults)."""
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    per_layer = c.hidden_size * (2 * q + 2 * kv) + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size
+    embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    return c.num_hidden_layers * per_layer + embeddings + c.hidden_size
+
+
+def lora_spec(cfg: TrainConfig, dropout: float) -> LoraSpec:
+    return LoraSpec(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=dropout, use_rslora=cfg.lora.use_rslora,
                     targets=tuple(cfg.lora.target_modules))  # fmt: skip
 
 
-def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
     o = cfg.optim
     if o.name not in IMPLEMENTED_OPTIMIZERS:
         raise ConfigError(
             f"--optim / optim.name {o.name!r} is not implemented yet (available: {', '.join(IMPLEMENTED_OPTIMIZERS)})"
         )
-    return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
 
 
 def seed_everything(seed: int) -> None:
@@ -130,14 +139,18 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
     tokenizer = Tokenizer.from_pretrained(cfg.model.path)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     train_examples, held_out = prepare_data(cfg, tokenizer)
-    lora = lora_spec(cfg)
+    n_params = count_parameters(read_model_config(cfg.model.path))
+    lr, dropout = resolve_size_defaults(cfg.optim.lr, cfg.lora.dropout, n_params)
+    lora = lora_spec(cfg, dropout)
     quant_type = None if cfg.quant.quant_type == "none" else cfg.quant.quant_type
     model = load_model(cfg.model.path, quant_type, cfg.quant.double_quant, dtype, device,
                        blocksize=cfg.quant.blocksize, lora=lora)  # fmt: skip
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     params = mark_only_lora_trainable(model)
     seed_everything(cfg.seed)  # the adapters' init drew from the RNG; the loop starts from a known state
-    optimizer = build_optimizer(cfg, params)
+    optimizer = build_optimizer(cfg, params, lr)
+    # float16 compute needs loss scaling (gradients of small losses underflow); bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     scheduler = build_scheduler(optimizer, cfg)
     batches = BatchIterator(train_examples, cfg.train.micro_batch_size, pad_id=pad_id, seed=cfg.seed)
     (output / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
@@ -151,6 +164,8 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
         load_adapter_weights(model, latest / "adapter")
         optimizer.load_state_dict(state["optimizer.pt"])
         scheduler.load_state_dict(state["scheduler.pt"])
+        if scaler.is_enabled() and state.get("scaler.pt"):
+            scaler.load_state_dict({k: v.item() for k, v in state["scaler.pt"].items()})
         batches.load_state_dict(state["data.json"])
         restore_rng_state(state["rng.pt"])
         start_step = int(state["trainer.json"]["step"])
@@ -164,6 +179,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
             "adapter": lambda d: save_adapter(model, d, lora, str(cfg.model.path)),
             "optimizer.pt": optimizer.state_dict(),
             "scheduler.pt": scheduler.state_dict(),
+            "scaler.pt": {k: torch.tensor(v) for k, v in scaler.state_dict().items() if isinstance(v, (int, float))},
             "rng.pt": capture_rng_state(),
             "data.json": batches.state_dict(),
             "trainer.json": {"step": step},
@@ -180,11 +196,13 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
         total = 0.0
         for batch in micro:
             s, _ = loss_sum(model, _to(batch, device))
-            (s / max(step_tokens, 1)).backward()
+            scaler.scale(s / max(step_tokens, 1)).backward()
             total += float(s.detach())
+        scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
+        scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - started
