@@ -1,0 +1,191 @@
+"""Reading a local Hugging Face checkpoint directory, one tensor at a time.
+
+A Hugging Face model directory holds `config.json` and the weights, either in one
+`model.safetensors` or in shards `model-0000k-of-0000n.safetensors` listed by
+`model.safetensors.index.json` (`{"metadata": {...}, "weight_map": {tensor name: shard file}}`).
+This module finds and validates those files and streams their tensors; it builds no model and
+knows nothing about quantization, so the loader above it can quantize each weight as it arrives.
+
+Why it is shaped so.
+- `iter_tensors` yields `(name, tensor)` one at a time through `safetensors.safe_open`, which reads
+  the header and memory-maps the file; `get_tensor` copies out just that tensor. We never build a
+  shard's dict, so the extra host memory is one tensor (plus clean page cache the OS can drop), not
+  one shard. The order is shard order (the index's first-appearance order), then the shard's own.
+- Only safetensors. A `pytorch_model.bin` / `.pt` is a pickle, and unpickling runs arbitrary code
+  from the file; we refuse it with an error saying so and how to convert.
+- Strict bookkeeping, errors that name names: an index that lists a shard which is not on disk, an
+  index that disagrees with a shard's header (a tensor listed but absent, or present but not
+  listed), and, through `check_keys`, a checkpoint missing a parameter the model needs or carrying
+  one it has no place for.
+- `expected_keys(model)` reads the model's own state-dict names (fine on the meta device). A tied
+  `lm_head.weight` is *optional*: many tied checkpoints omit it, some store a copy. Stale non-weight
+  entries that old exports carry (`...rotary_emb.inv_freq`) are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+# Entries some exports carry that are not weights of the model (recomputed at init).
+IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file is malformed, incomplete or in a refused format."""
+
+
+class CheckpointKeyError(CheckpointError):
+    """The checkpoint's tensor names do not match the model's (missing or unexpected keys)."""
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The directory's config.json as a dict; errors name the file."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {Path(path)}: expected a Hugging Face model directory")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _read_index(index_file: Path) -> dict[str, str]:
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{index_file}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_file}: has no 'weight_map' object mapping tensor names to shard files")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or Path(shard).name != shard:
+            raise CheckpointError(
+                f"{index_file}: tensor {name!r} maps to {shard!r}; expected a shard file name in the same directory"
+            )
+    return weight_map
+
+
+def list_checkpoint_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a model directory, in reading order.
+
+    `model.safetensors` if present (as transformers prefers it), else the shards named by
+    `model.safetensors.index.json`, each of which must exist.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {root}")
+    single = root / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    index_file = root / INDEX_FILE
+    if index_file.is_file():
+        shards = list(dict.fromkeys(_read_index(index_file).values()))  # first-appearance order
+        missing = [s for s in shards if not (root / s).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{index_file} lists shard(s) missing from {root}: {', '.join(missing)}; "
+                "the download is incomplete, fetch the missing files"
+            )
+        return [root / s for s in shards]
+    pickles = sorted(p.name for p in root.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{root} holds only pickle checkpoint file(s) ({', '.join(pickles)}). We load safetensors only: "
+            "unpickling runs code stored in the file. Convert once in a trusted environment, e.g. "
+            "`transformers.AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)`"
+        )
+    raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {root}")
+
+
+def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from a model directory one tensor at a time, on the CPU, as stored."""
+    root = Path(path)
+    files = list_checkpoint_files(root)
+    index_file = root / INDEX_FILE
+    listed: dict[str, set[str]] | None = None
+    if files[0].name != SINGLE_FILE:
+        listed = {}
+        for name, shard in _read_index(index_file).items():
+            listed.setdefault(shard, set()).add(name)
+    seen: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            if listed is not None:
+                in_shard, in_index = set(keys), listed[file.name]
+                absent, unlisted = sorted(in_index - in_shard), sorted(in_shard - in_index)
+                if absent or unlisted:
+                    raise CheckpointError(
+                        f"{index_file} disagrees with shard {file.name}: "
+                        + "; ".join(
+                            part
+                            for part in (
+                                f"listed but absent: {_name_list(absent)}" if absent else "",
+                                f"present but not listed: {_name_list(unlisted)}" if unlisted else "",
+                            )
+                            if part
+                        )
+                    )
+            for key in keys:
+                if key in seen:
+                    raise CheckpointError(f"tensor {key!r} appears twice in {root} (again in {file.name})")
+                seen.add(key)
+                yield key, f.get_tensor(key)
+
+
+@dataclass(frozen=True)
+class ExpectedKeys:
+    """Tensor names a model needs (`required`) and may take (`optional`, e.g. a tied lm_head)."""
+
+    required: frozenset[str]
+    optional: frozenset[str] = field(default_factory=frozenset)
+
+
+def expected_keys(model: torch.nn.Module) -> ExpectedKeys:
+    """State-dict names of `model` (works on meta). lm_head.weight is optional when tied to the embedding."""
+    state = model.state_dict(keep_vars=True)
+    required = set(state)
+    optional: set[str] = set()
+    head, embed = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
+    if head is not None and head is embed:
+        required.discard("lm_head.weight")
+        optional.add("lm_head.weight")
+    return ExpectedKeys(frozenset(required), frozenset(optional))
+
+
+def check_keys(seen: Iterable[str], expected: ExpectedKeys | Iterable[str], *, source: str = "checkpoint") -> None:
+    """Raise CheckpointKeyError naming every missing and unexpected key; ignore IGNORED_KEY_SUFFIXES."""
+    if not isinstance(expected, ExpectedKeys):
+        expected = ExpectedKeys(frozenset(expected))
+    seen = {k for k in seen if not k.endswith(IGNORED_KEY_SUFFIXES)}
+    missing = sorted(expected.required - seen)
+    unexpected = sorted(seen - expected.required - expected.optional)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s) the model needs: {_name_list(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) the model has no place for: {_name_list(unexpected)}")
+        raise CheckpointKeyError(
+            f"{source} does not match the model: " + "; ".join(parts) + ". Check that config.json describes "
+            "this checkpoint (model_type, num_hidden_layers, tie_word_embeddings, biases)."
+        )
+
+
+def _name_list(names: list[str], limit: int = 20) -> str:
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names) - limit} more)"
