@@ -60,8 +60,13 @@ def _chunk_length(blocksize: int, chunk_elements: int) -> int:
     return max(1, chunk_elements // blocksize) * blocksize
 
 
-def _normalise(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 chunk [L] -> (xn [L], absmax [ceil(L / blocksize)])."""
+def normalise_blocks(x: torch.Tensor, blocksize: int, divide_partial: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 chunk [L] -> (x / absmax per block [L], absmax [ceil(L / blocksize)]).
+
+    Full blocks multiply by the float32 reciprocal. The partial last block divides when
+    `divide_partial` (bitsandbytes-CPU's 4-bit rule), else multiplies too (CUDA's rule, which the
+    8-bit nested quantization follows).
+    """
     n_full = x.numel() // blocksize
     n_rem = x.numel() - n_full * blocksize
     absmax = torch.empty(n_full + (1 if n_rem else 0), dtype=torch.float32, device=x.device)
@@ -74,8 +79,11 @@ def _normalise(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Ten
     if n_rem:
         tail = x[n_full * blocksize :]
         absmax[n_full] = tail.abs().amax()
-        # The partial last block divides (bitsandbytes' CPU backend does; see the module docstring).
-        torch.div(tail, absmax[n_full].clamp(min=_MIN_ABSMAX), out=xn[n_full * blocksize :])
+        divisor = absmax[n_full].clamp(min=_MIN_ABSMAX)
+        if divide_partial:
+            torch.div(tail, divisor, out=xn[n_full * blocksize :])
+        else:
+            torch.mul(tail, 1.0 / divisor, out=xn[n_full * blocksize :])
     return xn, absmax
 
 
@@ -101,7 +109,7 @@ def quantize_4bit_blockwise(
     step = _chunk_length(blocksize, chunk_elements)
     for start in range(0, n, step):
         x = flat[start : start + step].float()
-        xn, chunk_absmax = _normalise(x, blocksize)
+        xn, chunk_absmax = normalise_blocks(x, blocksize, divide_partial=True)
         if not torch.isfinite(chunk_absmax).all():
             raise ValueError(
                 f"cannot quantize a tensor with NaN or Inf values (first in elements {start}..{start + x.numel()})"

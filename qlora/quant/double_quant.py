@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import torch
 
+from qlora.quant.blockwise import normalise_blocks
 from qlora.quant.codes import dynamic_map, dynamic_map_thresholds
 
 NESTED_BLOCKSIZE = 256
-_MIN_ABSMAX = 1e-38
 _CHUNK_ELEMENTS = 1 << 18
 
 
@@ -38,20 +38,7 @@ def quantize_8bit_dynamic(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 1-D `x` -> (codes uint8 [n], absmax float32 [ceil(n / blocksize)])."""
     x = x.reshape(-1).float()
-    n = x.numel()
-    n_full = n // blocksize
-    n_rem = n - n_full * blocksize
-    absmax = torch.empty(n_full + (1 if n_rem else 0), dtype=torch.float32, device=x.device)
-    xn = torch.empty_like(x)
-    if n_full:
-        blocks = x[: n_full * blocksize].view(n_full, blocksize)  # [n_full, bs]
-        torch.amax(blocks.abs(), dim=1, out=absmax[:n_full])
-        reciprocal = 1.0 / absmax[:n_full].clamp(min=_MIN_ABSMAX)
-        torch.mul(blocks, reciprocal[:, None], out=xn[: n_full * blocksize].view(n_full, blocksize))
-    if n_rem:
-        tail = x[n_full * blocksize :]
-        absmax[n_full] = tail.abs().amax()
-        torch.mul(tail, 1.0 / absmax[n_full].clamp(min=_MIN_ABSMAX), out=xn[n_full * blocksize :])
+    xn, absmax = normalise_blocks(x, blocksize, divide_partial=False)
     codes = torch.bucketize(xn, dynamic_map_thresholds(signed, x.device), out_int32=True).to(torch.uint8)
     return codes, absmax
 
