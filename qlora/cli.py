@@ -1,4 +1,4 @@
-"""The `qlora` command: `train`, `generate`, `demo`.
+"""The `qlora` command: `train`, `generate`, `data check`, `demo`.
 
 Each subcommand is a thin shell over a library function; `train`'s flags are generated from the
 typed configuration (`qlora.config`, `qlora.cli_args`), so `qlora train --help` documents every
@@ -65,19 +65,28 @@ def _generate(argv: Sequence[str]) -> int:
     return 0
 
 
+def _data(argv: Sequence[str]) -> int:
+    if not argv or argv[0] != "check":
+        print("usage: qlora data check FILE --model PATH [options]   (qlora data check --help)", file=sys.stderr)
+        return 2
+    from qlora.data.check import main as check_main
+
+    return check_main(list(argv[1:]))
+
+
 def _demo(argv: Sequence[str]) -> int:
     from qlora.demo import main as demo_main
 
     return demo_main(argv)
 
 
-COMMANDS = {"train": _train, "generate": _generate, "demo": _demo}
+COMMANDS = {"train": _train, "generate": _generate, "data": _data, "demo": _demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: qlora {train,generate,demo} [options]   (qlora COMMAND --help for each)", file=sys.stderr)
+        print("usage: qlora {train,generate,data,demo} [options]   (qlora COMMAND --help for each)", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from qlora.config import ConfigError

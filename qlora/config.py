@@ -304,6 +304,22 @@ class DataSection(_Section):
         doc="Evaluate on at most this many held-out examples per evaluation (0 = all).",
         check=_non_negative_int,
     )
+    pack_len: int | None = _opt(
+        None,
+        doc="Pack training examples into rows of this many tokens (attention never crosses a document; "
+        "positions restart per document); none = no packing. Evaluation is never packed.",
+        check=_positive_int,
+    )
+    group_by_length: bool = _opt(
+        False, doc="Batch examples of similar length together (QLoRA's group_by_length), seeded and resumable."
+    )
+    languages: list[str] | None = _opt(
+        None, doc="OASST1 only: keep conversations in these language codes (e.g. en,es); none = all."
+    )
+    block_size: int | None = _opt(
+        None, doc="Plain text only: tokens per training block; none = max_source_len + max_target_len.",
+        check=_positive_int,
+    )
 
     def eval_count(self, n_examples: int) -> int:
         """How many of `n_examples` to hold out: never all of them, at least 1 unless disabled."""
@@ -322,10 +338,10 @@ class OptimSection(_Section):
 
     SECTION: ClassVar[str] = "optim"
 
-    name: OptimName = _opt(
-        "adamw",
-        doc="Optimizer: adamw (torch), paged_adamw_32bit / paged_adamw_8bit (state in host memory, paged "
-        "to the GPU for the update; the QLoRA script's choice), adamw_8bit (8-bit blockwise state).",
+    name: OptimName | None = _opt(
+        None,
+        doc="Optimizer: adamw (torch's), paged_adamw_32bit, paged_adamw_8bit or adamw_8bit; none = "
+        "paged_adamw_32bit on CUDA (the paper's), adamw elsewhere (paging has nothing to page to on a CPU).",
         alias="--optim",
     )
     lr: float | None = _opt(

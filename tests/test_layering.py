@@ -21,6 +21,7 @@ FLOOR = {
     "tokenizer": 5,
     "loading": 5,
     "data": 6,
+    "optim": 6,
     "adapter": 6,
     "generate": 6,
     "train": 6,

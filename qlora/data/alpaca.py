@@ -15,10 +15,11 @@ knows the line it starts on and the error names it together with the record's in
 UTF-8 byte-order mark is accepted; blank lines in JSON Lines are skipped; unknown extra fields are
 ignored (many Alpaca variants carry a `text` or `id` column).
 
-The file reader (`read_records`) knows nothing about Alpaca; the format is a small entry in
-`FORMATS` (match, validate, render), so the next formats (OASST1, chat messages, plain text,
-CSV/Parquet, format detection) slot in beside it. When they arrive, `read_records` moves to a
-module of its own.
+The file reader (`read_records`) knows nothing about Alpaca. The other formats and file kinds now
+live beside it: `readers.read_any` reads every file kind (JSON/JSON Lines through `read_records`,
+CSV/TSV, Parquet, text) and `formats.FORMAT_REGISTRY` is the registry the loader uses (detection,
+whole-file encoders). `FORMATS` here is the original per-record registry, kept for its callers
+(`load_records`); it holds Alpaca only.
 """
 
 from __future__ import annotations
@@ -183,6 +184,17 @@ def _describe(value: Any) -> str:
     if isinstance(value, str) and not value.strip():
         return "a blank string" if value else "an empty string"
     return "null" if value is None else type(value).__name__
+
+
+def require_text(record: SourceRecord, value: dict, field: str, *, allow_empty: bool = False) -> str:
+    """`value[field]` as a string, or a located `DataError`: missing, not a string, or blank (unless allowed)."""
+    if field not in value:
+        raise record.error(f"missing field '{field}'", field)
+    item = value[field]
+    if not isinstance(item, str) or (not allow_empty and not item.strip()):
+        kind = "a string" if allow_empty else "a non-empty string"
+        raise record.error(f"field '{field}' must be {kind} (got {_describe(item)})", field)
+    return item
 
 
 def validate_alpaca(record: SourceRecord) -> dict[str, str]:

@@ -16,12 +16,26 @@ batches the original would have yielded next, which is what "train N, save, resu
 train 2N" needs. It runs for `epochs` epochs, or forever when `epochs` is None (training loops
 count steps, not epochs).
 
+Length grouping (`group_by_length=True`, QLoRA's `--group_by_length`, i.e. transformers'
+`LengthGroupedSampler`): the epoch's seeded permutation is cut into megabatches of
+`batch_size * megabatch_mult` (50, as transformers), each sorted by length, longest first, and cut
+into batches; the longest example moves into the first batch so an out-of-memory shows at the
+first step. Batches hold similar lengths (little padding) and the order is still a pure
+function of (seed, epoch), so resuming is exact.
+
+The items may be `Pack`s (`packing.py`) instead of examples: the batch is then made by
+`collate_packed` (block-diagonal 4D mask, restarting positions). Packs are a pure function of
+(examples, pack length, seed), so a resumed run rebuilds them and the saved position applies.
+The state records a digest of the item lengths, so resuming on other data (or other packing) is
+refused rather than silently off by some examples.
+
 `split_holdout` sets aside a deterministic, seeded held-out set (QLoRA: `eval_dataset_size` records,
 seed 42) when a dataset has no evaluation file; both parts keep file order.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections.abc import Sequence
@@ -30,6 +44,7 @@ from typing import Any, TypeVar
 import torch
 
 from qlora.data.encode import IGNORE_INDEX, EncodedExample
+from qlora.data.packing import Pack, collate_packed
 
 T = TypeVar("T")
 
@@ -60,12 +75,40 @@ def collate(
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (non-padding) tokens of a batch from `collate` or `collate_packed`."""
+    if "document_ids" in batch:
+        return int((batch["document_ids"] >= 0).sum())
+    return int(batch["attention_mask"].sum())
+
+
 def epoch_order(num_examples: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
     """The order in which epoch `epoch` visits the examples: a pure function of its arguments."""
     order = list(range(num_examples))
     if shuffle:
         random.Random(f"qlora.data:{seed}:{epoch}").shuffle(order)
     return order
+
+
+def grouped_epoch_order(
+    lengths: Sequence[int], batch_size: int, seed: int, epoch: int, megabatch_mult: int = 50
+) -> list[int]:
+    """Epoch `epoch`'s order with similar lengths batched together (see the module docstring)."""
+    order = epoch_order(len(lengths), seed, epoch, shuffle=True)
+    size = batch_size * megabatch_mult
+    megabatches = [
+        sorted(order[i : i + size], key=lambda j: lengths[j], reverse=True) for i in range(0, len(order), size)
+    ]
+    # The longest example to the front (swapped with the first, longest, element of megabatch 0), as
+    # transformers does: moving single elements keeps every batch boundary at a multiple of batch_size.
+    longest = max(range(len(megabatches)), key=lambda m: lengths[megabatches[m][0]])
+    megabatches[0][0], megabatches[longest][0] = megabatches[longest][0], megabatches[0][0]
+    return [i for m in megabatches for i in m]
+
+
+def _lengths_digest(items: Sequence) -> str:
+    lengths = ",".join(str(len(item)) for item in items)
+    return hashlib.sha256(lengths.encode()).hexdigest()[:16]
 
 
 class BatchIterator:
@@ -82,6 +125,8 @@ class BatchIterator:
         drop_last: bool = False,
         pad_to_multiple_of: int | None = None,
         epochs: int | None = None,
+        group_by_length: bool = False,
+        megabatch_mult: int = 50,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1 (got {batch_size})")
@@ -93,6 +138,10 @@ class BatchIterator:
         self.drop_last = drop_last
         self.pad_to_multiple_of = pad_to_multiple_of
         self.epochs = epochs
+        self.group_by_length = group_by_length
+        self.megabatch_mult = megabatch_mult
+        self.packed = bool(examples) and isinstance(examples[0], Pack)
+        self._digest = _lengths_digest(examples)
         n = len(examples)
         self.batches_per_epoch = n // batch_size if drop_last else math.ceil(n / batch_size)
         if self.batches_per_epoch == 0:
@@ -114,11 +163,18 @@ class BatchIterator:
         if self.epochs is not None and self.epoch >= self.epochs:
             raise StopIteration
         if self._order is None or self._order[0] != self.epoch:
-            self._order = (self.epoch, epoch_order(len(self.examples), self.seed, self.epoch, self.shuffle))
+            if self.group_by_length:
+                lengths = [len(item) for item in self.examples]
+                order = grouped_epoch_order(lengths, self.batch_size, self.seed, self.epoch, self.megabatch_mult)
+            else:
+                order = epoch_order(len(self.examples), self.seed, self.epoch, self.shuffle)
+            self._order = (self.epoch, order)
         start = self.index * self.batch_size
-        chosen = self._order[1][start : start + self.batch_size]
+        chosen = [self.examples[i] for i in self._order[1][start : start + self.batch_size]]
         self.index += 1
-        return collate([self.examples[i] for i in chosen], self.pad_id, self.pad_to_multiple_of)
+        if self.packed:
+            return collate_packed(chosen, self.pad_id, self.pad_to_multiple_of)
+        return collate(chosen, self.pad_id, self.pad_to_multiple_of)
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -133,13 +189,21 @@ class BatchIterator:
             "batch_size": self.batch_size,
             "shuffle": self.shuffle,
             "drop_last": self.drop_last,
+            "group_by_length": self.group_by_length,
+            "megabatch_mult": self.megabatch_mult,
+            "packed": self.packed,
+            "lengths_digest": self._digest,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at the saved position. The data and batching settings must be the same."""
-        for key in ("seed", "num_examples", "batch_size", "shuffle", "drop_last"):
-            ours = self.state_dict()[key]
-            if state.get(key) != ours:
+        defaults = {"group_by_length": False, "megabatch_mult": 50, "packed": False}  # states saved before these
+        ours_all = self.state_dict()
+        for key in ("seed", "num_examples", "batch_size", "shuffle", "drop_last", *defaults, "lengths_digest"):
+            ours = ours_all[key]
+            if key == "lengths_digest" and key not in state:
+                continue
+            if state.get(key, defaults.get(key)) != ours:
                 raise ValueError(
                     f"cannot resume the batch order: the saved {key} is {state.get(key)!r} but this "
                     f"iterator has {ours!r}. Resume with the same data and batch settings."

@@ -24,7 +24,7 @@ two deliberate choices:
 An example whose target encodes to no token is an error, never a row of all -100 labels (which
 would train on nothing and, averaged, on NaN). `InstructionDataset.from_file` reads, validates,
 formats and encodes a whole file, naming the file and line of any bad record, and counts and logs
-the truncated examples.
+the truncated examples; it is a thin wrapper over `formats.load_dataset`, so it reads every format.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from qlora.data.alpaca import get_format, read_records
 from qlora.data.errors import DataError
 
 if TYPE_CHECKING:
@@ -118,37 +117,21 @@ class InstructionDataset:
     ) -> InstructionDataset:
         """Read, validate, format and encode every record of `path`.
 
-        Raises `DataError` (file and line) on the first bad record. Logs how many examples were
-        truncated; `num_truncated` holds the count.
+        `format`: a name in `qlora.data.formats.FORMAT_REGISTRY` or "auto" (see `load_dataset`, which
+        this wraps). Raises `DataError` (file and line) on the first bad record. Logs how many
+        examples were truncated; `num_truncated` holds the count.
         """
-        fmt = get_format(format)
-        examples, lines = [], []
-        for record in read_records(path):
-            source, target = fmt.render(fmt.validate(record))
-            try:
-                example = encode_example(
-                    tokenizer,
-                    source,
-                    target,
-                    max_source_len=max_source_len,
-                    max_target_len=max_target_len,
-                    train_on_source=train_on_source,
-                )
-            except DataError as err:
-                raise err.at(record.path, record.line, record.index) from None
-            examples.append(example)
-            lines.append(record.line)
-        dataset = cls(examples, sum(e.truncated for e in examples), str(path), lines)
-        if dataset.num_truncated:
-            logger.warning(
-                "%s: %d of %d examples truncated (source > %d or target > %d tokens)",
-                path,
-                dataset.num_truncated,
-                len(examples),
-                max_source_len,
-                max_target_len,
-            )
-        return dataset
+        from qlora.data.formats import load_dataset  # formats builds on this module
+
+        examples, info = load_dataset(
+            path,
+            tokenizer,
+            format,
+            max_source_len=max_source_len,
+            max_target_len=max_target_len,
+            train_on_source=train_on_source,
+        )
+        return cls(examples, info.num_truncated, str(path), info.lines)
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -28,11 +28,14 @@ import torch
 
 from qlora.adapter import ADAPTER_WEIGHTS, adapter_state_dict, load_adapter_weights, save_adapter
 from qlora.config import ConfigError, TrainConfig, resolve_size_defaults
-from qlora.data.collate import BatchIterator, split_holdout
-from qlora.data.encode import EncodedExample, InstructionDataset
+from qlora.data.collate import BatchIterator, count_tokens, split_holdout
+from qlora.data.encode import EncodedExample
+from qlora.data.formats import load_dataset
+from qlora.data.packing import pack_examples
 from qlora.loading import load_model, read_model_config
 from qlora.lora import LoraSpec, mark_only_lora_trainable
 from qlora.model.config import ModelConfig
+from qlora.optim import build_optimizer as make_optimizer
 from qlora.tokenizer import Tokenizer
 from qlora.train.checkpoint import (
     capture_rng_state,
@@ -48,7 +51,6 @@ from qlora.train.schedule import build_scheduler
 log = logging.getLogger("qlora.train")
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-IMPLEMENTED_OPTIMIZERS = ("adamw",)
 
 
 @dataclass
@@ -81,13 +83,12 @@ def lora_spec(cfg: TrainConfig, dropout: float) -> LoraSpec:
                     targets=tuple(cfg.lora.target_modules))  # fmt: skip
 
 
-def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def build_optimizer(
+    cfg: TrainConfig, params: list[torch.nn.Parameter], lr: float, device: torch.device
+) -> torch.optim.Optimizer:
     o = cfg.optim
-    if o.name not in IMPLEMENTED_OPTIMIZERS:
-        raise ConfigError(
-            f"--optim / optim.name {o.name!r} is not implemented yet (available: {', '.join(IMPLEMENTED_OPTIMIZERS)})"
-        )
-    return torch.optim.AdamW(params, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    name = o.name or ("paged_adamw_32bit" if device.type == "cuda" else "adamw")
+    return make_optimizer(name, params, lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
 
 
 def seed_everything(seed: int) -> None:
@@ -113,18 +114,17 @@ def evaluate(model, examples: list[EncodedExample], batch_size: int, pad_id: int
     return total / max(count, 1)
 
 
-def prepare_data(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[list[EncodedExample], list[EncodedExample]]:
-    fmt = "alpaca" if cfg.data.format == "auto" else cfg.data.format
-    dataset = InstructionDataset.from_file(cfg.data.path, tokenizer, format=fmt,
-                                           max_source_len=cfg.data.max_source_len,
-                                           max_target_len=cfg.data.max_target_len,
-                                           train_on_source=cfg.data.train_on_source)  # fmt: skip
-    examples = list(dataset.examples)
-    held_count = cfg.data.eval_count(len(examples))
-    if held_count == 0:
-        return examples, []
-    train_examples, held_out = split_holdout(examples, held_count, seed=cfg.seed)
-    return train_examples, held_out[: cfg.data.eval_max_examples or None]  # 0 = all
+def prepare_data(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[list, list[EncodedExample]]:
+    """(training items: examples or packs, held-out examples): the format is detected or named and logged."""
+    d = cfg.data
+    examples, _info = load_dataset(d.path, tokenizer, d.format, max_source_len=d.max_source_len,
+                                   max_target_len=d.max_target_len, train_on_source=d.train_on_source,
+                                   languages=set(d.languages) if d.languages else None,
+                                   block_size=d.block_size)  # fmt: skip
+    held_count = d.eval_count(len(examples))
+    train_examples, held_out = split_holdout(examples, held_count, seed=cfg.seed) if held_count else (examples, [])
+    items = pack_examples(train_examples, d.pack_len, seed=cfg.seed) if d.pack_len else train_examples
+    return items, held_out[: d.eval_max_examples or None]  # 0 = all
 
 
 def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
@@ -148,11 +148,12 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     params = mark_only_lora_trainable(model)
     seed_everything(cfg.seed)  # the adapters' init drew from the RNG; the loop starts from a known state
-    optimizer = build_optimizer(cfg, params, lr)
+    optimizer = build_optimizer(cfg, params, lr, device)
     # float16 compute needs loss scaling (gradients of small losses underflow); bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     scheduler = build_scheduler(optimizer, cfg)
-    batches = BatchIterator(train_examples, cfg.train.micro_batch_size, pad_id=pad_id, seed=cfg.seed)
+    batches = BatchIterator(train_examples, cfg.train.micro_batch_size, pad_id=pad_id, seed=cfg.seed,
+                            group_by_length=cfg.data.group_by_length)  # fmt: skip
     (output / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
 
     start_step = 0
@@ -207,7 +208,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
         optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - started
         loss_value = total / max(step_tokens, 1)
-        seen_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        seen_tokens = sum(count_tokens(b) for b in micro)
         tokens_per_s = seen_tokens / elapsed
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             record = logger.log_train(step, loss=loss_value, lr=lr, tokens_per_s=tokens_per_s,

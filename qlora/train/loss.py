@@ -30,7 +30,9 @@ def _chunk_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
 def loss_sum(model, batch: dict[str, torch.Tensor], chunk_rows: int = 2048) -> tuple[torch.Tensor, int]:
     """(sum of next-token cross-entropy over labelled positions, number of those positions)."""
     input_ids, labels = batch["input_ids"], batch["labels"]
-    hidden = model.hidden_states(input_ids, attention_mask=batch.get("attention_mask"))  # [B, T, H]
+    # Packed batches carry a block-diagonal [B, 1, T, T] mask and per-document position_ids.
+    hidden = model.hidden_states(input_ids, attention_mask=batch.get("attention_mask"),
+                                 position_ids=batch.get("position_ids"))  # [B, T, H]  # fmt: skip
     targets = labels[:, 1:]  # position t predicts token t+1
     keep = targets != IGNORE_INDEX  # [B, T-1]
     rows = hidden[:, :-1][keep]  # [N, H]: only labelled positions reach lm_head

@@ -1,0 +1,54 @@
+"""Optimizers selectable by name, as `--optim` / `optim.name` spells them (transformers' names).
+
+    adamw               torch.optim.AdamW (as `TorchAdamW`, which adds `memory_report()`)
+    paged_adamw_32bit   QAdamW(optim_bits=32, paged=True)   the QLoRA paper's default; the default on CUDA
+    paged_adamw_8bit    QAdamW(optim_bits=8,  paged=True)
+    adamw_8bit          QAdamW(optim_bits=8,  paged=False)
+
+All follow torch's AdamW maths and weight-decay order (decay before the Adam step), save and load
+their state through torch's `state_dict` conventions, and report where their state lives with
+`memory_report()`. See `optimizer.py` (the class), `adamw.py` (the update), `state8bit.py`
+(8-bit moments), `paging.py` (pinned host pages), `report.py` (memory report).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from qlora.optim.optimizer import QAdamW
+from qlora.optim.report import TorchAdamW, state_memory_report
+
+OPTIMIZER_NAMES = ("adamw", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
+
+_QADAMW_SETTINGS = {
+    "paged_adamw_32bit": {"optim_bits": 32, "paged": True},
+    "paged_adamw_8bit": {"optim_bits": 8, "paged": True},
+    "adamw_8bit": {"optim_bits": 8, "paged": False},
+}
+
+
+def build_optimizer(
+    name: str,
+    params: Iterable[torch.nn.Parameter] | Iterable[dict],
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    **options,
+) -> torch.optim.Optimizer:
+    """The optimizer called `name` over `params`.
+
+    `options` go to `QAdamW` (`min_8bit_size`, `page_min_numel`); `adamw` accepts none.
+    """
+    if name == "adamw":
+        if options:
+            raise TypeError(f"optimizer 'adamw' takes no options, got {sorted(options)}")
+        return TorchAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if name not in _QADAMW_SETTINGS:
+        raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZER_NAMES)}")
+    return QAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **_QADAMW_SETTINGS[name], **options)
+
+
+__all__ = ["OPTIMIZER_NAMES", "QAdamW", "TorchAdamW", "build_optimizer", "state_memory_report"]

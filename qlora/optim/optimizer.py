@@ -1,0 +1,212 @@
+"""`QAdamW`: AdamW with float32 or 8-bit blockwise states, optionally paged to pinned host memory.
+
+One class covers the three bitsandbytes-style choices of the registry (`qlora.optim`):
+`paged_adamw_32bit` (optim_bits=32, paged=True; the QLoRA paper's default), `paged_adamw_8bit`
+(8, True) and `adamw_8bit` (8, False). The maths is `qlora.optim.adamw.adamw_update_` (torch's
+AdamW, weight decay first); 8-bit storage is `qlora.optim.state8bit`; paging is
+`qlora.optim.paging`. On the CPU "paged" changes nothing: the state already lives in host memory,
+so `paged_adamw_32bit` on the CPU is exactly `torch.optim.AdamW`.
+
+Per parameter with a gradient, `self.state[p]` holds
+
+    step                       float32 0-d CPU tensor, as torch.optim.AdamW keeps it
+    exp_avg, exp_avg_sq        float32, shape of p                      (32-bit, or numel < min_8bit_size)
+    state1, absmax1, state2, absmax2   uint8 [n], float32 [ceil(n/256)]  (8-bit)
+
+Where they live: on p's device; for a CUDA parameter of a paged optimizer with
+numel >= page_min_numel (1e5), in pinned host memory (`is_pinned()`), staged through two GPU slots
+for the update. Parameters whose `grad` is None (frozen, or unused this step) are skipped and get
+no state, like torch.
+
+Checkpoints. `state_dict()` is torch's format (integer parameter ids, `param_groups` with every
+hyper-parameter as plain python, state as tensors), loadable with `torch.load(weights_only=True)`.
+A 32-bit state dict has exactly torch.optim.AdamW's keys, so the two load each other's state.
+`load_state_dict` is overridden because torch's would cast float states to the parameter's dtype
+and move every state tensor to the parameter's device, undoing both float32 moments (for bf16
+parameters) and host paging; ours checks each saved tensor's dtype and shape and puts it back
+where this optimizer keeps it. The 8-bit state is saved as its codes and absmax, so a resume is
+exact for 8-bit too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from qlora.optim.adamw import adamw_update_
+from qlora.optim.paging import PAGE_MIN_NUMEL, StagedPager, pinned_copy
+from qlora.optim.report import state_memory_report
+from qlora.optim.state8bit import (
+    KEYS_8BIT,
+    KEYS_32BIT,
+    MIN_8BIT_SIZE,
+    dequantize_moments,
+    requantize_moments_,
+    uses_8bit,
+    zero_state_8bit,
+)
+
+
+class QAdamW(torch.optim.Optimizer):
+    """AdamW (torch's weight-decay order) with float32 or 8-bit states, optionally paged.
+
+    Args:
+        params: parameters or parameter groups, as for any torch optimizer.
+        lr, betas, eps, weight_decay: AdamW's hyper-parameters (per group; LR schedulers may edit "lr").
+        optim_bits: 32 (float32 moments) or 8 (blockwise 8-bit moments for numel >= min_8bit_size).
+        paged: keep the states of large CUDA parameters in pinned host memory (no effect on the CPU).
+        min_8bit_size: smallest parameter that gets 8-bit moments (bitsandbytes: 4096).
+        page_min_numel: smallest parameter whose state is paged (bitsandbytes: 1e5).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        optim_bits: int = 32,
+        paged: bool = True,
+        min_8bit_size: int = MIN_8BIT_SIZE,
+        page_min_numel: int = PAGE_MIN_NUMEL,
+    ):
+        if optim_bits not in (8, 32):
+            raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits!r}")
+        if not lr >= 0.0 or not eps >= 0.0 or not weight_decay >= 0.0:
+            raise ValueError(f"lr, eps and weight_decay must be >= 0, got lr={lr}, eps={eps}, wd={weight_decay}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        self.optim_bits = optim_bits
+        self.paged = paged
+        self.min_8bit_size = int(min_8bit_size)
+        self.page_min_numel = int(page_min_numel)
+        self._pagers: dict[torch.device, StagedPager] = {}
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+
+    # -- placement -------------------------------------------------------------------------------
+
+    def _is_paged(self, p: torch.Tensor) -> bool:
+        return self.paged and p.is_cuda and p.numel() >= self.page_min_numel
+
+    def _is_8bit(self, p: torch.Tensor) -> bool:
+        return self.optim_bits == 8 and uses_8bit(p.numel(), self.min_8bit_size)
+
+    def _place(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Put a state tensor where this optimizer keeps p's state (a new tensor, never an alias of `t`)."""
+        if self._is_paged(p):
+            return pinned_copy(t)
+        return t.to(p.device, copy=True)
+
+    def _pager(self, device: torch.device) -> StagedPager:
+        if device not in self._pagers:
+            self._pagers[device] = StagedPager(device)
+        return self._pagers[device]
+
+    def _synchronize(self) -> None:
+        for pager in self._pagers.values():
+            pager.synchronize()
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        if self._is_8bit(p):
+            tensors = zero_state_8bit(p.numel(), "cpu" if self._is_paged(p) else p.device)
+        else:
+            zeros = torch.zeros(p.shape, dtype=torch.float32, device="cpu" if self._is_paged(p) else p.device)
+            tensors = {"exp_avg": zeros, "exp_avg_sq": zeros.clone()}
+        if self._is_paged(p):
+            tensors = {k: pinned_copy(v) for k, v in tensors.items()}
+        return {"step": torch.tensor(0.0, dtype=torch.float32), **tensors}
+
+    # -- update ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _update(p: torch.Tensor, group: dict, tensors: dict[str, torch.Tensor], step: int) -> None:
+        beta1, beta2 = group["betas"]
+        hyper = {"lr": float(group["lr"]), "beta1": beta1, "beta2": beta2, "eps": group["eps"],
+                 "weight_decay": group["weight_decay"]}  # fmt: skip
+        if "state1" in tensors:
+            m, v = dequantize_moments(tensors)  # float32 [n] each, fresh tensors
+            adamw_update_(p, p.grad, m.view(p.shape), v.view(p.shape), step, **hyper)
+            requantize_moments_(tensors, m, v)
+        else:
+            adamw_update_(p, p.grad, tensors["exp_avg"], tensors["exp_avg_sq"], step, **hyper)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        paged: dict[torch.device, list] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("QAdamW does not support sparse gradients; use torch.optim.SparseAdam")
+                state = self.state[p]
+                if not state:
+                    state.update(self._init_state(p))
+                state["step"] += 1
+                step = int(state["step"].item())
+                tensors = {k: v for k, v in state.items() if k != "step"}
+                if self._is_paged(p):
+                    paged.setdefault(p.device, []).append(((p, group, step), tensors))
+                else:
+                    self._update(p, group, tensors, step)
+        for device, items in paged.items():
+            self._pager(device).run(items, lambda key, views: self._update(key[0], key[1], views, key[2]))
+        return loss
+
+    # -- checkpoints and reporting ---------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        self._synchronize()  # host pages must hold the last step's write-back
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._synchronize()
+        saved_groups = state_dict["param_groups"]
+        # torch checks the group structure and restores the hyper-parameters; the state we place ourselves
+        super().load_state_dict({"state": {}, "param_groups": saved_groups})
+        by_id = {}
+        for saved, group in zip(saved_groups, self.param_groups, strict=True):
+            by_id.update(zip(saved["params"], group["params"], strict=True))
+        for pid, saved in state_dict["state"].items():
+            if pid not in by_id:
+                raise KeyError(f"optimizer state for parameter id {pid} has no matching parameter in param_groups")
+            self.state[by_id[pid]] = self._restore(pid, by_id[pid], saved)
+
+    def _restore(self, pid: int, p: torch.Tensor, saved: dict) -> dict:
+        keys = KEYS_8BIT if self._is_8bit(p) else KEYS_32BIT
+        if set(saved) != {"step", *keys}:
+            raise ValueError(
+                f"optimizer state for parameter {pid} (shape {tuple(p.shape)}) has keys {sorted(saved)}, but this "
+                f"optimizer (optim_bits={self.optim_bits}, min_8bit_size={self.min_8bit_size}) expects "
+                f"{sorted(['step', *keys])}: resume with the optimizer and settings the checkpoint was written with"
+            )
+        n_blocks = -(-p.numel() // 256)
+        expected = {"exp_avg": (torch.float32, p.shape), "exp_avg_sq": (torch.float32, p.shape),
+                    "state1": (torch.uint8, (p.numel(),)), "state2": (torch.uint8, (p.numel(),)),
+                    "absmax1": (torch.float32, (n_blocks,)), "absmax2": (torch.float32, (n_blocks,))}  # fmt: skip
+        restored = {"step": torch.as_tensor(saved["step"], dtype=torch.float32).detach().clone().cpu()}
+        for key in keys:
+            t, (dtype, shape) = saved[key], expected[key]
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise ValueError(
+                    f"optimizer state {key!r} of parameter {pid}: expected {dtype} {tuple(shape)}, "
+                    f"got {t.dtype} {tuple(t.shape)} (checkpoint from a different model or optimizer?)"
+                )
+            restored[key] = self._place(p, t)
+        return restored
+
+    def staging_bytes(self) -> int:
+        """GPU bytes held by the paging slots (0 when nothing is paged)."""
+        return sum(pager.staging_bytes for pager in self._pagers.values())
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes of optimizer state by location: gpu_bytes, pinned_host_bytes, cpu_bytes, gpu_staging_bytes."""
+        self._synchronize()
+        return state_memory_report(self)
