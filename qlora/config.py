@@ -48,6 +48,20 @@ from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type
 
 import yaml
 
+from qlora.config_checks import (
+    blocksize,
+    device,
+    eval_fraction,
+    module_names,
+    non_empty_str,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    unit_interval_closed,
+    unit_interval_open,
+)
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: no stdlib TOML reader, and we add no dependency for it.
@@ -78,71 +92,6 @@ OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimName)
 LrSchedule = Literal["constant", "cosine", "linear"]
 QuantType = Literal["nf4", "fp4", "int4", "none"]
 ComputeDtype = Literal["bfloat16", "float16", "float32"]
-
-# Mirrors qlora.quant.blockwise.SUPPORTED_BLOCKSIZES (a test keeps them equal); repeated here so
-# that reading a config never imports torch.
-SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-# ---------------------------------------------------------------------------------------------
-# Value checks: each returns None when the value is fine, else what it must be ("must be ...").
-
-
-def _positive_int(v: Any) -> str | None:
-    return None if v is None or v > 0 else "must be a positive integer"
-
-
-def _non_negative_int(v: Any) -> str | None:
-    return None if v is None or v >= 0 else "must be a non-negative integer"
-
-
-def _positive_float(v: Any) -> str | None:
-    return None if math.isfinite(v) and v > 0 else "must be a finite number > 0"
-
-
-def _non_negative_float(v: Any) -> str | None:
-    return None if math.isfinite(v) and v >= 0 else "must be a finite number >= 0"
-
-
-def _unit_interval_open(v: Any) -> str | None:
-    return None if 0 <= v < 1 else "must be in [0, 1)"
-
-
-def _unit_interval_closed(v: Any) -> str | None:
-    return None if 0 <= v <= 1 else "must be in [0, 1]"
-
-
-def _non_empty_str(v: Any) -> str | None:
-    return None if v.strip() else "must not be empty"
-
-
-def _blocksize(v: Any) -> str | None:
-    return (
-        None if v in SUPPORTED_BLOCKSIZES else f"must be one of {', '.join(map(str, SUPPORTED_BLOCKSIZES))}"
-    )
-
-
-def _device(v: Any) -> str | None:
-    return None if _DEVICE_RE.match(v) else "must be auto, cpu, cuda, cuda:<index> or mps"
-
-
-def _module_names(v: Any) -> str | None:
-    if not v:
-        return "must name at least one module"
-    if any(not name.strip() for name in v):
-        return "must not contain an empty name"
-    if len(set(v)) != len(v):
-        return "must not repeat a name"
-    return None
-
-
-def _eval_fraction(v: Any) -> str | None:
-    if not math.isfinite(v) or v < 0:
-        return "must be a fraction in [0, 1) or a whole number of examples >= 1"
-    if v >= 1 and v != int(v):
-        return "must be a fraction in [0, 1) or a whole number of examples >= 1 (not a mixed number)"
-    return None
 
 
 def _opt(
@@ -200,7 +149,7 @@ class ModelSection(_Section):
         doc="Base model: a local Hugging Face directory (config.json + *.safetensors), a .gguf file, "
         "or a Hugging Face hub id (needs the 'hub' extra).",
         alias="--model",
-        check=_non_empty_str,
+        check=non_empty_str,
     )
     compute_dtype: ComputeDtype = _opt(
         "bfloat16",
@@ -216,7 +165,7 @@ class ModelSection(_Section):
         None,
         doc="Hard cap on tokens per example after source/target truncation; none = "
         "data.max_source_len + data.max_target_len.",
-        check=_positive_int,
+        check=positive_int,
     )
 
 
@@ -237,7 +186,7 @@ class QuantSection(_Section):
         doc="Quantize the per-block absmax constants to 8 bits (block 256), ~0.127 instead of 0.5 "
         "bits/parameter.",
     )
-    blocksize: int = _opt(64, doc="Elements per absmax block of the 4-bit weights.", check=_blocksize)
+    blocksize: int = _opt(64, doc="Elements per absmax block of the 4-bit weights.", check=blocksize)
 
 
 @dataclass(kw_only=True)
@@ -246,23 +195,23 @@ class LoraSection(_Section):
 
     SECTION: ClassVar[str] = "lora"
 
-    r: int = _opt(64, doc="LoRA rank (inner dimension of A and B).", alias="--lora-r", check=_positive_int)
+    r: int = _opt(64, doc="LoRA rank (inner dimension of A and B).", alias="--lora-r", check=positive_int)
     alpha: float = _opt(
         16.0,
         doc="LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora).",
-        check=_positive_float,
+        check=positive_float,
     )
     dropout: float | None = _opt(
         None,
         doc="Dropout on the adapter input; none = the paper's by model size: 0.1 below 33B parameters, 0.05 from "
         "33B up (see PAPER_DEFAULTS_BY_SIZE).",
-        check=_unit_interval_open,
+        check=unit_interval_open,
     )
     target_modules: list[str] = _opt(
         doc="Names of the linear layers that get adapters, matched against the last component of the "
         "module name; all seven projections of a Llama block by default (the paper's finding).",
         factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        check=_module_names,
+        check=module_names,
     )
     use_rslora: bool = _opt(False, doc="Rank-stabilized LoRA: scale by alpha / sqrt(r) instead of alpha / r.")
 
@@ -276,19 +225,19 @@ class DataSection(_Section):
     path: str = _opt(
         doc="Training data: a local .json/.jsonl file or directory of them.",
         alias="--data",
-        check=_non_empty_str,
+        check=non_empty_str,
     )
     format: str = _opt(
         "auto",
         doc="Record format (e.g. alpaca, oasst1, chat, input-output); auto detects it from the fields "
         "of the first record.",
-        check=_non_empty_str,
+        check=non_empty_str,
     )
     max_source_len: int = _opt(
-        384, doc="Tokens kept of each prompt (source), truncated.", check=_positive_int
+        384, doc="Tokens kept of each prompt (source), truncated.", check=positive_int
     )
     max_target_len: int = _opt(
-        128, doc="Tokens kept of each response (target), truncated.", check=_positive_int
+        128, doc="Tokens kept of each response (target), truncated.", check=positive_int
     )
     train_on_source: bool = _opt(
         False, doc="Also compute the loss on the prompt tokens (by default only the response is learned)."
@@ -297,18 +246,18 @@ class DataSection(_Section):
         0.05,
         doc="Held-out evaluation split when the data has none: a fraction in [0, 1) of the examples, "
         "or a whole number >= 1 of examples (the QLoRA script holds out 1024); 0 = no evaluation.",
-        check=_eval_fraction,
+        check=eval_fraction,
     )
     eval_max_examples: int = _opt(
         200,
         doc="Evaluate on at most this many held-out examples per evaluation (0 = all).",
-        check=_non_negative_int,
+        check=non_negative_int,
     )
     pack_len: int | None = _opt(
         None,
         doc="Pack training examples into rows of this many tokens (attention never crosses a document; "
         "positions restart per document); none = no packing. Evaluation is never packed.",
-        check=_positive_int,
+        check=positive_int,
     )
     group_by_length: bool = _opt(
         False, doc="Batch examples of similar length together (QLoRA's group_by_length), seeded and resumable."
@@ -318,7 +267,7 @@ class DataSection(_Section):
     )
     block_size: int | None = _opt(
         None, doc="Plain text only: tokens per training block; none = max_source_len + max_target_len.",
-        check=_positive_int,
+        check=positive_int,
     )
 
     def eval_count(self, n_examples: int) -> int:
@@ -348,16 +297,16 @@ class OptimSection(_Section):
         None,
         doc="Peak learning rate; none = the paper's by model size: 2e-4 below 33B parameters, 1e-4 from 33B up.",
         alias="--lr",
-        check=_positive_float,
+        check=positive_float,
     )
-    weight_decay: float = _opt(0.0, doc="Decoupled (AdamW) weight decay.", check=_non_negative_float)
-    beta1: float = _opt(0.9, doc="Adam beta1 (first-moment decay).", check=_unit_interval_open)
-    beta2: float = _opt(0.999, doc="Adam beta2 (second-moment decay).", check=_unit_interval_open)
-    eps: float = _opt(1e-8, doc="Adam epsilon.", check=_positive_float)
+    weight_decay: float = _opt(0.0, doc="Decoupled (AdamW) weight decay.", check=non_negative_float)
+    beta1: float = _opt(0.9, doc="Adam beta1 (first-moment decay).", check=unit_interval_open)
+    beta2: float = _opt(0.999, doc="Adam beta2 (second-moment decay).", check=unit_interval_open)
+    eps: float = _opt(1e-8, doc="Adam epsilon.", check=positive_float)
     max_grad_norm: float = _opt(
         0.3,
         doc="Clip the global gradient L2 norm to this value (0 = no clipping).",
-        check=_non_negative_float,
+        check=non_negative_float,
     )
 
 
@@ -367,24 +316,24 @@ class LoopSection(_Section):
 
     SECTION: ClassVar[str] = "train"
 
-    max_steps: int = _opt(1000, doc="Optimizer steps to train for.", alias="--max-steps", check=_positive_int)
-    micro_batch_size: int = _opt(1, doc="Examples per forward/backward pass.", check=_positive_int)
+    max_steps: int = _opt(1000, doc="Optimizer steps to train for.", alias="--max-steps", check=positive_int)
+    micro_batch_size: int = _opt(1, doc="Examples per forward/backward pass.", check=positive_int)
     grad_accum: int = _opt(
         16,
         doc="Micro-batches accumulated per optimizer step (effective batch = micro_batch_size x grad_accum).",
-        check=_positive_int,
+        check=positive_int,
     )
     warmup_steps: int | None = _opt(
         None,
         doc="Linear warmup steps from lr 0; none = ceil(warmup_ratio x max_steps). An explicit 0 disables "
         "warmup whatever warmup_ratio says.",
-        check=_non_negative_int,
+        check=non_negative_int,
     )
     warmup_ratio: float = _opt(
         0.03,
         doc="Warmup as a fraction of max_steps, used when warmup_steps is none (the QLoRA script's 0.03; "
         "note its 'constant' schedule ignored it, ours warms up).",
-        check=_unit_interval_closed,
+        check=unit_interval_closed,
     )
     lr_schedule: LrSchedule = _opt(
         "constant",
@@ -394,24 +343,24 @@ class LoopSection(_Section):
         0,
         doc="Evaluate every this many optimizer steps (0 = only after the last step).",
         alias="--eval-every",
-        check=_non_negative_int,
+        check=non_negative_int,
     )
     save_every: int = _opt(
         0,
         doc="Save a checkpoint every this many optimizer steps (0 = only after the last step).",
         alias="--save-every",
-        check=_non_negative_int,
+        check=non_negative_int,
     )
     keep_last: int | None = _opt(
-        None, doc="Keep only this many most recent checkpoints (none = keep all).", check=_positive_int
+        None, doc="Keep only this many most recent checkpoints (none = keep all).", check=positive_int
     )
     log_every: int = _opt(
-        1, doc="Write a metrics record every this many optimizer steps.", check=_positive_int
+        1, doc="Write a metrics record every this many optimizer steps.", check=positive_int
     )
     resume: bool = _opt(
         False, doc="Resume from the newest complete checkpoint in the output directory.", alias="--resume"
     )
-    eval_batch_size: int = _opt(4, doc="Examples per evaluation forward pass.", check=_positive_int)
+    eval_batch_size: int = _opt(4, doc="Examples per evaluation forward pass.", check=positive_int)
 
     @property
     def effective_warmup_steps(self) -> int:
@@ -447,15 +396,15 @@ class TrainConfig(_Section):
     output: str = _opt(
         doc="Run directory: checkpoints, metrics.jsonl, TensorBoard events, loss.png, the adapter and "
         "the resolved config.yaml go here.",
-        check=_non_empty_str,
+        check=non_empty_str,
     )
     seed: int = _opt(
-        0, doc="Seed of every random generator (data order, dropout, LoRA init).", check=_non_negative_int
+        0, doc="Seed of every random generator (data order, dropout, LoRA init).", check=non_negative_int
     )
     device: str = _opt(
         "auto",
         doc="Device: auto (cuda if available, else cpu), cpu, cuda, cuda:<index> or mps.",
-        check=_device,
+        check=device,
     )
 
     def validate(self) -> None:
