@@ -10,8 +10,9 @@ minutes. Its bounds come from measurements (2-core CPU, torch 2.13.0, seed 0):
   up to 0.2 is allowed, and above it the task would no longer show a gain worth demonstrating;
 - after 24 steps: 86% of 50 held-out examples (43/50, 2026-11-22; the default 40 steps reached 92%
   of 100); the test asks for >= 0.7 and a gain of >= 0.5. With 50 examples at p = 0.86 the binomial
-  standard deviation is 0.05, so the bound sits ~3 sd below the measurement, yet far above anything an untrained or broken adapter reaches (the
-  negative control is the "before" number itself: the same prompts, the same scorer, 0%).
+  standard deviation is 0.05, so the bound sits ~3 sd below the measurement, yet far above
+  anything an untrained or broken adapter reaches (the negative control is the "before" number
+  itself: the same prompts, the same scorer, 0%).
 """
 
 from __future__ import annotations
