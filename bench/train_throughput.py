@@ -1,0 +1,149 @@
+"""Training throughput and memory of our engine against the reference stack, side by side in one run.
+
+For each workload ("SHAPE:MODE:BxS[,BxS...]", MODE qlora or lora16) it builds our model
+(`bench/llama_shapes.py`), times `--steps` optimizer steps after `--warmup` (median, CUDA-synchronised
+around each whole step: forward, backward, optimizer step, zero_grad), records peak allocated and
+reserved memory of the steps, then runs `reference_stack.py` with the same shape, mode and batches in
+a subprocess (so neither process's allocator cache affects the other) and prints both with ratios.
+
+Run on a GPU machine from the repository root (bitsandbytes importable for the reference):
+
+    PYTHONPATH=. python bench/train_throughput.py --reference PATH/reference_stack.py \
+        --workloads 7b:qlora:4x512,1x2048,1x512 7b:lora16:4x512 --out results.jsonl
+
+Both sides: LoRA r=64, alpha=16, dropout 0.05 on all seven block linears, NF4 + double quantization
+(qlora), bf16 compute, gradient checkpointing, paged AdamW 32-bit (ours: `paged_adamw_32bit`), lr 2e-4,
+no gradient clipping, random tokens with labels = inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from bench.llama_shapes import SHAPES, GiB, build_model, flops_per_token, random_batch, train_step
+from qlora.optim import build_optimizer
+
+
+def parse_workload(text: str) -> tuple[str, str, list[tuple[int, int]]]:
+    shape, mode, configs = text.split(":")
+    if shape not in SHAPES or mode not in ("qlora", "lora16"):
+        raise SystemExit(f"bad workload {text!r}: SHAPE in {sorted(SHAPES)}, MODE qlora|lora16")
+    pairs = [tuple(int(v) for v in c.lower().split("x")) for c in configs.split(",")]
+    return shape, mode, pairs  # type: ignore[return-value]
+
+
+def run_ours(shape: str, mode: str, pairs, args) -> list[dict]:
+    device = torch.device("cuda")
+    s = SHAPES[shape]
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    model = build_model(s, "nf4" if mode == "qlora" else None, device, seed=args.seed)
+    torch.cuda.synchronize()
+    build_s = time.perf_counter() - t0
+    model_gib = torch.cuda.memory_allocated() / GiB
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(args.optim, params, lr=2e-4, weight_decay=0.0)
+    records = []
+    for b, seq in pairs:
+        batches = [random_batch(s, b, seq, device, args.seed + 1000 * i + seq) for i in range(4)]
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        times, losses, error = [], [], None
+        try:
+            for i in range(args.warmup + args.steps):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                losses.append(train_step(model, batches[i % 4], optimizer))
+                torch.cuda.synchronize()
+                if i >= args.warmup:
+                    times.append(time.perf_counter() - t)
+        except torch.cuda.OutOfMemoryError as e:
+            error = "OOM: " + str(e).split("\n")[0][:200]
+            optimizer.zero_grad(set_to_none=True)
+        total, no_recompute = flops_per_token(s, seq, 64)
+        rec = {"tool": "qlora", "shape": shape, "mode": mode, "batch": b, "seq": seq, "optimizer": args.optim,
+               "build_s": round(build_s, 1), "model_GiB": round(model_gib, 2),
+               "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+               "peak_alloc_GiB": round(torch.cuda.max_memory_allocated() / GiB, 3),
+               "peak_reserved_GiB": round(torch.cuda.max_memory_reserved() / GiB, 3), "error": error}  # fmt: skip
+        if times:
+            med = statistics.median(times)
+            rec.update({"step_s_median": round(med, 4), "tokens_per_s": round(b * seq / med, 1),
+                        "mfu": round(total * b * seq / med / args.peak_flops, 4),
+                        "mfu_no_recompute": round(no_recompute * b * seq / med / args.peak_flops, 4)})  # fmt: skip
+        print(json.dumps(rec), flush=True)
+        records.append(rec)
+    del model, optimizer
+    torch.cuda.empty_cache()
+    return records
+
+
+def run_reference(shape: str, mode: str, pairs, args) -> list[dict]:
+    configs = ",".join(f"{b}x{s}" for b, s in pairs)
+    cmd = [sys.executable, args.reference, "--shape", shape, "--mode", mode, "--configs", configs,
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(args.seed)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 and not records:
+        records = [{"tool": "reference", "shape": shape, "mode": mode, "error": proc.stderr[-500:]}]
+    for r in records:
+        print(json.dumps({k: r.get(k) for k in ("shape", "mode", "batch", "seq", "tokens_per_s", "peak_alloc_GiB",
+                                                  "error")}), flush=True)  # fmt: skip
+    return records
+
+
+def table(ours: list[dict], theirs: list[dict]) -> str:
+    key = lambda r: (r.get("shape"), r.get("mode"), r.get("batch"), r.get("seq"))  # noqa: E731
+    ref = {key(r): r for r in theirs}
+    lines = ["| shape | mode | B x S | ours tok/s | ref tok/s | speed ratio | ours MFU | ref MFU | ours peak alloc GiB "
+             "| ref peak alloc GiB | ours peak reserved GiB | ref peak reserved GiB |", "|" + "---|" * 12]  # fmt: skip
+    for r in ours:
+        t = ref.get(key(r), {})
+        f = lambda d, k, fmt: "-" if d.get(k) is None else fmt.format(d[k])  # noqa: E731
+        ratio = (f"{r['tokens_per_s'] / t['tokens_per_s']:.2f}x" if r.get("tokens_per_s") and t.get("tokens_per_s")
+                 else "-")  # fmt: skip
+        lines.append(f"| {r['shape']} | {r['mode']} | {r['batch']} x {r['seq']} | "
+                     f"{f(r, 'tokens_per_s', '{:,.0f}')} | {f(t, 'tokens_per_s', '{:,.0f}')} | {ratio} | "
+                     f"{f(r, 'mfu', '{:.1%}')} | {f(t, 'mfu', '{:.1%}')} | "
+                     f"{f(r, 'peak_alloc_GiB', '{:.1f}')} | {f(t, 'peak_alloc_GiB', '{:.1f}')} | "
+                     f"{f(r, 'peak_reserved_GiB', '{:.1f}')} | {f(t, 'peak_reserved_GiB', '{:.1f}')} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workloads", nargs="+", default=["7b:qlora:4x512,1x2048,1x512", "7b:lora16:4x512"])
+    ap.add_argument("--reference", default="", help="path of reference_stack.py (empty: ours only)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--optim", default="paged_adamw_32bit")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--peak-flops", type=float, default=989e12, help="H100 SXM dense bf16 (the reference's)")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    ours, theirs = [], []
+    for text in args.workloads:
+        shape, mode, pairs = parse_workload(text)
+        ours += run_ours(shape, mode, pairs, args)
+        if args.reference:
+            theirs += run_reference(shape, mode, pairs, args)
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    print(json.dumps(env))
+    print(table(ours, theirs))
+    if args.out:
+        with open(args.out, "w") as f:
+            for r in [env, *ours, *theirs]:
+                f.write(json.dumps(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
