@@ -27,6 +27,7 @@ FLOOR = {
     "generate": 6,
     "train": 6,
     "demo": 7,
+    "eval": 7,
     "cli_args": 7,
     "cli": 8,
     "__init__": 8,
