@@ -1,4 +1,4 @@
-"""The `qlora` command: `train`, `generate`, `data check`, `demo`.
+"""The `qlora` command: `train`, `generate`, `data check`, `demo`, `merge`, `quantize`, `export-gguf`.
 
 Each subcommand is a thin shell over a library function; `train`'s flags are generated from the
 typed configuration (`qlora.config`, `qlora.cli_args`), so `qlora train --help` documents every
@@ -80,13 +80,23 @@ def _demo(argv: Sequence[str]) -> int:
     return demo_main(argv)
 
 
-COMMANDS = {"train": _train, "generate": _generate, "data": _data, "demo": _demo}
+def _export(name: str):
+    def run(argv: Sequence[str]) -> int:
+        from qlora.export import commands
+
+        return getattr(commands, f"{name}_main")(argv)
+
+    return run
+
+
+COMMANDS = {"train": _train, "generate": _generate, "data": _data, "demo": _demo, "merge": _export("merge"),
+            "quantize": _export("quantize"), "export-gguf": _export("export_gguf")}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: qlora {train,generate,data,demo} [options]   (qlora COMMAND --help for each)", file=sys.stderr)
+        print(f"usage: qlora {{{','.join(COMMANDS)}}} [options]   (qlora COMMAND --help for each)", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from qlora.config import ConfigError

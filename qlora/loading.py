@@ -10,6 +10,12 @@ The order of operations is the point of this module:
 4. tie embeddings, create the adapters on the target device, and check that every key the model
    needs arrived and nothing unknown did (errors name the keys).
 
+A pre-quantized bitsandbytes 4-bit checkpoint (what `qlora quantize` or transformers'
+`save_pretrained` writes) is used as it is: `iter_weights` yields each stored weight as a
+`QuantizedTensor` that goes into its layer without a dequantize/requantize round trip; the stored
+format wins over the requested `quant_type` (a warning says so when they differ), and
+`quant_type=None` dequantizes to a dense model.
+
 So peak host memory is about one tensor (safetensors maps shards; a tensor is copied out when
 read) plus the quantized model, never the dense model: `tests/test_loading.py` measures it on a
 sharded checkpoint in a fresh process. The checkpoint's own code is never run and only
@@ -18,6 +24,7 @@ safetensors or GGUF are read (no pickle).
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -25,10 +32,13 @@ import torch
 from torch import nn
 
 from qlora.checkpoint_io.gguf_file import read_gguf
-from qlora.checkpoint_io.safetensors_dir import check_keys, expected_keys, iter_tensors, read_config
+from qlora.checkpoint_io.safetensors_dir import bnb_4bit_config, check_keys, expected_keys, iter_weights, read_config
 from qlora.lora import DEFAULT_TARGETS, LoRALinear, LoraSpec, QuantSpec, replace_linears
 from qlora.model.config import ModelConfig
 from qlora.model.llama import LlamaForCausalLM
+from qlora.quant.tensor import QuantizedTensor
+
+log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -93,7 +103,10 @@ def load_model(
     p = resolve_model_path(path)
     device = torch.device(device) if device is not None else _default_device()
     gguf = read_gguf(p) if p.suffix == ".gguf" else None
-    config = ModelConfig.from_hf(gguf.hf_config if gguf else read_config(p))
+    raw_config = gguf.hf_config if gguf else read_config(p)
+    config = ModelConfig.from_hf(raw_config)
+    if not gguf:
+        bnb_4bit_config(raw_config, str(p / "config.json"))  # refuses quantization methods we cannot read
     model = LlamaForCausalLM.from_config(config, device="meta")
     needed = expected_keys(model)
     quant = QuantSpec(quant_type, blocksize, double_quant)
@@ -102,12 +115,19 @@ def load_model(
     seen: list[str] = []
     modules = dict(model.named_modules())
     source = str(p)
-    for name, tensor in gguf.iter_tensors() if gguf else iter_tensors(p):
+    for name, tensor in gguf.iter_tensors() if gguf else iter_weights(p):
         seen.append(name)
         module_name, _, leaf = name.rpartition(".")
         module = modules.get(module_name)
         if module is None or (leaf not in module._parameters and not (module_name in swapped and leaf == "weight")):
             continue  # reported by check_keys below, with every other unexpected key
+        if isinstance(tensor, QuantizedTensor):
+            if module_name in swapped and quant_type is not None:
+                _warn_if_format_differs(name, tensor, quant)
+                module.quant = QuantSpec(tensor.quant_type, tensor.blocksize, tensor.double_quant)
+                module.set_base_quantized(tensor.to(device))
+                continue
+            tensor = tensor.dequantize(compute_dtype)  # a dense model was asked for, or a layer we keep dense
         if module_name in swapped and leaf == "weight":
             module.set_base_weight(tensor.to(device))
         else:
@@ -124,3 +144,14 @@ def load_model(
     if left_on_meta:
         raise RuntimeError(f"{source}: these tensors were never loaded: {left_on_meta[:10]}")
     return model.eval()
+
+
+_warned_formats: set[tuple] = set()
+
+
+def _warn_if_format_differs(name: str, q: QuantizedTensor, asked: QuantSpec) -> None:
+    stored = (q.quant_type, q.blocksize, q.double_quant)
+    if stored != (asked.quant_type, asked.blocksize, asked.double_quant) and stored not in _warned_formats:
+        _warned_formats.add(stored)
+        log.warning("%s is stored pre-quantized as %s (blocksize %d, double quant %s); using the stored "
+                    "weights as they are instead of the requested %s", name, *stored, asked)  # fmt: skip

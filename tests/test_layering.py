@@ -25,6 +25,7 @@ FLOOR = {
     "optim": 6,
     "adapter": 6,
     "generate": 6,
+    "export": 7,
     "train": 6,
     "demo": 7,
     "eval": 7,

@@ -20,6 +20,12 @@ Why it is shaped so.
 - `expected_keys(model)` reads the model's own state-dict names (fine on the meta device). A tied
   `lm_head.weight` is *optional*: many tied checkpoints omit it, some store a copy. Stale non-weight
   entries that old exports carry (`...rotary_emb.inv_freq`) are ignored.
+- Pre-quantized bitsandbytes 4-bit checkpoints (`quantization_config.quant_method` "bitsandbytes",
+  format-spec 1.6-1.7) store each quantized linear as six keys (`W`, `W.absmax`, `W.quant_map`,
+  `W.quant_state.bitsandbytes__nf4`, and with double quantization `W.nested_absmax`,
+  `W.nested_quant_map`). `iter_weights` reassembles them into one `QuantizedTensor` named `W`, so
+  the loader uses the stored codes as they are. Which names are quantized is read from the headers
+  first (no data), so a group may span shards; only one group's small tensors are held at a time.
 """
 
 from __future__ import annotations
@@ -33,12 +39,17 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from qlora.quant.tensor import QuantizedTensor
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 # Entries some exports carry that are not weights of the model (recomputed at init).
 IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Keys bitsandbytes stores beside a packed 4-bit weight `W` (as `W.<suffix>`), format-spec 1.6.
+BNB_STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+BNB_BLOB = "quant_state.bitsandbytes__"
 
 
 class CheckpointError(ValueError):
@@ -145,6 +156,75 @@ def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
                     raise CheckpointError(f"tensor {key!r} appears twice in {root} (again in {file.name})")
                 seen.add(key)
                 yield key, f.get_tensor(key)
+
+
+def bnb_4bit_config(config: dict[str, Any], source: str = CONFIG_FILE) -> dict[str, Any] | None:
+    """The `quantization_config` of a bitsandbytes 4-bit checkpoint; None for an unquantized one.
+
+    Any other quantization method (8-bit, GPTQ, AWQ, ...) is refused: its keys would not load.
+    """
+    qc = config.get("quantization_config")
+    if qc is None:
+        return None
+    if (
+        not isinstance(qc, dict)
+        or qc.get("quant_method") != "bitsandbytes"
+        or not (qc.get("load_in_4bit") or qc.get("_load_in_4bit"))
+    ):
+        method = qc.get("quant_method") if isinstance(qc, dict) else qc
+        raise CheckpointError(
+            f"{source}: quantization_config {method!r} is not supported; only bitsandbytes 4-bit "
+            "(quant_method 'bitsandbytes', load_in_4bit) checkpoints load pre-quantized. Use the unquantized model."
+        )
+    return qc
+
+
+def _tensor_names(files: list[Path]) -> list[str]:
+    names = []
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            names += list(f.keys())
+    return names
+
+
+def _bnb_owner(name: str, quantized: set[str]) -> str | None:
+    """The packed-weight name a bitsandbytes key belongs to (itself for the packed weight), or None."""
+    if name in quantized:
+        return name
+    for suffix in BNB_STATE_SUFFIXES:
+        if name.endswith("." + suffix) and name[: -len(suffix) - 1] in quantized:
+            return name[: -len(suffix) - 1]
+    head, sep, tail = name.partition("." + BNB_BLOB)
+    return head if sep and head in quantized else None
+
+
+def iter_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+    """Like `iter_tensors`, with each bitsandbytes 4-bit group yielded as one `QuantizedTensor`."""
+    root = Path(path)
+    names = _tensor_names(list_checkpoint_files(root))
+    quantized = {n.partition("." + BNB_BLOB)[0] for n in names if "." + BNB_BLOB in n}
+    if not quantized:
+        yield from iter_tensors(root)
+        return
+    expected: dict[str, set[str]] = {}
+    for n in names:
+        owner = _bnb_owner(n, quantized)
+        if owner is not None:
+            expected.setdefault(owner, set()).add(n)
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in iter_tensors(root):
+        owner = _bnb_owner(name, quantized)
+        if owner is None:
+            yield name, tensor
+            continue
+        group = pending.setdefault(owner, {})
+        group[name] = tensor
+        if set(group) == expected[owner]:
+            del pending[owner]
+            try:
+                yield owner, QuantizedTensor.from_bnb_state_dict(group, prefix=owner)
+            except (KeyError, ValueError) as e:
+                raise CheckpointError(f"{root}: bitsandbytes 4-bit weight {owner!r}: {e}") from None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,202 @@
+"""Merging a LoRA adapter into its base: one dense checkpoint that needs neither qlora nor peft.
+
+For every adapted linear, W' = W + scale * B A (A [r, in], B [out, r], scale = alpha / r, or
+alpha / sqrt(r) with rsLoRA), computed in float32 and rounded once to the output dtype. What W is
+is the choice users argue about, so `onto` names it:
+
+- "dequantized": W = dequant(quant(W16)), the 4-bit base the adapter was trained against. Every
+  block linear the training run quantized is written dequantized, adapted or not, so the merged
+  model computes what base + adapter computed in training (up to the output dtype's rounding).
+- "original": W = the checkpoint's own 16-bit weight. The adapter learned to correct the 4-bit
+  base, so this model differs from base + adapter by the quantization error (the merge report
+  measures by how much); it is what PEFT's `merge_and_unload` on a 16-bit base gives.
+
+How the base was quantized in training (type, double quantization, block size, and the dtype the
+weights were cast to before quantizing, i.e. the compute dtype) is read from the `config.yaml` that
+`qlora train` writes beside the adapter; without it the QLoRA defaults apply (nf4, double
+quantization, block 64, bfloat16), and explicit arguments win over both. A pre-quantized
+bitsandbytes base has no 16-bit weights: "original" is refused there, "dequantized" uses the
+stored codes.
+
+The checkpoint is streamed one tensor at a time and the output written shard by shard, so peak
+memory is about one tensor plus one shard, never the dense model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import safe_open
+
+from qlora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, AdapterError, read_adapter_config
+from qlora.checkpoint_io.gguf_file import read_gguf
+from qlora.checkpoint_io.safetensors_dir import iter_weights, read_config
+from qlora.export.hf_dir import (
+    DEFAULT_MAX_SHARD_BYTES,
+    ShardedSafetensorsWriter,
+    write_config,
+    write_generation_config,
+    write_tokenizer,
+)
+from qlora.loading import resolve_model_path
+from qlora.lora import DEFAULT_TARGETS, LoraSpec
+from qlora.quant.tensor import QuantizedTensor
+
+ONTO = ("dequantized", "original")
+TRAIN_CONFIG = "config.yaml"
+_DTYPES_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class MergeError(ValueError):
+    """A merge that cannot be done as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class TrainedBase:
+    """How the frozen base was stored while the adapter trained (the `quant` and compute-dtype settings)."""
+
+    quant_type: str | None = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+    dtype: torch.dtype = torch.bfloat16
+
+    def base_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The float32 weight the adapter saw: `weight` quantized as in training, then dequantized."""
+        if self.quant_type is None:
+            return weight.to(self.dtype).float()
+        return QuantizedTensor.quantize(weight.to(self.dtype), self.quant_type, self.blocksize,
+                                        self.double_quant).dequantize(torch.float32)  # fmt: skip
+
+
+def read_trained_base(adapter_dir: str | Path, **overrides: Any) -> TrainedBase:
+    """The `TrainedBase` recorded in `adapter_dir/config.yaml` (if present), then `overrides` (non-None)."""
+    base = TrainedBase()
+    path = Path(adapter_dir) / TRAIN_CONFIG
+    if path.is_file():
+        try:
+            cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise MergeError(f"{path}: not valid YAML ({e})") from None
+        quant, model = cfg.get("quant") or {}, cfg.get("model") or {}
+        quant_type = quant.get("quant_type", "nf4")
+        base = TrainedBase(
+            quant_type=None if quant_type == "none" else quant_type,
+            double_quant=bool(quant.get("double_quant", True)),
+            blocksize=int(quant.get("blocksize", 64)),
+            dtype=_DTYPES_BY_NAME.get(model.get("compute_dtype", "bfloat16"), torch.bfloat16),
+        )
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given.get("quant_type") == "none":
+        given["quant_type"] = None
+    return replace(base, **given)
+
+
+def read_adapter(adapter_dir: str | Path) -> tuple[LoraSpec, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The adapter's spec and its float32 (A [r, in], B [out, r]) pairs by module name."""
+    directory = Path(adapter_dir)
+    spec = read_adapter_config(directory)
+    raw = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    for key in ("rank_pattern", "alpha_pattern"):
+        if raw.get(key):
+            raise MergeError(f"{directory / ADAPTER_CONFIG}: per-module {key} is not supported by merge")
+    if raw.get("use_dora"):
+        raise MergeError(f"{directory / ADAPTER_CONFIG}: DoRA adapters are not supported by merge")
+    path = directory / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise AdapterError(f"{path}: not found")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(path), framework="pt") as f:
+        names = f.keys()
+        for key in names:
+            plain = key.replace(".default.", ".")
+            for ab in ("A", "B"):
+                suffix = f".lora_{ab}.weight"
+                if plain.startswith(PEFT_PREFIX) and plain.endswith(suffix):
+                    parts.setdefault(plain[len(PEFT_PREFIX) : -len(suffix)], {})[ab] = f.get_tensor(key).float()
+                    break
+            else:
+                raise MergeError(f"{path}: tensor {key!r} is not a LoRA A/B weight; merge supports only those")
+    incomplete = sorted(n for n, p in parts.items() if set(p) != {"A", "B"})
+    if incomplete:
+        raise MergeError(f"{path}: modules without both lora_A and lora_B: {incomplete[:5]}")
+    return spec, {n: (p["A"], p["B"]) for n, p in parts.items()}
+
+
+def _is_quantized_linear(name: str, suffixes: set[str]) -> bool:
+    module, _, leaf = name.rpartition(".")
+    return leaf == "weight" and module.rpartition(".")[2] in suffixes and module.startswith("model.layers.")
+
+
+def merged_weights(
+    model_path: str | Path,
+    adapter_dir: str | Path | None,
+    onto: str = "dequantized",
+    base: TrainedBase | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, float32 tensor) of base + adapter merged, one tensor at a time (see module doc)."""
+    if onto not in ONTO:
+        raise MergeError(f"onto must be one of {ONTO}, got {onto!r}")
+    base = base or TrainedBase()
+    path = resolve_model_path(model_path)
+    spec, deltas = read_adapter(adapter_dir) if adapter_dir is not None else (LoraSpec(), {})
+    quantized = set(DEFAULT_TARGETS) | set(spec.targets)
+    source = read_gguf(path).iter_tensors() if path.suffix == ".gguf" else iter_weights(path)
+    for name, tensor in source:
+        module = name.removesuffix(".weight")
+        if isinstance(tensor, QuantizedTensor):
+            if onto == "original":
+                raise MergeError(f"{path} is stored pre-quantized (4-bit): it has no original 16-bit weights; "
+                                 "merge with --onto dequantized, or give the unquantized model")  # fmt: skip
+            weight = tensor.dequantize(torch.float32)
+        elif onto == "dequantized" and _is_quantized_linear(name, quantized):
+            weight = base.base_weight(tensor)
+        else:
+            weight = tensor.float() if tensor.is_floating_point() else tensor
+        if name.endswith(".weight") and module in deltas:
+            lora_A, lora_B = deltas.pop(module)
+            if weight.shape != (lora_B.shape[0], lora_A.shape[1]):
+                raise MergeError(f"{adapter_dir}: adapter of {module} is [{lora_B.shape[0]}, {lora_A.shape[1]}], "
+                                 f"the weight is {list(weight.shape)}")  # fmt: skip
+            weight = weight + spec.scale * (lora_B @ lora_A)  # [out, r] @ [r, in] -> [out, in]
+        yield name, weight
+    if deltas:
+        raise MergeError(f"{adapter_dir}: adapter modules not in the model at {path}: {sorted(deltas)[:5]}")
+
+
+def source_config(model_path: str | Path) -> dict[str, Any]:
+    """The transformers config dict of a model directory or GGUF file."""
+    path = resolve_model_path(model_path)
+    return read_gguf(path).hf_config if path.suffix == ".gguf" else read_config(path)
+
+
+def merge(
+    model_path: str | Path,
+    adapter_dir: str | Path | None,
+    output: str | Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    onto: str = "dequantized",
+    base: TrainedBase | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write base + adapter merged as a Hugging Face directory at `output`; return it."""
+    path = resolve_model_path(model_path)
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise MergeError(f"{output} exists and is not empty; choose a new output directory")
+    output.mkdir(parents=True, exist_ok=True)
+    config = source_config(path)
+    writer = ShardedSafetensorsWriter(output, max_shard_bytes)
+    for name, weight in merged_weights(path, adapter_dir, onto, base):
+        writer.add(name, weight.to(dtype) if weight.is_floating_point() else weight)
+    writer.finish()
+    written = write_config(output, config, dtype)
+    write_generation_config(output, path, written)
+    write_tokenizer(output, path)
+    return output
