@@ -40,6 +40,21 @@ def cuda_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 2) -> flo
     return statistics.median(times)
 
 
+def top_kernels(fn: Callable[[], object], n: int) -> dict[str, float]:
+    """GPU time per kernel name over one call of `fn` (CUDA activity only: a CPU trace of a 7B step is huge)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] = totals.get(event.name, 0.0) + event.device_time_total / 1e3
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])
+    return {"_all_kernels": round(sum(totals.values()), 1), **{k[:90]: round(v, 2) for k, v in ranked[:n]}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="7b")
@@ -48,6 +63,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--optim", default="paged_adamw_32bit")
     ap.add_argument("--out", default="")
+    ap.add_argument("--kernels", type=int, default=0, help="also list the N kernels with most GPU time (1 step)")
     args = ap.parse_args()
     device = torch.device("cuda")
     s = SHAPES[args.shape]
@@ -102,6 +118,8 @@ def main() -> None:
     totals = {k: round(sum(v[k] for v in per_linear.values()) * s.layers, 1) for k in next(iter(per_linear.values()))}
     result["all_layers_ms"] = totals
     model.zero_grad(set_to_none=True)
+    if args.kernels:
+        result["top_kernels_ms"] = top_kernels(lambda: (forward(), backward(), step()), args.kernels)
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:
