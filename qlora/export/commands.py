@@ -82,3 +82,31 @@ def _merge(args: argparse.Namespace) -> int:
     print(format_report(report))
     print(f"report saved to {out / REPORT_FILE}")
     return 0
+
+
+def quantize_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="qlora quantize",
+        description="Write a bitsandbytes 4-bit checkpoint that transformers + bitsandbytes (and qlora) load.",
+    )
+    p.add_argument("--model", required=True, help="Model: a Hugging Face directory, .gguf file or hub id.")
+    p.add_argument("--output", required=True, help="New directory for the 4-bit checkpoint.")
+    p.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"], help="4-bit data type (default nf4).")
+    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                   help="Quantize the block constants to 8 bits too (default: yes).")  # fmt: skip
+    p.add_argument("--blocksize", type=int, default=64, help="Elements per absmax block (default 64).")
+    _dtype_flag(p, "bf16")
+    p.add_argument("--max-shard-size", type=int, default=2048, help="Largest safetensors shard, MiB (default 2048).")
+    args = p.parse_args(argv)
+    return _as_command("quantize", lambda: _quantize(args))
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from qlora.export.bnb_checkpoint import quantize_checkpoint
+    from qlora.export.hf_dir import DTYPES
+
+    out = quantize_checkpoint(args.model, args.output, quant_type=args.quant_type, double_quant=args.double_quant,
+                              blocksize=args.blocksize, dtype=DTYPES[args.dtype],
+                              max_shard_bytes=args.max_shard_size * 1024**2)  # fmt: skip
+    print(f"bitsandbytes 4-bit checkpoint ({args.quant_type}, double quant {args.double_quant}) written to {out}")
+    return 0

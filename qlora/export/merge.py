@@ -128,7 +128,8 @@ def read_adapter(adapter_dir: str | Path) -> tuple[LoraSpec, dict[str, tuple[tor
     return spec, {n: (p["A"], p["B"]) for n, p in parts.items()}
 
 
-def _is_quantized_linear(name: str, suffixes: set[str]) -> bool:
+def is_block_linear_weight(name: str, suffixes: set[str]) -> bool:
+    """Whether `name` is the weight of a decoder-block linear whose leaf name is in `suffixes`."""
     module, _, leaf = name.rpartition(".")
     return leaf == "weight" and module.rpartition(".")[2] in suffixes and module.startswith("model.layers.")
 
@@ -154,7 +155,7 @@ def merged_weights(
                 raise MergeError(f"{path} is stored pre-quantized (4-bit): it has no original 16-bit weights; "
                                  "merge with --onto dequantized, or give the unquantized model")  # fmt: skip
             weight = tensor.dequantize(torch.float32)
-        elif onto == "dequantized" and _is_quantized_linear(name, quantized):
+        elif onto == "dequantized" and is_block_linear_weight(name, quantized):
             weight = base.base_weight(tensor)
         else:
             weight = tensor.float() if tensor.is_floating_point() else tensor
