@@ -1,4 +1,4 @@
-"""The `qlora` command: `train`, `generate`, `data check`, `demo`, `merge`, `quantize`, `export-gguf`.
+"""The `qlora` command: `train`, `generate`, `data check`, `demo`, `merge`, `quantize`, `export-gguf`, `eval`.
 
 Each subcommand is a thin shell over a library function; `train`'s flags are generated from the
 typed configuration (`qlora.config`, `qlora.cli_args`), so `qlora train --help` documents every
@@ -89,8 +89,14 @@ def _export(name: str):
     return run
 
 
+def _eval(argv: Sequence[str]) -> int:
+    from qlora.eval.cli import main as eval_main
+
+    return eval_main(argv)
+
+
 COMMANDS = {"train": _train, "generate": _generate, "data": _data, "demo": _demo, "merge": _export("merge"),
-            "quantize": _export("quantize"), "export-gguf": _export("export_gguf")}  # fmt: skip
+            "quantize": _export("quantize"), "export-gguf": _export("export_gguf"), "eval": _eval}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

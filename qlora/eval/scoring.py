@@ -24,6 +24,10 @@ import torch
 from qlora.tokenizer import Tokenizer
 
 
+class ScoringError(ValueError):
+    """Candidates that the next-token protocol cannot tell apart with this tokenizer."""
+
+
 def candidate_ids(tokenizer: Tokenizer, candidates: tuple[str, ...], prefix: str = "") -> list[int]:
     """The first token id of each candidate encoded alone (the QLoRA code's `abcd_idx`).
 
@@ -34,13 +38,29 @@ def candidate_ids(tokenizer: Tokenizer, candidates: tuple[str, ...], prefix: str
     for c in candidates:
         encoded = tokenizer.encode(prefix + c)
         if not encoded:
-            raise ValueError(f"candidate {prefix + c!r} encodes to no tokens with {tokenizer.source}")
+            raise ScoringError(f"candidate {prefix + c!r} encodes to no tokens with {tokenizer.source}")
         ids.append(encoded[0])
     if len(set(ids)) != len(ids):
         shown = [tokenizer.id_to_token(i) for i in ids]
-        raise ValueError(f"{tokenizer.source}: candidates {candidates} begin with the same token ({shown}); the "
+        raise ScoringError(f"{tokenizer.source}: candidates {candidates} begin with the same token ({shown}); the "
                          "next-token protocol cannot tell them apart with this vocabulary")  # fmt: skip
     return ids
+
+
+def divergent_candidates(tokenizer: Tokenizer, candidates: tuple[str, ...]) -> tuple[list[int], list[int]]:
+    """(shared prefix ids, first differing id of each candidate): how to score candidates whose
+    encodings start alike. stories260K encodes "1" as "▁" "1": the prompt gets "▁" appended and the
+    digits are compared at the next position. Raises when no single position tells them apart."""
+    encoded = [tokenizer.encode(c) for c in candidates]
+    n = 0
+    while all(len(e) > n + 1 for e in encoded) and len({e[n] for e in encoded}) == 1:
+        n += 1
+    ids = [e[n] if len(e) > n else -1 for e in encoded]
+    if -1 in ids or len(set(ids)) != len(ids):
+        shown = [[tokenizer.id_to_token(i) for i in e] for e in encoded]
+        raise ScoringError(f"{tokenizer.source}: candidates {candidates} encode as {shown}; no single position "
+                         "tells them apart")  # fmt: skip
+    return encoded[0][:n], ids
 
 
 def encode_prompts(tokenizer: Tokenizer, prompts: list[str], add_bos: bool = True) -> list[list[int]]:
