@@ -14,25 +14,13 @@ import pytest
 import torch
 
 import qlora
-from qlora.adapter import load_adapter_weights, save_adapter
+from qlora.adapter import load_adapter_weights
 from qlora.cli import main
 from qlora.export.merge import MergeError, TrainedBase, merge, read_trained_base
-from qlora.lora import LoraSpec, lora_layers
 
 IDS = torch.tensor([[1, 403, 407, 261, 378, 30, 5, 60, 2, 17, 99]])
 # Same float32 maths in another order (see the module docstring).
 TOL = {"rtol": 1e-4, "atol": 1e-4}
-
-
-def random_adapter(model_path, directory, targets=("q_proj", "v_proj", "down_proj"), seed=0):
-    """A saved adapter with non-zero B (a zero B would make every comparison vacuous)."""
-    lora = LoraSpec(r=4, alpha=8, dropout=0.0, targets=targets)
-    model = qlora.load_model(model_path, None, compute_dtype=torch.float32, device="cpu", lora=lora)
-    torch.manual_seed(seed)
-    for layer in lora_layers(model).values():
-        torch.nn.init.normal_(layer.lora_B.weight, std=0.2)
-    save_adapter(model, directory, lora, str(model_path))
-    return lora
 
 
 def ours_with_adapter(model_path, adapter, quant_type, lora):
@@ -43,9 +31,11 @@ def ours_with_adapter(model_path, adapter, quant_type, lora):
 
 
 @pytest.mark.parametrize(("onto", "quant_type"), [("original", None), ("dequantized", "nf4")])
-def test_transformers_loads_the_merge_with_base_plus_adapter_logits(stories260k_dir, tmp_path, onto, quant_type):
+def test_transformers_loads_the_merge_with_base_plus_adapter_logits(
+    stories260k_dir, tmp_path, make_adapter, onto, quant_type
+):
     transformers = pytest.importorskip("transformers")
-    lora = random_adapter(stories260k_dir, tmp_path / "adapter")
+    lora = make_adapter(stories260k_dir, tmp_path / "adapter")
     base = TrainedBase(dtype=torch.float32)  # training quantized the float32 weights (as `ours_with_adapter` does)
     out = merge(stories260k_dir, tmp_path / "adapter", tmp_path / "merged", dtype=torch.float32, onto=onto,
                 base=base, max_shard_bytes=300_000)  # fmt: skip
@@ -64,8 +54,8 @@ def test_transformers_loads_the_merge_with_base_plus_adapter_logits(stories260k_
         assert (merged_logits - other(IDS)).abs().max() > 1e-2  # onto matters: the 4-bit base differs
 
 
-def test_merge_cli_writes_report_and_bf16_directory(stories260k_dir, shared_dir, tmp_path, capsys):
-    random_adapter(stories260k_dir, tmp_path / "adapter")
+def test_merge_cli_writes_report_and_bf16_directory(stories260k_dir, shared_dir, tmp_path, capsys, make_adapter):
+    make_adapter(stories260k_dir, tmp_path / "adapter")
     text = shared_dir / "data/text/wikitext-2-raw/wiki.test.raw"
     reports = {}
     for onto in ("dequantized", "original"):
@@ -94,8 +84,8 @@ def test_trained_base_comes_from_the_run_config(tmp_path):
     assert read_trained_base(tmp_path / "absent") == TrainedBase()
 
 
-def test_merge_errors_name_the_problem(stories260k_dir, tmp_path, capsys):
-    random_adapter(stories260k_dir, tmp_path / "adapter")
+def test_merge_errors_name_the_problem(stories260k_dir, tmp_path, capsys, make_adapter):
+    make_adapter(stories260k_dir, tmp_path / "adapter")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     with pytest.raises(MergeError, match="not empty"):
