@@ -153,6 +153,7 @@ def export_gguf(
     w = gguf.GGUFWriter(output, arch, use_temp_file=True)  # tensors spool to disk, not RAM
     w.add_name(path.stem if path.suffix == ".gguf" else path.name)
     w.add_file_type(GGUF_TYPES[kind][1])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)  # as llama.cpp's converter writes it
     _add_hyperparameters(w, cfg, raw)
     _add_tokenizer(w, path, cfg.vocab_size)
     if cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == "llama3":

@@ -19,6 +19,6 @@ def save_random_adapter(model_path, directory, targets=("q_proj", "v_proj", "dow
     return lora
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_adapter():
     return save_random_adapter
