@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 import qlora
+from qlora.adapter import load_adapter_weights
 from qlora.checkpoint_io import CheckpointError
 from qlora.cli import main
 from qlora.export.bnb_checkpoint import quantize_checkpoint
@@ -132,6 +133,19 @@ def test_load_model_uses_the_stored_codes_as_they_are(transformers_saved, storie
     assert differs_from_requantizing > 0
     with torch.no_grad():
         torch.testing.assert_close(model(IDS), theirs(IDS).logits, **TOL)
+
+
+def test_merge_onto_a_prequantized_base_uses_its_codes(transformers_saved, tmp_path, make_adapter):
+    transformers = pytest.importorskip("transformers")
+    directory, _ = transformers_saved
+    lora = make_adapter(directory, tmp_path / "adapter")  # adapters made on the dequantized stored weights
+    out = merge(directory, tmp_path / "adapter", tmp_path / "merged", dtype=torch.float32)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    ours = qlora.load_model(directory, "nf4", compute_dtype=torch.float32, device="cpu", lora=lora)
+    load_adapter_weights(ours, tmp_path / "adapter")
+    with torch.no_grad():
+        merged = transformers.AutoModelForCausalLM.from_pretrained(out).eval()(IDS).logits
+        torch.testing.assert_close(merged, ours(IDS), rtol=1e-4, atol=1e-4)  # reordering only, as in test_merge.py
 
 
 @pytest.mark.slow  # a real (2-step) training run on the pre-quantized checkpoint
