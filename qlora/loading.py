@@ -113,6 +113,7 @@ def load_model(
     swapped = set(replace_linears(model, quant, lora, quantized_modules, device="meta", dtype=compute_dtype))
 
     seen: list[str] = []
+    warned = False
     modules = dict(model.named_modules())
     source = str(p)
     for name, tensor in gguf.iter_tensors() if gguf else iter_weights(p):
@@ -123,8 +124,12 @@ def load_model(
             continue  # reported by check_keys below, with every other unexpected key
         if isinstance(tensor, QuantizedTensor):
             if module_name in swapped and quant_type is not None:
-                _warn_if_format_differs(name, tensor, quant)
-                module.quant = QuantSpec(tensor.quant_type, tensor.blocksize, tensor.double_quant)
+                stored = QuantSpec(tensor.quant_type, tensor.blocksize, tensor.double_quant)
+                if stored != quant and not warned:
+                    log.warning("%s: the weights are stored pre-quantized as %s; using them as they are instead "
+                                "of quantizing as %s", source, stored, quant)  # fmt: skip
+                    warned = True
+                module.quant = stored
                 module.set_base_quantized(tensor.to(device))
                 continue
             tensor = tensor.dequantize(compute_dtype)  # a dense model was asked for, or a layer we keep dense
@@ -144,14 +149,3 @@ def load_model(
     if left_on_meta:
         raise RuntimeError(f"{source}: these tensors were never loaded: {left_on_meta[:10]}")
     return model.eval()
-
-
-_warned_formats: set[tuple] = set()
-
-
-def _warn_if_format_differs(name: str, q: QuantizedTensor, asked: QuantSpec) -> None:
-    stored = (q.quant_type, q.blocksize, q.double_quant)
-    if stored != (asked.quant_type, asked.blocksize, asked.double_quant) and stored not in _warned_formats:
-        _warned_formats.add(stored)
-        log.warning("%s is stored pre-quantized as %s (blocksize %d, double quant %s); using the stored "
-                    "weights as they are instead of the requested %s", name, *stored, asked)  # fmt: skip

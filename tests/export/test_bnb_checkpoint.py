@@ -135,6 +135,19 @@ def test_load_model_uses_the_stored_codes_as_they_are(transformers_saved, storie
         torch.testing.assert_close(model(IDS), theirs(IDS).logits, **TOL)
 
 
+def test_the_stored_format_wins_over_the_requested_one(stories260k_dir, tmp_path, caplog):
+    out = quantize_checkpoint(stories260k_dir, tmp_path / "q", quant_type="fp4", double_quant=False)
+    with caplog.at_level("WARNING", logger="qlora.loading"):
+        model = qlora.load_model(out, "nf4", compute_dtype=torch.float32, device="cpu")
+    assert "stored pre-quantized" in caplog.text
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.quant.quant_type == layer.base.quant_type == "fp4" and not layer.base.double_quant
+    dense = qlora.load_model(out, None, compute_dtype=torch.float32, device="cpu")  # None: dequantized, dense
+    assert isinstance(dense.model.layers[0].self_attn.q_proj.base, torch.Tensor)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(IDS), model(IDS), rtol=1e-5, atol=1e-5)
+
+
 def test_merge_onto_a_prequantized_base_uses_its_codes(transformers_saved, tmp_path, make_adapter):
     transformers = pytest.importorskip("transformers")
     directory, _ = transformers_saved
