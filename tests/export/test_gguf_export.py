@@ -132,3 +132,48 @@ def test_export_errors(stories260k_dir, tmp_path, capsys):
     (bpe / "tokenizer.json").write_text("{}")
     rc = main(["export-gguf", "--model", str(bpe), "--output", str(tmp_path / "y.gguf")])
     assert rc == 2 and "convert_hf_to_gguf.py" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("model_type", "extra"),
+    [
+        ("llama", {"attention_bias": True, "tie_word_embeddings": False}),  # biases are permuted too
+        (
+            "llama",
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                }
+            },
+        ),  # fmt: skip
+        ("mistral", {"sliding_window": 5}),
+        ("qwen2", {}),
+        ("qwen3", {"head_dim": 32}),
+    ],
+    ids=["llama-bias-untied", "llama3-rope", "mistral-window", "qwen2", "qwen3"],
+)
+def test_every_architecture_round_trips(stories260k_dir, tmp_path, model_type, extra):
+    """A tiny random transformers model of each family -> GGUF -> our loader: transformers' logits."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model(model_type, vocab_size=512, hidden_size=64, intermediate_size=96,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               max_position_embeddings=256, rms_norm_eps=1e-5, **extra)  # fmt: skip
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # O(1) logits and non-unit norms, so a wrong layout cannot hide
+        for name, p in reference.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else torch.randn_like(p) / p.shape[-1] ** 0.5)
+    reference.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.model").write_bytes((stories260k_dir / "tokenizer.model").read_bytes())
+    out = export_gguf(tmp_path / "hf", None, tmp_path / "m.gguf", kind="f32", onto="original")
+    arch = gguf.GGUFReader(out).fields["general.architecture"].contents()
+    assert arch == {"mistral": "llama"}.get(model_type, model_type)
+    ours = qlora.load_model(out, None, compute_dtype=torch.float32, device="cpu")
+    assert ours.config.model_type == model_type and ours.config.rope_scaling == qlora.load_model(
+        tmp_path / "hf", None, compute_dtype=torch.float32, device="cpu").config.rope_scaling  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(ours(RANDOM_IDS), reference(RANDOM_IDS).logits, rtol=1e-5, atol=1e-5)
