@@ -1,63 +1,130 @@
-"""The one dispatch point between layers and implementations of the heavy 4-bit operations.
+"""The one dispatch point between layers and implementations: Triton kernels or plain-PyTorch twins.
 
-Layers call `ops.dequantize(q, dtype)` and never ask which device they are on. This module picks an
-implementation: a registered fast kernel for the tensor's device when one is available, else the
-plain-PyTorch reference in `qlora.quant` (the specification every kernel is tested against).
-`use_implementation("reference")` forces the reference, so tests can run any path on any machine.
+Layers call `ops.dequantize(q, dtype)`, `ops.rms_norm(...)`, ... and never ask which device they
+are on. For each call this module picks:
 
-Kernels register themselves with `register_dequantize(device_type, name, fn)`; nothing is
-registered here, so on a machine without one every call runs the reference.
+- the Triton kernel (`qlora.kernels`) when the tensors are on CUDA and Triton is importable;
+- otherwise the plain-PyTorch twin: the reference in `qlora.quant` for dequantization, and for the
+  fused elementwise ops the same formula the model computes (tests/kernels/test_ops.py checks the
+  twins equal the model's own modules bit for bit, so the two cannot drift apart).
+
+The choice can be forced, for a whole process by the environment variable `QLORA_KERNELS`
+(`auto`, the default; `torch` for the twins everywhere; `triton` to require the kernels and fail
+loudly where they cannot run) or for a block of code by `use_implementation(...)`, which wins
+over the variable. `triton` on a CPU tensor runs the kernel in Triton's interpreter when
+TRITON_INTERPRET=1 is set (how the CPU tests exercise this dispatch); `auto` never does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 
+from qlora.kernels import interpreting, triton_importable
 from qlora.quant.tensor import QuantizedTensor
 
-DequantizeFn = Callable[[QuantizedTensor, torch.dtype], torch.Tensor]
-
-_KERNELS: dict[str, tuple[str, DequantizeFn]] = {}  # device type -> (name, function)
+ENV_VAR = "QLORA_KERNELS"
+CHOICES = ("auto", "torch", "triton")
+_ALIASES = {"reference": "torch"}  # the quant floor calls the twin "the reference"
 _state = threading.local()
-
-
-def register_dequantize(device_type: str, name: str, fn: DequantizeFn) -> None:
-    """Make `fn` the dequantize implementation for tensors on `device_type` (e.g. "cuda")."""
-    _KERNELS[device_type] = (name, fn)
 
 
 @contextlib.contextmanager
 def use_implementation(name: str) -> Iterator[None]:
-    """Force "reference" or a registered kernel's name (or "auto") inside the block."""
-    previous = getattr(_state, "forced", "auto")
-    _state.forced = name
+    """Force "torch" (alias "reference"), "triton" or "auto" inside the block (overrides QLORA_KERNELS)."""
+    choice = _ALIASES.get(name, name)
+    if choice not in CHOICES:
+        raise ValueError(f"implementation must be one of {CHOICES} (or 'reference'), got {name!r}")
+    previous = getattr(_state, "forced", None)
+    _state.forced = choice
     try:
         yield
     finally:
         _state.forced = previous
 
 
-def _reference_dequantize(q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+def requested_implementation() -> str:
+    """The choice in force ("auto", "torch" or "triton"): innermost `use_implementation`, else $QLORA_KERNELS."""
+    forced = getattr(_state, "forced", None)
+    if forced is not None:
+        return forced
+    raw = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    choice = _ALIASES.get(raw, raw)
+    if choice not in CHOICES:
+        raise ValueError(f"environment variable {ENV_VAR}={raw!r}: expected one of {CHOICES}")
+    return choice
+
+
+def implementation_for(device: torch.device | str) -> str:
+    """What an op on a tensor on `device` runs: "triton" or "torch"."""
+    device_type = torch.device(device).type
+    choice = requested_implementation()
+    if choice == "torch":
+        return "torch"
+    runnable = triton_importable() and (device_type == "cuda" or (device_type == "cpu" and interpreting()))
+    if choice == "triton":
+        if not runnable:
+            why = f"tensors are on {device_type} (Triton needs CUDA, or TRITON_INTERPRET=1 for CPU tensors)"
+            if not triton_importable():
+                why = "triton is not installed"
+            raise RuntimeError(f"{ENV_VAR}/use_implementation asked for the Triton kernels, but {why}")
+        return "triton"
+    return "triton" if runnable and device_type == "cuda" else "torch"
+
+
+# --- 4-bit dequantization ---------------------------------------------------------------------
+def dequantize(q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight of `q` in `dtype` (bit-identical whichever implementation runs)."""
+    if implementation_for(q.device) == "triton":
+        from qlora.kernels.dequantize import dequantize_4bit
+
+        return dequantize_4bit(q, dtype)
     return q.dequantize(dtype)
 
 
-def resolve_dequantize(device_type: str) -> tuple[str, DequantizeFn]:
-    """The (name, function) that `dequantize` will use for a tensor on `device_type`."""
-    forced = getattr(_state, "forced", "auto")
-    if forced == "reference":
-        return "reference", _reference_dequantize
-    kernel = _KERNELS.get(device_type)
-    if forced == "auto":
-        return kernel if kernel is not None else ("reference", _reference_dequantize)
-    if kernel is None or kernel[0] != forced:
-        raise RuntimeError(f"implementation {forced!r} is not registered for device type {device_type!r}")
-    return kernel
+# --- fused elementwise ops of the decoder (twins: the model's own formulas) ----------------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: normalise in float32, cast back to x's dtype, then scale by weight."""
+    if implementation_for(x.device) == "triton":
+        from qlora.kernels.rms_norm import rms_norm as fused
+
+        return fused(x, weight, eps)
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
 
 
-def dequantize(q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
-    """The dense weight of `q` in `dtype`, by the implementation chosen for its device."""
-    return resolve_dequantize(q.device.type)[1](q, dtype)
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (the Llama MLP's activation)."""
+    if implementation_for(gate.device) == "triton":
+        from qlora.kernels.swiglu import swiglu as fused
+
+        return fused(gate, up)
+    return F.silu(gate) * up
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE, rotate_half layout: x [B, heads, T, hd], cos/sin [B|1, T, hd] -> x * cos + rotate_half(x) * sin."""
+    if implementation_for(x.device) == "triton":
+        from qlora.kernels.rotary import apply_rotary as fused
+
+        return fused(x, cos, sin)
+    cos, sin = cos[:, None], sin[:, None]  # [B|1, 1, T, hd]
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Sum over rows of the float32 cross-entropy of logits [N, V] against labels [N] (ignore_index skipped).
+
+    The Triton path never makes a float32 copy of the logits nor keeps a softmax for backward."""
+    if implementation_for(logits.device) == "triton":
+        from qlora.kernels.cross_entropy import cross_entropy_sum as fused
+
+        return fused(logits, labels, ignore_index)
+    return F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=ignore_index)

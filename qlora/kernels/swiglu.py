@@ -1,0 +1,79 @@
+"""Fused SwiGLU activation `silu(gate) * up`, forward and backward, in one pass over memory each.
+
+Twin: `F.silu(gate) * up`, as `qlora.model.llama.MLP` computes it. Unfused, autograd keeps
+`silu(gate)` as an extra [tokens, intermediate] tensor and runs five elementwise kernels; here the
+forward reads gate and up and writes y, and the backward recomputes silu(gate) from gate (saved
+anyway) and writes both gradients in one pass. Roundings are placed where torch places them, so
+bf16 results differ from the twin only by exp/division rounding inside silu:
+
+    s  = dtype(g / (1 + exp(-g)))                  y  = dtype(s * u)
+    ds = dtype(dy * u)                             du = dtype(dy * s)
+    dg = dtype(ds * sig * (1 + g * (1 - sig)))     with sig = 1 / (1 + exp(-g))   (all in fp32)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qlora.kernels.rounding import emulate_rounding, round_to
+
+BLOCK = 2048
+NUM_WARPS = 8
+
+
+@triton.jit
+def _swiglu_forward_kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr, EMULATE: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    s = round_to(g / (1.0 + tl.exp(-g)), g_ptr.dtype.element_ty, EMULATE).to(tl.float32)
+    tl.store(y_ptr + offs, round_to(s * u, y_ptr.dtype.element_ty, EMULATE), mask=ok)
+
+
+@triton.jit
+def _swiglu_backward_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr, EMULATE: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-g))
+    s = round_to(g / (1.0 + tl.exp(-g)), g_ptr.dtype.element_ty, EMULATE).to(tl.float32)
+    ds = round_to(dy * u, g_ptr.dtype.element_ty, EMULATE).to(tl.float32)
+    tl.store(dg_ptr + offs, round_to(ds * sig * (1.0 + g * (1.0 - sig)), dg_ptr.dtype.element_ty, EMULATE), mask=ok)
+    tl.store(du_ptr + offs, round_to(dy * s, du_ptr.dtype.element_ty, EMULATE), mask=ok)
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """silu(gate) * up for two tensors of one shape and dtype."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if gate.shape != up.shape or gate.dtype != up.dtype:
+            raise ValueError(f"swiglu needs gate and up of one shape and dtype, got {gate.dtype} "
+                             f"{tuple(gate.shape)} and {up.dtype} {tuple(up.shape)}")  # fmt: skip
+        gate, up = gate.contiguous(), up.contiguous()
+        y = torch.empty_like(gate)
+        n = gate.numel()
+        _swiglu_forward_kernel[(triton.cdiv(n, BLOCK),)](gate, up, y, n, BLOCK=BLOCK, EMULATE=emulate_rounding(),
+                                                         num_warps=NUM_WARPS)  # fmt: skip
+        ctx.save_for_backward(gate, up)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        dy = dy.contiguous()
+        dg, du = torch.empty_like(gate), torch.empty_like(up)
+        n = gate.numel()
+        _swiglu_backward_kernel[(triton.cdiv(n, BLOCK),)](dy, gate, up, dg, du, n, BLOCK=BLOCK,
+                                                          EMULATE=emulate_rounding(), num_warps=NUM_WARPS)  # fmt: skip
+        return dg, du
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, fused (see the module docstring)."""
+    return SwiGLUFunction.apply(gate, up)

@@ -1,0 +1,84 @@
+"""The Triton 4-bit dequantizer against its twin, `QuantizedTensor.dequantize`: bit for bit."""
+
+import pytest
+import torch
+from kernel_inputs import DEVICES, bits, randn
+
+import qlora
+from qlora.kernels.dequantize import dequantize_4bit
+
+OUT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+# Small odd shapes: partial last blocks, odd element counts (a pad nibble), one block, many blocks.
+CASES = [
+    ((3, 37), 64),  # 111 elements: one full block + a partial one, odd count
+    ((5, 123), 32),  # smallest blocksize, odd count
+    ((1001,), 128),
+    ((2, 4099), 4096),  # largest blocksize, partial second block, odd count
+    ((300, 256), 32),  # 2400 blocks: more than one nested block of 256 absmax codes
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "plain"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("shape,blocksize", CASES, ids=str)
+def test_dequantize_is_bit_exact_to_reference(shape, blocksize, quant_type, double_quant, device):
+    q = qlora.quantize(randn(shape, torch.bfloat16, seed=blocksize, device=device), quant_type, blocksize,
+                       double_quant)  # fmt: skip
+    for dtype in OUT_DTYPES:
+        got = dequantize_4bit(q, dtype)
+        want = q.dequantize(dtype)
+        assert got.shape == want.shape and got.dtype == dtype
+        assert torch.equal(bits(got), bits(want)), f"{dtype}: {(bits(got) != bits(want)).sum()} elements differ"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lookup", ["load", "select"])
+@pytest.mark.parametrize("bytes_per_program", [16, 1024])
+def test_every_launch_configuration_gives_the_same_bits(lookup, bytes_per_program, device):
+    q = qlora.quantize(randn((7, 333), torch.float32, seed=1, device=device), "nf4", 64, True)
+    got = dequantize_4bit(q, torch.bfloat16, lookup=lookup, bytes_per_program=bytes_per_program)
+    assert torch.equal(bits(got), bits(q.dequantize(torch.bfloat16)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_quant_restore_is_multiply_then_add_not_fma(device):
+    """A fused multiply-add rounds once; the format rounds the product and the sum separately.
+
+    The input is chosen so that some blocks' absmax differ between the two (checked in float64, so
+    the test cannot pass vacuously); the kernel must match the reference on exactly those blocks.
+    Meaningful on CUDA (the interpreter never fuses); it fails if `enable_fp_fusion=False` is dropped.
+    """
+    q = qlora.quantize(randn((64, 256), torch.float32, seed=5, device=device), "nf4", 32, True)
+    n = q.nested
+    product = n.table[n.codes.long()] * n.absmax.repeat_interleave(256)[: n.codes.numel()]
+    two_roundings = product + n.offset
+    fused = (n.table[n.codes.long()].double() * n.absmax.repeat_interleave(256)[: n.codes.numel()].double()
+             + n.offset.double()).float()  # fmt: skip
+    differ = (two_roundings != fused).nonzero().flatten()
+    assert differ.numel() > 0, "no block distinguishes FMA from two roundings: pick another seed"
+    got = dequantize_4bit(q, torch.float32).view(-1, 32)[differ]  # the 4-bit blocks whose absmax is at stake
+    want = q.dequantize(torch.float32).view(-1, 32)[differ]
+    assert torch.equal(bits(got), bits(want))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_writes_into_a_given_buffer(device):
+    q = qlora.quantize(randn((9, 70), torch.bfloat16, seed=2, device=device), "nf4", 64, True)
+    buffer = torch.full((630,), float("nan"), dtype=torch.bfloat16, device=device)
+    got = dequantize_4bit(q, torch.bfloat16, out=buffer)
+    assert got.data_ptr() == buffer.data_ptr()
+    assert torch.equal(bits(got), bits(q.dequantize(torch.bfloat16)))
+
+
+def test_refuses_bad_arguments():
+    q = qlora.quantize(randn((4, 64), torch.float32), "nf4", 64, False)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        dequantize_4bit(q, torch.int8)
+    with pytest.raises(ValueError, match="lookup"):
+        dequantize_4bit(q, lookup="gather")
+    with pytest.raises(ValueError, match="power of two"):
+        dequantize_4bit(q, bytes_per_program=100)
+    with pytest.raises(ValueError, match="contiguous"):
+        dequantize_4bit(q, torch.float32, out=torch.empty(5))

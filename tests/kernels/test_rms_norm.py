@@ -1,0 +1,67 @@
+"""Fused RMSNorm against its twin, the model's `RMSNorm` module, forward and backward."""
+
+import pytest
+import torch
+from kernel_inputs import DEVICES, randn
+
+from qlora.kernels.rms_norm import rms_norm
+from qlora.model.llama import RMSNorm
+
+# fp32: the kernel sums the row in another order than torch's mean and uses 1/sqrt for rsqrt, so
+# results differ by a few fp32 ulps (measured: <= 5e-7 absolute on unit-scale values).
+# bf16: outputs are rounded to bf16, so one such ulp can flip a rounding: allow 1 bf16 ulp
+# (relative 2^-8 = 3.9e-3, doubled for the gradients, which round twice).
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=8e-3, atol=8e-3)}
+
+
+def twin_and_fused(shape, dtype, weight_dtype, device, seed=0):
+    D = shape[-1]
+    module = RMSNorm(D, eps=1e-6).to(device=device, dtype=weight_dtype)
+    with torch.no_grad():
+        module.weight.copy_(randn(D, seed=seed + 1) * 0.5 + 1.0)
+    x = randn(shape, dtype, seed=seed, device=device).requires_grad_(True)
+    dy = randn(shape, torch.promote_types(dtype, weight_dtype), seed=seed + 2, device=device)
+    return module, x, dy
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,weight_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                (torch.bfloat16, torch.float32)], ids=str)  # fmt: skip
+@pytest.mark.parametrize("shape", [(3, 37), (2, 5, 64), (7, 257)], ids=str)
+def test_forward_and_backward_match_the_model_module(shape, dtype, weight_dtype, device):
+    module, x, dy = twin_and_fused(shape, dtype, weight_dtype, device)
+    want = module(x)
+    want_dx, want_dw = torch.autograd.grad(want, (x, module.weight), dy)
+    got = rms_norm(x, module.weight, module.eps)
+    got_dx, got_dw = torch.autograd.grad(got, (x, module.weight), dy)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(got_dx, want_dx, **tol)
+    # dweight sums dy * h over all rows: the absolute error grows with the row count
+    torch.testing.assert_close(got_dw, want_dw, rtol=tol["rtol"], atol=tol["atol"] * x.numel() / shape[-1])
+    assert got_dx.abs().max() > 0.1 and got_dw.abs().max() > 0.1  # the gradients are not trivially zero
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_frozen_weight_gets_no_gradient(device):
+    module, x, dy = twin_and_fused((4, 33), torch.float32, torch.float32, device)
+    module.weight.requires_grad_(False)
+    got = rms_norm(x, module.weight, module.eps)
+    (dx,) = torch.autograd.grad(got, (x,), dy)
+    (want_dx,) = torch.autograd.grad(module(x), (x,), dy)
+    torch.testing.assert_close(dx, want_dx, **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_wrong_eps_is_detected(device):
+    """Negative control: the tolerances above are tight enough to see eps change from 1e-6 to 1e-2."""
+    module, x, _ = twin_and_fused((3, 37), torch.float32, torch.float32, device)
+    x = x.detach() * 0.05  # small rows, where eps matters
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(rms_norm(x, module.weight, 1e-2), module(x), **TOLERANCE[torch.float32])
+
+
+def test_refuses_a_weight_of_the_wrong_size():
+    with pytest.raises(ValueError, match="last dimension 8"):
+        rms_norm(torch.ones(2, 8), torch.ones(9), 1e-6)
