@@ -1,0 +1,98 @@
+"""The dispatch point: which implementation runs where, how to force it, and that the twins are the model's formulas."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+# Kernels forced onto CPU tensors run in Triton's interpreter, which must be chosen before any
+# kernel is compiled (tests/kernels/kernel_inputs.py does the same).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import qlora  # noqa: E402
+from qlora import ops  # noqa: E402
+from qlora.lora import LoRALinear, LoraSpec, QuantSpec  # noqa: E402
+from qlora.model.llama import RMSNorm, apply_rotary  # noqa: E402
+
+needs_triton = pytest.mark.skipif(not ops.triton_importable(), reason="triton is not installed")
+
+
+def test_cpu_tensors_run_the_twins_by_default(monkeypatch):
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    assert ops.implementation_for("cpu") == "torch"
+
+
+@needs_triton
+def test_cuda_tensors_run_the_kernels_by_default(monkeypatch):
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    assert ops.implementation_for("cuda") == "triton"
+
+
+def test_environment_variable_forces_the_twins(monkeypatch):
+    monkeypatch.setenv(ops.ENV_VAR, "torch")
+    assert ops.implementation_for("cuda") == "torch"
+    monkeypatch.setenv(ops.ENV_VAR, "reference")
+    assert ops.implementation_for("cuda") == "torch"
+
+
+def test_a_bad_environment_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv(ops.ENV_VAR, "cutlass")
+    with pytest.raises(ValueError, match="QLORA_KERNELS='cutlass'"):
+        ops.implementation_for("cuda")
+
+
+def test_use_implementation_wins_over_the_environment(monkeypatch):
+    monkeypatch.setenv(ops.ENV_VAR, "triton")
+    with ops.use_implementation("reference"):
+        assert ops.implementation_for("cuda") == "torch"
+    with pytest.raises(ValueError, match="implementation must be one of"), ops.use_implementation("fast"):
+        pass
+
+
+def test_requiring_triton_where_it_cannot_run_is_an_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with ops.use_implementation("triton"), pytest.raises(RuntimeError, match="Triton needs CUDA|not installed"):
+        ops.implementation_for("cpu")
+
+
+def test_twins_are_the_model_formulas_bit_for_bit():
+    """The torch path of each op computes exactly what the model's own code computes."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 24, generator=g).to(torch.bfloat16)
+    norm = RMSNorm(24, 1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3, generator=g)
+    q = torch.randn(2, 3, 5, 8, generator=g).to(torch.bfloat16)
+    cos, sin = torch.randn(2, 1, 5, 8, generator=g).to(torch.bfloat16).unbind(0)
+    logits, labels = torch.randn(6, 11, generator=g).to(torch.bfloat16), torch.tensor([1, -100, 3, 4, 10, 0])
+    with ops.use_implementation("torch"):
+        assert torch.equal(ops.rms_norm(x, norm.weight, norm.eps), norm(x))
+        assert torch.equal(ops.apply_rotary(q, cos, sin), apply_rotary(q, cos, sin))
+        assert torch.equal(ops.swiglu(x, x.flip(0)), F.silu(x) * x.flip(0))
+        want = F.cross_entropy(logits.float(), labels, reduction="sum")
+        assert torch.equal(ops.cross_entropy_sum(logits, labels), want)
+
+
+@needs_triton
+def test_forced_triton_runs_the_kernels_through_lora(monkeypatch):
+    """A LoRA layer's forward and backward through the Triton dequantizer equal the reference path."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layer = LoRALinear(70, 33, quant=QuantSpec("nf4", 64, True), lora=LoraSpec(r=4, dropout=0.0), device=device)
+    layer.set_base_weight(torch.randn(33, 70, generator=torch.Generator().manual_seed(1)).to(device) * 0.05)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.1)  # non-zero B, so the adapter path contributes
+    x = torch.randn(3, 70, device=device, dtype=torch.bfloat16, requires_grad=True)
+    results = {}
+    for name in ("torch", "triton"):
+        with ops.use_implementation(name):
+            y = layer(x)
+            y.float().square().sum().backward()
+        results[name] = (y.detach(), x.grad.clone(), layer.lora_A.weight.grad.clone())
+        x.grad = layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
+    for want, got in zip(results["torch"], results["triton"], strict=True):
+        assert torch.equal(want, got)  # dequantization is bit-exact, so everything downstream is too
+    assert isinstance(layer.base, qlora.QuantizedTensor)
