@@ -122,8 +122,8 @@ def export_gguf_main(argv: Sequence[str]) -> int:
     p.add_argument("--output", required=True, help="The .gguf file to write.")
     p.add_argument("--type", default="f16", choices=["f16", "bf16", "q8_0", "f32"],
                    help="Type of the matrices (default f16; 1-D tensors are always f32).")  # fmt: skip
-    p.add_argument("--onto", default="dequantized", choices=["dequantized", "original"],
-                   help="Merge onto the dequantized 4-bit base (default) or the original weights.")  # fmt: skip
+    p.add_argument("--onto", choices=["dequantized", "original"],
+                   help="Merge onto the dequantized 4-bit base (default with --adapter) or the originals.")  # fmt: skip
     p.add_argument("--quant-type", choices=["nf4", "fp4", "int4", "none"],
                    help="How training quantized the base (default: the adapter's config.yaml, else nf4).")  # fmt: skip
     args = p.parse_args(argv)
@@ -134,8 +134,6 @@ def _export_gguf(args: argparse.Namespace) -> int:
     from qlora.export.gguf_export import export_gguf
     from qlora.export.merge import TrainedBase, read_trained_base
 
-    if args.adapter is None and args.onto == "dequantized":
-        args.onto = "original"  # without an adapter there is nothing trained against a 4-bit base
     base = read_trained_base(args.adapter, quant_type=args.quant_type) if args.adapter else TrainedBase()
     out = export_gguf(args.model, args.adapter, args.output, kind=args.type, onto=args.onto, base=base)
     print(f"GGUF ({args.type}) written to {out}")

@@ -136,7 +136,7 @@ def export_gguf(
     output: str | Path,
     *,
     kind: str = "f16",
-    onto: str = "dequantized",
+    onto: str | None = None,
     base: TrainedBase | None = None,
 ) -> Path:
     """Write base (+ adapter, merged `onto` as in `qlora.export.merge`) to the GGUF file `output`."""

@@ -137,10 +137,15 @@ def is_block_linear_weight(name: str, suffixes: set[str]) -> bool:
 def merged_weights(
     model_path: str | Path,
     adapter_dir: str | Path | None,
-    onto: str = "dequantized",
+    onto: str | None = None,
     base: TrainedBase | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, float32 tensor) of base + adapter merged, one tensor at a time (see module doc)."""
+    """Yield (HF name, float32 tensor) of base + adapter merged, one tensor at a time (see module doc).
+
+    `onto` None: "dequantized" with an adapter, "original" without (a plain base stays as it is).
+    """
+    if onto is None:
+        onto = "dequantized" if adapter_dir is not None else "original"
     if onto not in ONTO:
         raise MergeError(f"onto must be one of {ONTO}, got {onto!r}")
     base = base or TrainedBase()
@@ -182,7 +187,7 @@ def merge(
     output: str | Path,
     *,
     dtype: torch.dtype = torch.bfloat16,
-    onto: str = "dequantized",
+    onto: str | None = None,
     base: TrainedBase | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
