@@ -61,11 +61,13 @@ class ShardedSafetensorsWriter:
         self._current: dict[str, torch.Tensor] = {}
         self._current_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []
+        self._names: set[str] = set()
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if any(name in names for _, names in self._shards) or name in self._current:
+        if name in self._names:
             raise ValueError(f"tensor {name!r} written twice")
+        self._names.add(name)
         size = tensor.numel() * tensor.element_size()
         if self._current and self._current_bytes + size > self.max_shard_bytes:
             self._flush()
