@@ -190,11 +190,7 @@ def evaluate_run(model, tokenizer, heldout_path: Path, task_records: list[dict],
     device = next(model.parameters()).device
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     heldout_loss = evaluate(model, encoded(heldout_path, tokenizer, args), 8, pad, device)
-    examples = load_examples(args.mmlu, 5, "test", args.mmlu_subjects)
-    if args.mmlu_limit:
-        per: dict[str, int] = {}
-        examples = [e for e in examples if (per.__setitem__(e.subject, per.get(e.subject, 0) + 1)
-                                            or per[e.subject] <= args.mmlu_limit)]  # fmt: skip
+    examples = load_examples(args.mmlu, 5, "test", args.mmlu_subjects, args.mmlu_limit)
     mmlu = evaluate_mmlu(model, tokenizer, examples, batch_size=4)
     settings = DemoSettings(model=Path(args.model), output=args.output)
     task = accuracy(answer(model, tokenizer, task_records, settings), task_records)

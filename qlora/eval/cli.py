@@ -73,6 +73,7 @@ def evaluate(argv: Sequence[str]) -> int:
     p.add_argument("--shots", type=int, default=5, help="Solved dev examples before each question (CSV only).")
     p.add_argument("--split", default="test", help="MMLU CSV split to score (test, val).")
     p.add_argument("--subjects", nargs="+", help="Only these MMLU subjects.")
+    p.add_argument("--limit", type=int, help="Only the first N questions of each MMLU subject.")
     p.add_argument(
         "--letters",
         default="qlora",
@@ -84,10 +85,9 @@ def evaluate(argv: Sequence[str]) -> int:
     if not (args.perplexity or args.mmlu):
         p.error("nothing to evaluate: give --perplexity FILE and/or --mmlu DIR")
 
-    from qlora.eval.datatypes import text_ids
     from qlora.eval.mmlu import evaluate_mmlu
     from qlora.eval.mmlu_data import load_examples
-    from qlora.eval.perplexity import perplexity
+    from qlora.eval.perplexity import perplexity, text_ids
 
     model, tokenizer = _load(args)
     results: dict = {"model": args.model, "adapter": args.adapter, "quant_type": args.quant_type}
@@ -105,7 +105,7 @@ def evaluate(argv: Sequence[str]) -> int:
         }
         rows.append(("perplexity", f"{ppl.perplexity:.4f}", f"{ppl.tokens} tokens, {ppl.windows} windows"))
     if args.mmlu:
-        examples = load_examples(args.mmlu, args.shots, args.split, args.subjects)
+        examples = load_examples(args.mmlu, args.shots, args.split, args.subjects, args.limit)
         mmlu = evaluate_mmlu(
             model, tokenizer, examples, batch_size=args.batch_size, letter_prefix=" " if args.letters == "space" else ""
         )

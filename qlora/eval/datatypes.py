@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from qlora.eval.perplexity import perplexity
+from qlora.eval.perplexity import perplexity, text_ids
 from qlora.loading import load_model
 from qlora.lora import LoRALinear, QuantSpec
 from qlora.tokenizer import Tokenizer
@@ -46,14 +46,6 @@ class DataTypeRow:
     nll: float
     tokens: int
     seconds: float
-
-
-def text_ids(tokenizer: Tokenizer, path: str | Path, max_tokens: int | None) -> list[int]:
-    """The text's ids (BOS first if the checkpoint's tokenizer adds one), cut to `max_tokens`."""
-    text = Path(path).read_text(encoding="utf-8")  # universal newlines: WikiText's CRLF reads as "\n"
-    bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
-    ids = bos + tokenizer.encode(text)
-    return ids[:max_tokens] if max_tokens else ids
 
 
 def _requantize(model, dense: dict[str, torch.Tensor], quant_type: str | None, double_quant: bool) -> float:

@@ -148,11 +148,27 @@ def examples_from_qlora_json(path: str | Path, subjects: list[str] | None = None
     return out
 
 
-def load_examples(source: str | Path, shots: int = 5, split: str = "test", subjects: list[str] | None = None):
-    """A CSV directory (prompts built with `shots`) or a QLoRA JSON file (prompts as written)."""
+def load_examples(
+    source: str | Path, shots: int = 5, split: str = "test", subjects: list[str] | None = None,
+    limit_per_subject: int | None = None,
+) -> list[MMLUExample]:  # fmt: skip
+    """A CSV directory (prompts built with `shots`) or a QLoRA JSON file (prompts as written);
+    `limit_per_subject` keeps the first N questions of each subject (a quick, smaller MMLU)."""
     p = Path(source)
     if p.is_dir():
-        return examples_from_csv(p, shots, split, subjects)
-    if p.is_file():
-        return examples_from_qlora_json(p, subjects)
-    raise MMLUDataError(f"{p}: not found (give an MMLU CSV directory with dev/ and test/, or a QLoRA MMLU JSON file)")
+        examples = examples_from_csv(p, shots, split, subjects)
+    elif p.is_file():
+        examples = examples_from_qlora_json(p, subjects)
+    else:
+        raise MMLUDataError(
+            f"{p}: not found (give an MMLU CSV directory with dev/ and test/, or a QLoRA MMLU JSON file)"
+        )
+    if limit_per_subject is None:
+        return examples
+    seen: dict[str, int] = {}
+    kept = []
+    for e in examples:
+        seen[e.subject] = seen.get(e.subject, 0) + 1
+        if seen[e.subject] <= limit_per_subject:
+            kept.append(e)
+    return kept

@@ -22,9 +22,12 @@ float64 so that a long text's mean does not drift with the summation order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from qlora.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,14 @@ def perplexity(model, ids: list[int] | torch.Tensor, *, max_length: int = 1024, 
         total += F.cross_entropy(pred, target, reduction="sum").double().cpu()
         count += end - first
     return PerplexityResult(nll=float(total / count), tokens=count, windows=len(spans))
+
+
+def text_ids(tokenizer: Tokenizer, path: str | Path, max_tokens: int | None) -> list[int]:
+    """The text's ids (BOS first if the checkpoint's tokenizer adds one), cut to `max_tokens`."""
+    text = Path(path).read_text(encoding="utf-8")  # universal newlines: WikiText's CRLF reads as "\n"
+    bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
+    ids = bos + tokenizer.encode(text)
+    return ids[:max_tokens] if max_tokens else ids
 
 
 def _model_device(model) -> torch.device:

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import qlora
-from qlora.eval.datatypes import DATA_TYPES, datatype_table, format_table, text_ids
-from qlora.eval.perplexity import perplexity
+from qlora.eval.datatypes import DATA_TYPES, datatype_table, format_table
+from qlora.eval.perplexity import perplexity, text_ids
 from qlora.tokenizer import Tokenizer
 
 

@@ -46,12 +46,12 @@ def test_user_errors_exit_2_with_one_line(stories260k_dir, shared_dir, tmp_path,
 def test_mmlu_json_keys_with_smollm2(smollm2_gguf, shared_dir, tmp_path):
     out = tmp_path / "m.json"
     mmlu = shared_dir / "data/mmlu/cais-mmlu-csv"
-    argv = ["--model", str(smollm2_gguf), "--mmlu", str(mmlu), "--shots", "5", "--subjects", "astronomy",
-            "--dtype", "float32", "--output", str(out)]  # fmt: skip
+    argv = ["--model", str(smollm2_gguf), "--mmlu", str(mmlu), "--shots", "5", "--subjects", "astronomy", "virology",
+            "--limit", "6", "--output", str(out)]  # fmt: skip
     assert main(argv) == 0
     m = json.loads(out.read_text())["mmlu"]
-    assert set(m["per_subject"]) == {"astronomy"} and m["accuracy"] == m["per_subject"]["astronomy"]
-    assert m["questions"] == 152 and m["shots"] == 5
+    assert set(m["per_subject"]) == {"astronomy", "virology"} and m["questions"] == 12 and m["shots"] == 5
+    assert m["accuracy"] == pytest.approx((m["per_subject"]["astronomy"] + m["per_subject"]["virology"]) / 2)
 
 
 def test_answer_then_judge_locally_and_over_http(stories260k_dir, shared_dir, tmp_path, capsys):

@@ -155,6 +155,12 @@ def test_bad_files_are_named_with_their_line(tmp_path):
         load_examples(tmp_path / "nope")
 
 
+def test_limit_keeps_the_first_questions_of_each_subject(mmlu_csv):
+    full = load_examples(mmlu_csv, shots=0, subjects=["anatomy", "virology"])
+    limited = load_examples(mmlu_csv, shots=0, subjects=["anatomy", "virology"], limit_per_subject=3)
+    assert limited == [e for e in full if e.subject == "anatomy"][:3] + [e for e in full if e.subject == "virology"][:3]
+
+
 @pytest.mark.slow
 def test_nf4_smollm2_scores_qlora_json_and_csv(smollm2_gguf, qlora_json, mmlu_csv, tokenizer):
     import qlora
