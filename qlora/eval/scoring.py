@@ -12,6 +12,10 @@ with a byte-level BPE one "A" without the space), which is also the id QLoRA's t
 "A</s>" starts with. A vocabulary too small to hold "▁A" (stories260K's 512 pieces: "▁" + "A")
 makes the letters share a first id; that is an error, not a silent 25%.
 
+Our decoder's hidden states are put through lm_head at the answer positions only (for a 49k vocabulary
+the full [batch, length, vocab] logits would cost about a fifth of the forward and most of its
+memory); any other model is called whole and indexed. A test checks both ways agree.
+
 Prompts longer than `max_length` keep their last `max_length` tokens, so the answer position
 survives (QLoRA truncates on the right, which for a prompt longer than its 2,048-token limit would
 score the wrong position; MMLU 5-shot prompts stay far below that).
@@ -92,8 +96,13 @@ def last_position_logits(
         for r, s in enumerate(seqs):  # right padding: real tokens at 0..len-1
             ids[r, : len(s)] = torch.tensor(s)
             mask[r, : len(s)] = 1
-        logits = model(ids.to(device), attention_mask=mask.to(device))  # [B, T, V]
         last = torch.tensor([len(s) - 1 for s in seqs], device=device)  # the answer position of each row
-        picked = logits[torch.arange(len(seqs), device=device), last]  # [B, V]
+        batch = torch.arange(len(seqs), device=device)
+        if hasattr(model, "hidden_states") and hasattr(model, "lm_head"):
+            # only the answer positions reach lm_head: [B, H] @ [H, V], not [B, T, V] logits
+            hidden = model.hidden_states(ids.to(device), attention_mask=mask.to(device))  # [B, T, H]
+            picked = model.lm_head(hidden[batch, last])  # [B, V]
+        else:
+            picked = model(ids.to(device), attention_mask=mask.to(device))[batch, last]  # [B, T, V] -> [B, V]
         out[rows] = picked[:, cand].float().cpu()
     return out

@@ -85,6 +85,29 @@ def test_oracle_answers_are_read_at_the_answer_position(mmlu_csv, tokenizer, bat
             assert int(logits[len(i) - 2].argmax()) != e.answer and int(logits[len(i)].argmax()) != e.answer
 
 
+def test_lm_head_on_answer_positions_only_equals_the_full_forward(stories260k_dir):
+    """The fast path (hidden states -> lm_head at the answer positions) == indexing full logits."""
+    import qlora
+    from qlora.eval.scoring import last_position_logits
+
+    model = qlora.load_model(stories260k_dir, "nf4", compute_dtype=torch.float32, device="cpu")
+
+    class WholeForwardOnly(nn.Module):  # hides hidden_states/lm_head: the generic path
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids, attention_mask):
+            return self.inner(ids, attention_mask=attention_mask)
+
+    prompts = [[1, 5, 9, 30, 7], [1, 44], [1, 3, 3, 3, 3, 3, 3, 100], [1, 8, 200]]
+    fast = last_position_logits(model, prompts, [5, 17, 300], batch_size=3)
+    slow = last_position_logits(WholeForwardOnly(model), prompts, [5, 17, 300], batch_size=3)
+    torch.testing.assert_close(fast, slow)
+    with torch.no_grad():  # and both equal the unpadded single-prompt forward
+        torch.testing.assert_close(fast[2], model(torch.tensor([prompts[2]]))[0, -1, [5, 17, 300]])
+
+
 def test_truncated_prompts_keep_their_answer_position(mmlu_csv, tokenizer):
     examples = examples_from_csv(mmlu_csv, shots=5, subjects=["high_school_us_history"])[:4]
     oracle, ids, _ = oracle_for(examples, tokenizer, max_length=300)
