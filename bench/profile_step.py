@@ -72,7 +72,7 @@ def main() -> None:
     optimizer = build_optimizer(args.optim, params, lr=2e-4, weight_decay=0.0)
     batch = random_batch(s, args.batch, args.seq, device, seed=0)
     result: dict = {"shape": args.shape, "mode": args.mode, "batch": args.batch, "seq": args.seq,
-                    "dequantize_impl": ops.resolve_dequantize("cuda")[0]}  # fmt: skip
+                    "dequantize_impl": ops.implementation_for("cuda")}  # fmt: skip
 
     state: dict = {}
 
