@@ -63,16 +63,20 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--optim", default="paged_adamw_32bit")
     ap.add_argument("--out", default="")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (experiment)")
     ap.add_argument("--kernels", type=int, default=0, help="also list the N kernels with most GPU time (1 step)")
     args = ap.parse_args()
     device = torch.device("cuda")
     s = SHAPES[args.shape]
     model = build_model(s, "nf4" if args.mode == "qlora" else None, device)
+    if args.compile:
+        for layer in model.model.layers:
+            layer.compile()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(args.optim, params, lr=2e-4, weight_decay=0.0)
     batch = random_batch(s, args.batch, args.seq, device, seed=0)
-    result: dict = {"shape": args.shape, "mode": args.mode, "batch": args.batch, "seq": args.seq,
-                    "dequantize_impl": ops.implementation_for("cuda")}  # fmt: skip
+    result: dict = {"compile": args.compile, "shape": args.shape, "mode": args.mode, "batch": args.batch,
+                    "seq": args.seq, "dequantize_impl": ops.implementation_for("cuda")}  # fmt: skip
 
     state: dict = {}
 
