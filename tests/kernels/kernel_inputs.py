@@ -1,8 +1,8 @@
 """Shared helpers for the kernel tests: the interpreter switch, the devices, bitwise comparison.
 
-The CPU tests run each Triton kernel through Triton's interpreter (TRITON_INTERPRET=1 must be set
-before triton compiles a kernel, so it is set here, at import time, when there is no GPU). The GPU
-tests run the compiled kernels on CUDA and skip without one (tests/conftest.py).
+The CPU tests run each Triton kernel through Triton's interpreter: tests/conftest.py sets
+TRITON_INTERPRET=1 when there is no GPU, before anything imports triton (it must be; see there).
+The GPU tests run the compiled kernels on CUDA and skip without one (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -11,9 +11,6 @@ import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]')")
 
