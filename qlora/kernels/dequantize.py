@@ -128,7 +128,7 @@ def dequantize_4bit(
         raise ValueError(f"lookup must be one of {LOOKUPS}, got {lookup!r}")
     if bytes_per_program < 16 or bytes_per_program & (bytes_per_program - 1):
         raise ValueError(f"bytes_per_program must be a power of two >= 16, got {bytes_per_program}")
-    packed = q.packed.reshape(-1)
+    packed = q.packed.reshape(-1).contiguous()
     if packed.dtype != torch.uint8:
         packed = packed.view(torch.uint8)
     n = q.numel
@@ -141,16 +141,19 @@ def dequantize_4bit(
         out = torch.empty(n, dtype=dtype, device=packed.device)
     elif out.dtype != dtype or out.numel() != n or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {dtype} tensor of {n} elements, got {out.dtype} {tuple(out.shape)}")
+    # the kernel indexes flat, dense arrays (all of these are already, except after unusual loading)
     if q.nested is not None:
         nest = q.nested
-        absmax, nested_absmax, nested_table = nest.codes.reshape(-1), nest.absmax, nest.table
+        absmax, nested_absmax = nest.codes.reshape(-1).contiguous(), nest.absmax.reshape(-1).contiguous()
+        nested_table = nest.table.reshape(-1).contiguous()
         offset = nest.offset.reshape(1).to(torch.float32)
     else:
-        absmax = q.absmax.reshape(-1)
+        absmax = q.absmax.reshape(-1).contiguous()
         nested_absmax = nested_table = offset = absmax  # unused (DOUBLE_QUANT=False): any valid pointer
+    table = q.table.reshape(-1).contiguous()
     grid = (triton.cdiv(n_blocks, blocks),)
     _dequantize_4bit_kernel[grid](
-        packed, absmax, nested_absmax, nested_table, offset, q.table, out, n, packed.numel(), n_blocks,
+        packed, absmax, nested_absmax, nested_table, offset, table, out, n, packed.numel(), n_blocks,
         HALF_BLOCK=half_block, BLOCKS=blocks, DOUBLE_QUANT=q.nested is not None, SELECT_LOOKUP=lookup == "select",
         EMULATE_ROUNDING=emulate_rounding(),
         num_warps=num_warps, enable_fp_fusion=False,

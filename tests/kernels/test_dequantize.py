@@ -82,3 +82,11 @@ def test_refuses_bad_arguments():
         dequantize_4bit(q, bytes_per_program=100)
     with pytest.raises(ValueError, match="contiguous"):
         dequantize_4bit(q, torch.float32, out=torch.empty(5))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_state_loaded_from_bitsandbytes_keys_dequantizes_the_same(device):
+    """A QuantizedTensor read back from bitsandbytes' state-dict keys (how checkpoints arrive) works too."""
+    q = qlora.quantize(randn((6, 100), torch.float16, seed=4, device=device), "fp4", 64, True)
+    loaded = qlora.QuantizedTensor.from_bnb_state_dict(q.to_bnb_state_dict("w"), prefix="w")
+    assert torch.equal(bits(dequantize_4bit(loaded)), bits(q.dequantize()))
