@@ -85,7 +85,9 @@ class LoRALinearFunction(torch.autograd.Function):
         h = None
         if lora_A is not None:
             h = F.linear(x_dropped, lora_A.to(x.dtype))  # [..., in] @ [in, r] -> [..., r]
-            y = y + scale * F.linear(h, lora_B.to(x.dtype))  # [..., r] @ [r, out] -> [..., out]
+            # y += scale * h B^T in one GEMM epilogue (y is fresh, not saved: in place is safe)
+            y2 = y.view(-1, y.shape[-1])  # [N, out]
+            y2.addmm_(h.reshape(-1, h.shape[-1]), lora_B.to(x.dtype).t(), alpha=scale)  # [N, r] @ [r, out]
         ctx.base = base
         ctx.scale = scale
         ctx.has_adapter = lora_A is not None
@@ -103,17 +105,18 @@ class LoRALinearFunction(torch.autograd.Function):
             grad_x = grad_y @ weight  # [..., out] @ [out, in] -> [..., in]
             del weight
         if ctx.has_adapter:
+            # the scale multiplies only small tensors ([N, r] and the [r|out, ...] results), never [N, out]
             scale = ctx.scale
-            B = lora_B.to(dtype)
-            g_B = grad_y @ B  # [..., out] @ [out, r] -> [..., r]
-            if ctx.needs_input_grad[1]:
-                grad_x_dropped = (scale * g_B) @ lora_A.to(dtype)  # [..., r] @ [r, in] -> [..., in]
             g2 = grad_y.reshape(-1, grad_y.shape[-1])  # [N, out]
+            g_B = (g2 @ lora_B.to(dtype)).mul_(scale)  # [N, out] @ [out, r] -> [N, r], scaled
+            if ctx.needs_input_grad[1]:
+                grad_x_dropped = (g_B @ lora_A.to(dtype)).view(*grad_y.shape[:-1], -1)  # [N, r] @ [r, in]
             if ctx.needs_input_grad[3]:
-                grad_B = (scale * g2.t() @ h.reshape(-1, h.shape[-1])).to(ctx.param_dtypes[1])  # [out, N] @ [N, r]
+                h2 = h.reshape(-1, h.shape[-1])  # [N, r]
+                grad_B = (g2.t() @ h2).mul_(scale).to(ctx.param_dtypes[1])  # [out, N] @ [N, r]
             if ctx.needs_input_grad[2]:
                 x2 = x_dropped.reshape(-1, x_dropped.shape[-1])  # [N, in]
-                grad_A = (scale * g_B.reshape(-1, g_B.shape[-1]).t() @ x2).to(ctx.param_dtypes[0])  # [r, N] @ [N, in]
+                grad_A = (g_B.t() @ x2).to(ctx.param_dtypes[0])  # [r, N] @ [N, in]
         return grad_x, grad_x_dropped, grad_A, grad_B, None, None, None
 
 
