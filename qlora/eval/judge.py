@@ -124,7 +124,9 @@ class LocalModelJudge:
     """A local model as judge: argmax of the "1"/"2"/"3" logits after the judge prompt."""
 
     def __init__(self, model, tokenizer: Tokenizer, *, max_length: int = 4096):
-        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+        self.model, self.tokenizer = model, tokenizer
+        context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.max_length = min(max_length, context) if context else max_length  # longer: keep the end
         self.prefix_ids, self.verdict_ids = divergent_candidates(tokenizer, ("1", "2", "3"))
 
     def prompt(self, question: str, answer_1: str, answer_2: str) -> str:
