@@ -32,20 +32,21 @@ NUM_WARPS = 8
 @triton.jit
 def _ce_forward_kernel(logits_ptr, labels_ptr, loss_ptr, lse_ptr, V: tl.constexpr, stride_row, ignore_index,
                        BLOCK_V: tl.constexpr):  # fmt: skip
+    ACC: tl.constexpr = tl.float64 if logits_ptr.dtype.element_ty == tl.float64 else tl.float32  # gradcheck
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
     cols = tl.arange(0, BLOCK_V)
-    m = tl.full([], float("-inf"), tl.float32)
-    s = tl.full([], 0.0, tl.float32)
+    m = tl.full([], float("-inf"), ACC)
+    s = tl.full([], 0.0, ACC)
     for start in range(0, V, BLOCK_V):
-        x = tl.load(base + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
+        x = tl.load(base + start + cols, mask=start + cols < V, other=float("-inf")).to(ACC)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
     lse = m + tl.log(s)
     label = tl.load(labels_ptr + row)
     keep = label != ignore_index
-    target = tl.load(base + tl.where(keep, label, 0)).to(tl.float32)
+    target = tl.load(base + tl.where(keep, label, 0)).to(ACC)
     tl.store(loss_ptr + row, tl.where(keep, lse - target, 0.0))
     tl.store(lse_ptr + row, lse)
 
@@ -53,6 +54,7 @@ def _ce_forward_kernel(logits_ptr, labels_ptr, loss_ptr, lse_ptr, V: tl.constexp
 @triton.jit
 def _ce_backward_kernel(logits_ptr, labels_ptr, lse_ptr, grad_ptr, dlogits_ptr, V: tl.constexpr, stride_row,
                         ignore_index, BLOCK_V: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
+    ACC: tl.constexpr = tl.float64 if logits_ptr.dtype.element_ty == tl.float64 else tl.float32  # gradcheck
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_V)
     label = tl.load(labels_ptr + row)
@@ -60,14 +62,14 @@ def _ce_backward_kernel(logits_ptr, labels_ptr, lse_ptr, grad_ptr, dlogits_ptr, 
     lse = tl.load(lse_ptr + row)
     for start in range(0, V, BLOCK_V):
         ok = start + cols < V
-        x = tl.load(logits_ptr + row * stride_row + start + cols, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(logits_ptr + row * stride_row + start + cols, mask=ok, other=0.0).to(ACC)
         p = tl.exp(x - lse)
         d = (p - tl.where(start + cols == label, 1.0, 0.0)) * scale
         tl.store(dlogits_ptr + row * V + start + cols, round_to(d, dlogits_ptr.dtype.element_ty, EMULATE), mask=ok)
 
 
 class CrossEntropySumFunction(torch.autograd.Function):
-    """Sum over rows of -log softmax(logits)[label], float32, from logits [N, V] of any float dtype."""
+    """Sum over rows of -log softmax(logits)[label] from logits [N, V]: float32 (float64 for float64 logits)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, block_v: int) -> torch.Tensor:
@@ -82,8 +84,9 @@ class CrossEntropySumFunction(torch.autograd.Function):
         if bool(bad.any()):
             raise IndexError(f"label {int(labels[bad][0])} is outside the vocabulary [0, {V}) "
                              f"(and is not ignore_index {ignore_index})")  # fmt: skip
-        loss = torch.empty(N, dtype=torch.float32, device=logits.device)
-        lse = torch.empty(N, dtype=torch.float32, device=logits.device)
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32  # float64: for gradcheck
+        loss = torch.empty(N, dtype=acc, device=logits.device)
+        lse = torch.empty(N, dtype=acc, device=logits.device)
         if N:
             _ce_forward_kernel[(N,)](logits, labels, loss, lse, V, logits.stride(0), ignore_index, BLOCK_V=block_v,
                                      num_warps=NUM_WARPS)  # fmt: skip
@@ -97,7 +100,7 @@ class CrossEntropySumFunction(torch.autograd.Function):
         N, V = logits.shape
         dlogits = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
         if N:
-            grad = grad.to(torch.float32).reshape(1).contiguous()
+            grad = grad.to(lse.dtype).reshape(1).contiguous()
             _ce_backward_kernel[(N,)](logits, labels, lse, grad, dlogits, V, logits.stride(0), ctx.ignore_index,
                                       BLOCK_V=ctx.block_v, EMULATE=emulate_rounding(), num_warps=NUM_WARPS)  # fmt: skip
         return dlogits, None, None, None

@@ -32,13 +32,14 @@ MAX_HIDDEN = 16384
 
 @triton.jit
 def _rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, D, eps, BLOCK_D: tl.constexpr, EMULATE: tl.constexpr):
+    ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32  # float64: for gradcheck
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     ok = cols < D
-    x = tl.load(x_ptr + row * D + cols, mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * D + cols, mask=ok, other=0.0).to(ACC)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
-    h = round_to(x * rstd, x_ptr.dtype.element_ty, EMULATE).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    h = round_to(x * rstd, x_ptr.dtype.element_ty, EMULATE).to(ACC)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(ACC)
     tl.store(y_ptr + row * D + cols, round_to(w * h, y_ptr.dtype.element_ty, EMULATE), mask=ok)
     tl.store(rstd_ptr + row, rstd)
 
@@ -48,25 +49,30 @@ def _rms_norm_backward_kernel(
     dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, n_rows, D,
     ROWS_PER_PROGRAM: tl.constexpr, BLOCK_D: tl.constexpr, WANT_DW: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
+    ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32  # float64: for gradcheck
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     ok = cols < D
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_D], dtype=tl.float32)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(ACC)
+    dw = tl.zeros([BLOCK_D], dtype=ACC)
     for i in range(ROWS_PER_PROGRAM):
         row = pid.to(tl.int64) * ROWS_PER_PROGRAM + i
         if row < n_rows:
-            x = tl.load(x_ptr + row * D + cols, mask=ok, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + row * D + cols, mask=ok, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + row * D + cols, mask=ok, other=0.0).to(ACC)
+            dy = tl.load(dy_ptr + row * D + cols, mask=ok, other=0.0).to(ACC)
             rstd = tl.load(rstd_ptr + row)
             h = x * rstd
-            dh = round_to(dy * w, x_ptr.dtype.element_ty, EMULATE).to(tl.float32)
+            dh = round_to(dy * w, x_ptr.dtype.element_ty, EMULATE).to(ACC)
             dx = rstd * (dh - h * (tl.sum(dh * h, axis=0) / D))
             tl.store(dx_ptr + row * D + cols, round_to(dx, dx_ptr.dtype.element_ty, EMULATE), mask=ok)
             if WANT_DW:
-                dw += dy * round_to(h, x_ptr.dtype.element_ty, EMULATE).to(tl.float32)
+                dw += dy * round_to(h, x_ptr.dtype.element_ty, EMULATE).to(ACC)
     if WANT_DW:
         tl.store(dw_partial_ptr + pid.to(tl.int64) * D + cols, dw, mask=ok)
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _launch_shape(D: int) -> tuple[int, int]:
@@ -87,7 +93,7 @@ class RMSNormFunction(torch.autograd.Function):
         x2 = x.reshape(-1, D).contiguous()  # [rows, D]
         out_dtype = torch.promote_types(weight.dtype, x.dtype)
         y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
-        rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+        rstd = torch.empty(x2.shape[0], dtype=_accumulator(x.dtype), device=x.device)
         block, warps = _launch_shape(D)
         _rms_norm_forward_kernel[(x2.shape[0],)](x2, weight, y, rstd, D, eps, BLOCK_D=block,
                                                  EMULATE=emulate_rounding(), num_warps=warps)  # fmt: skip
@@ -105,7 +111,7 @@ class RMSNormFunction(torch.autograd.Function):
         # a power of two (capped), so few distinct values compile whatever the token count
         rows_per_program = min(64, triton.next_power_of_2(triton.cdiv(n_rows, 4 * _sm_count(x2.device))))
         programs = triton.cdiv(n_rows, rows_per_program)
-        dw_partial = torch.empty((programs, D) if want_dw else (1,), dtype=torch.float32, device=x2.device)
+        dw_partial = torch.empty((programs, D) if want_dw else (1,), dtype=_accumulator(x2.dtype), device=x2.device)
         block, warps = _launch_shape(D)
         _rms_norm_backward_kernel[(programs,)](dy2, x2, weight, rstd, dx, dw_partial, n_rows, D,
                                                ROWS_PER_PROGRAM=rows_per_program, BLOCK_D=block, WANT_DW=want_dw,

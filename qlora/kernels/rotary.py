@@ -34,30 +34,31 @@ def _rotary_kernel(
     sxb, sxh, sxt, sxd, syb, syh, syt, syd, scb, sct, scd, ssb, sst, ssd,
     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BACKWARD: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
+    ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32  # float64: for gradcheck
     bt = tl.program_id(0).to(tl.int64)
     b, t = bt // T, bt % T
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
     d = tl.arange(0, BLOCK_HALF)  # [BLOCK_HALF]
     d_ok = d < HALF
-    c1 = tl.load(cos_ptr + b * scb + t * sct + d * scd, mask=d_ok, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + b * scb + t * sct + (d + HALF) * scd, mask=d_ok, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + b * ssb + t * sst + d * ssd, mask=d_ok, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + b * ssb + t * sst + (d + HALF) * ssd, mask=d_ok, other=0.0).to(tl.float32)
+    c1 = tl.load(cos_ptr + b * scb + t * sct + d * scd, mask=d_ok, other=0.0).to(ACC)
+    c2 = tl.load(cos_ptr + b * scb + t * sct + (d + HALF) * scd, mask=d_ok, other=0.0).to(ACC)
+    s1 = tl.load(sin_ptr + b * ssb + t * sst + d * ssd, mask=d_ok, other=0.0).to(ACC)
+    s2 = tl.load(sin_ptr + b * ssb + t * sst + (d + HALF) * ssd, mask=d_ok, other=0.0).to(ACC)
     ok = (heads[:, None] < H) & d_ok[None, :]
     x_row = x_ptr + b * sxb + t * sxt + heads[:, None].to(tl.int64) * sxh
-    x1 = tl.load(x_row + d[None, :] * sxd, mask=ok, other=0.0).to(tl.float32)
-    x2 = tl.load(x_row + (d[None, :] + HALF) * sxd, mask=ok, other=0.0).to(tl.float32)
+    x1 = tl.load(x_row + d[None, :] * sxd, mask=ok, other=0.0).to(ACC)
+    x2 = tl.load(x_row + (d[None, :] + HALF) * sxd, mask=ok, other=0.0).to(ACC)
     dtype = x_ptr.dtype.element_ty
     if BACKWARD:  # the transposed rotation: sin of the *other* half, opposite signs
-        y1 = round_to(x1 * c1[None, :], dtype, EMULATE).to(tl.float32) + round_to(
-            x2 * s2[None, :], dtype, EMULATE).to(tl.float32)  # fmt: skip
-        y2 = round_to(x2 * c2[None, :], dtype, EMULATE).to(tl.float32) - round_to(
-            x1 * s1[None, :], dtype, EMULATE).to(tl.float32)  # fmt: skip
+        y1 = round_to(x1 * c1[None, :], dtype, EMULATE).to(ACC) + round_to(
+            x2 * s2[None, :], dtype, EMULATE).to(ACC)  # fmt: skip
+        y2 = round_to(x2 * c2[None, :], dtype, EMULATE).to(ACC) - round_to(
+            x1 * s1[None, :], dtype, EMULATE).to(ACC)  # fmt: skip
     else:
-        y1 = round_to(x1 * c1[None, :], dtype, EMULATE).to(tl.float32) - round_to(
-            x2 * s1[None, :], dtype, EMULATE).to(tl.float32)  # fmt: skip
-        y2 = round_to(x2 * c2[None, :], dtype, EMULATE).to(tl.float32) + round_to(
-            x1 * s2[None, :], dtype, EMULATE).to(tl.float32)  # fmt: skip
+        y1 = round_to(x1 * c1[None, :], dtype, EMULATE).to(ACC) - round_to(
+            x2 * s1[None, :], dtype, EMULATE).to(ACC)  # fmt: skip
+        y2 = round_to(x2 * c2[None, :], dtype, EMULATE).to(ACC) + round_to(
+            x1 * s2[None, :], dtype, EMULATE).to(ACC)  # fmt: skip
     y_row = y_ptr + b * syb + t * syt + heads[:, None].to(tl.int64) * syh
     tl.store(y_row + d[None, :] * syd, round_to(y1, dtype, EMULATE), mask=ok)
     tl.store(y_row + (d[None, :] + HALF) * syd, round_to(y2, dtype, EMULATE), mask=ok)

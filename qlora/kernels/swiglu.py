@@ -25,24 +25,26 @@ NUM_WARPS = 8
 
 @triton.jit
 def _swiglu_forward_kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr, EMULATE: tl.constexpr):
+    ACC: tl.constexpr = tl.float64 if g_ptr.dtype.element_ty == tl.float64 else tl.float32  # float64: for gradcheck
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
-    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    s = round_to(g / (1.0 + tl.exp(-g)), g_ptr.dtype.element_ty, EMULATE).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(ACC)
+    u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(ACC)
+    s = round_to(g / (1.0 + tl.exp(-g)), g_ptr.dtype.element_ty, EMULATE).to(ACC)
     tl.store(y_ptr + offs, round_to(s * u, y_ptr.dtype.element_ty, EMULATE), mask=ok)
 
 
 @triton.jit
 def _swiglu_backward_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr, EMULATE: tl.constexpr):
+    ACC: tl.constexpr = tl.float64 if g_ptr.dtype.element_ty == tl.float64 else tl.float32  # float64: for gradcheck
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
-    dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(ACC)
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(ACC)
+    u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(ACC)
     sig = 1.0 / (1.0 + tl.exp(-g))
-    s = round_to(g / (1.0 + tl.exp(-g)), g_ptr.dtype.element_ty, EMULATE).to(tl.float32)
-    ds = round_to(dy * u, g_ptr.dtype.element_ty, EMULATE).to(tl.float32)
+    s = round_to(g / (1.0 + tl.exp(-g)), g_ptr.dtype.element_ty, EMULATE).to(ACC)
+    ds = round_to(dy * u, g_ptr.dtype.element_ty, EMULATE).to(ACC)
     tl.store(dg_ptr + offs, round_to(ds * sig * (1.0 + g * (1.0 - sig)), dg_ptr.dtype.element_ty, EMULATE), mask=ok)
     tl.store(du_ptr + offs, round_to(dy * s, du_ptr.dtype.element_ty, EMULATE), mask=ok)
 

@@ -55,7 +55,7 @@ def dequantize_cases():
 
 
 def elementwise_cases():
-    for dt in ("bf16", "fp32"):
+    for dt in ("bf16", "fp32", "fp64"):  # fp64: the gradcheck tests run it on the GPU
         p = "*" + dt
         yield f"rms_norm forward {dt}", (rms_norm._rms_norm_forward_kernel,
             {"x_ptr": p, "w_ptr": p, "y_ptr": p, "rstd_ptr": "*fp32", "D": "i32", "eps": "fp32",

@@ -1,0 +1,46 @@
+"""gradcheck in float64 on tiny shapes: each fused backward is the derivative of its own forward.
+
+The kernels accumulate in float64 when given float64 tensors (and only then), which is what makes
+finite differences precise enough to check the analytical gradients (torch's default tolerances).
+"""
+
+import pytest
+import torch
+from kernel_inputs import DEVICES, randn
+
+from qlora.kernels.cross_entropy import cross_entropy_sum
+from qlora.kernels.rms_norm import rms_norm
+from qlora.kernels.rotary import apply_rotary
+from qlora.kernels.swiglu import swiglu
+
+f64 = torch.float64
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rms_norm(device):
+    x = randn((3, 7), f64, seed=1, device=device).requires_grad_(True)
+    w = (randn(7, f64, seed=2, device=device) * 0.3 + 1).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, w: rms_norm(x, w, 1e-6), (x, w))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_swiglu(device):
+    g = randn((3, 7), f64, seed=1, device=device, scale=2.0).requires_grad_(True)
+    u = randn((3, 7), f64, seed=2, device=device).requires_grad_(True)
+    assert torch.autograd.gradcheck(swiglu, (g, u))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rotary(device):
+    # tiny: the interpreter runs one program per (batch, position) for every finite difference
+    x = randn((1, 3, 2, 4), f64, seed=1, device=device).transpose(1, 2).requires_grad_(True)  # [B, heads=2, T=3, hd]
+    angles = torch.arange(1, 4, dtype=f64)[:, None] * torch.tensor([1.0, 0.1], dtype=f64)
+    emb = torch.cat([angles, angles], -1)[None].to(device)  # [1, T, hd]
+    assert torch.autograd.gradcheck(lambda x: apply_rotary(x, emb.cos(), emb.sin()), (x,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_entropy(device):
+    logits = randn((3, 20), f64, seed=1, device=device, scale=2.0).requires_grad_(True)
+    labels = torch.tensor([4, -100, 19], device=device)
+    assert torch.autograd.gradcheck(lambda z: cross_entropy_sum(z, labels, block_v=16), (logits,))
