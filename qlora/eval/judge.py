@@ -29,7 +29,7 @@ import urllib.error
 import urllib.request
 from itertools import combinations
 
-from qlora.eval.benchmarks import Answer
+from qlora.eval.benchmarks import Answer, BenchmarkFileError
 from qlora.eval.scoring import divergent_candidates, encode_prompts, last_position_logits
 from qlora.generate import render_prompt
 from qlora.tokenizer import Tokenizer
@@ -158,15 +158,15 @@ def judge_pair(judge, a: Answer, b: Answer) -> list[dict]:
 def judge_all_pairs(judge, answer_sets: list[list[Answer]]) -> list[dict]:
     """Every pair of models, every shared question, both orders. The sets must answer the same questions."""
     if len(answer_sets) < 2:
-        raise ValueError("judging needs the answers of at least two models")
+        raise BenchmarkFileError("judging needs the answers of at least two models")
     names = [s[0].model_id if s else "?" for s in answer_sets]
     if len(set(names)) != len(names):
-        raise ValueError(f"two answer sets carry the same model_id: {names}")
+        raise BenchmarkFileError(f"two answer sets carry the same model_id: {names} (answer with --model-id)")
     by_id = [{a.question_id: a for a in s} for s in answer_sets]
     for name, answers in zip(names[1:], by_id[1:], strict=True):
         if set(answers) != set(by_id[0]):
             diff = sorted(map(str, set(answers) ^ set(by_id[0])))[:5]
-            raise ValueError(f"{name} and {names[0]} answered different questions (e.g. {diff})")
+            raise BenchmarkFileError(f"{name} and {names[0]} answered different questions (e.g. {diff})")
     games = []
     for i, j in combinations(range(len(answer_sets)), 2):
         for qid in by_id[0]:
