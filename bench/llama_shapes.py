@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qlora.fused import use_fused_elementwise
 from qlora.lora import LoRALinear, LoraSpec, QuantSpec, mark_only_lora_trainable, replace_linears
 from qlora.model.config import ModelConfig
 from qlora.model.llama import LlamaForCausalLM
@@ -86,11 +87,14 @@ def build_model(
     device: torch.device,
     seed: int = 0,
     lora: LoraSpec = BENCH_LORA,
+    fused: bool = True,
 ) -> LlamaForCausalLM:
     """Random-weight model on `device`: built on meta, then filled (and quantized) one module at a time."""
     dtype = torch.bfloat16
     model = LlamaForCausalLM.from_config(model_config(s), device="meta", dtype=dtype)
     replace_linears(model, QuantSpec(quant_type, 64, True), lora, device="meta", dtype=dtype)
+    if fused:
+        use_fused_elementwise(model)  # as load_model does
     gen = torch.Generator(device=device).manual_seed(seed)
     for module in model.modules():
         if isinstance(module, LoRALinear):

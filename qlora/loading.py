@@ -33,6 +33,7 @@ from torch import nn
 
 from qlora.checkpoint_io.gguf_file import read_gguf
 from qlora.checkpoint_io.safetensors_dir import bnb_4bit_config, check_keys, expected_keys, iter_weights, read_config
+from qlora.fused import use_fused_elementwise
 from qlora.lora import DEFAULT_TARGETS, LoRALinear, LoraSpec, QuantSpec, replace_linears
 from qlora.model.config import ModelConfig
 from qlora.model.llama import LlamaForCausalLM
@@ -111,6 +112,7 @@ def load_model(
     needed = expected_keys(model)
     quant = QuantSpec(quant_type, blocksize, double_quant)
     swapped = set(replace_linears(model, quant, lora, quantized_modules, device="meta", dtype=compute_dtype))
+    use_fused_elementwise(model)  # RMSNorm, SwiGLU, RoPE through qlora.ops: Triton on CUDA, the same formulas elsewhere
 
     seen: list[str] = []
     warned = False

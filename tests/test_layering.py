@@ -21,6 +21,7 @@ FLOOR = {
     "checkpoint_io": 5,
     "tokenizer": 5,
     "loading": 5,
+    "fused": 5,
     "data": 6,
     "optim": 6,
     "adapter": 6,

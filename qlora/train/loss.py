@@ -19,12 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from qlora import ops
+
 IGNORE_INDEX = -100
 
 
 def _chunk_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight).float()  # [n, H] @ [H, V] -> [n, V] (fp32 for the softmax)
-    return F.cross_entropy(logits, labels, reduction="sum")
+    logits = F.linear(hidden, weight)  # [n, H] @ [H, V] -> [n, V]
+    # float32 softmax inside; the Triton path never makes a float32 copy of the logits
+    return ops.cross_entropy_sum(logits, labels)
 
 
 def loss_sum(model, batch: dict[str, torch.Tensor], chunk_rows: int = 2048) -> tuple[torch.Tensor, int]:
