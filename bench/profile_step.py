@@ -40,6 +40,23 @@ def cuda_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 2) -> flo
     return statistics.median(times)
 
 
+def python_hotspots(fn: Callable[[], object], n: int) -> list[str]:
+    """Host-side time per Python function over two calls of `fn` (cProfile, own time): where launch overhead is."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(n)
+    return out.getvalue().splitlines()
+
+
 def top_kernels(fn: Callable[[], object], n: int) -> dict[str, float]:
     """GPU time per kernel name over one call of `fn` (CUDA activity only: a CPU trace of a 7B step is huge)."""
     from torch.profiler import ProfilerActivity, profile
@@ -64,6 +81,7 @@ def main() -> None:
     ap.add_argument("--optim", default="paged_adamw_32bit")
     ap.add_argument("--out", default="")
     ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (experiment)")
+    ap.add_argument("--cprofile", type=int, default=0, help="also list the N Python functions with most own time")
     ap.add_argument("--kernels", type=int, default=0, help="also list the N kernels with most GPU time (1 step)")
     args = ap.parse_args()
     device = torch.device("cuda")
@@ -122,6 +140,8 @@ def main() -> None:
     totals = {k: round(sum(v[k] for v in per_linear.values()) * s.layers, 1) for k in next(iter(per_linear.values()))}
     result["all_layers_ms"] = totals
     model.zero_grad(set_to_none=True)
+    if args.cprofile:
+        result["python_hotspots"] = python_hotspots(lambda: (forward(), backward(), step()), args.cprofile)
     if args.kernels:
         result["top_kernels_ms"] = top_kernels(lambda: (forward(), backward(), step()), args.kernels)
     print(json.dumps(result, indent=1))
