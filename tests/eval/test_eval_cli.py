@@ -76,3 +76,33 @@ def test_answer_then_judge_locally_and_over_http(stories260k_dir, shared_dir, tm
         assert main(argv) == 0
         assert len(server.requests) == 6
     assert "| model | Elo |" in capsys.readouterr().out
+
+
+def test_adapter_is_applied(stories260k_dir, wiki, tmp_path):
+    """--adapter DIR: the perplexity of the saved adapter's model, not the base's (negative control)."""
+    import torch
+
+    import qlora
+    from qlora.adapter import save_adapter
+    from qlora.eval.perplexity import perplexity, text_ids
+    from qlora.lora import LoraSpec
+    from qlora.tokenizer import Tokenizer
+
+    spec = LoraSpec(r=4, alpha=8, dropout=0.0)
+    model = qlora.load_model(stories260k_dir, "nf4", compute_dtype=torch.float32, device="cpu", lora=spec)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B.weight"):
+                p.normal_(0, 0.05)
+    save_adapter(model, tmp_path / "adapter", spec, str(stories260k_dir))
+    ids = text_ids(Tokenizer.from_pretrained(stories260k_dir), wiki, 600)
+    expected = perplexity(model, ids, max_length=256, stride=128).perplexity
+    common = ["--model", str(stories260k_dir), "--dtype", "float32", "--perplexity", str(wiki), "--max-tokens", "600",
+              "--max-length", "256", "--stride", "128"]  # fmt: skip
+    main([*common, "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "a.json")])
+    main([*common, "--output", str(tmp_path / "b.json")])
+    with_adapter = json.loads((tmp_path / "a.json").read_text())["perplexity"]
+    base = json.loads((tmp_path / "b.json").read_text())["perplexity"]
+    assert with_adapter == pytest.approx(expected, rel=1e-6)
+    assert abs(base - with_adapter) > 1e-3 * base
