@@ -105,13 +105,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"usage: qlora {{{','.join(COMMANDS)}}} [options]   (qlora COMMAND --help for each)", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from qlora.adapter import AdapterError
     from qlora.config import ConfigError
     from qlora.data.errors import DataError
     from qlora.loading import ModelSourceError
 
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, DataError, ModelSourceError, FileNotFoundError) as e:
+    except (AdapterError, ConfigError, DataError, ModelSourceError, FileNotFoundError) as e:
         print(f"qlora {argv[0]}: error: {e}", file=sys.stderr)
         return 2
 

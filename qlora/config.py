@@ -214,6 +214,14 @@ class LoraSection(_Section):
         check=module_names,
     )
     use_rslora: bool = _opt(False, doc="Rank-stabilized LoRA: scale by alpha / sqrt(r) instead of alpha / r.")
+    init_from: str | None = _opt(
+        None,
+        doc="Continue training an existing LoRA adapter directory (saved by qlora or by peft): its r, alpha, "
+        "rsLoRA and target modules replace lora.r/alpha/use_rslora/target_modules and its weights are the "
+        "starting point; dropout and everything else are this run's. none = fresh adapters.",
+        alias="--adapter",
+        check=non_empty_str,
+    )
 
 
 @dataclass(kw_only=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from qlora.adapter import ADAPTER_WEIGHTS, adapter_state_dict, load_adapter_weights, save_adapter
+from qlora.adapter import ADAPTER_WEIGHTS, adapter_state_dict, load_adapter_weights, read_adapter_config, save_adapter
 from qlora.config import ConfigError, TrainConfig, resolve_size_defaults
 from qlora.data.collate import BatchIterator, count_tokens, split_holdout
 from qlora.data.encode import EncodedExample
@@ -79,6 +79,13 @@ def count_parameters(c: ModelConfig) -> int:
 
 
 def lora_spec(cfg: TrainConfig, dropout: float) -> LoraSpec:
+    """The adapters to create: the config's, or the shape of `lora.init_from`'s adapter (with this run's dropout)."""
+    if cfg.lora.init_from:
+        saved = read_adapter_config(cfg.lora.init_from)
+        log.info("continuing the adapter in %s: r=%d, alpha=%g, rslora=%s, targets %s", cfg.lora.init_from,
+                 saved.r, saved.alpha, saved.use_rslora, ",".join(saved.targets))  # fmt: skip
+        return LoraSpec(r=saved.r, alpha=saved.alpha, dropout=dropout, use_rslora=saved.use_rslora,
+                        targets=saved.targets)  # fmt: skip
     return LoraSpec(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=dropout, use_rslora=cfg.lora.use_rslora,
                     targets=tuple(cfg.lora.target_modules))  # fmt: skip
 
@@ -145,6 +152,8 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
     quant_type = None if cfg.quant.quant_type == "none" else cfg.quant.quant_type
     model = load_model(cfg.model.path, quant_type, cfg.quant.double_quant, dtype, device,
                        blocksize=cfg.quant.blocksize, lora=lora)  # fmt: skip
+    if cfg.lora.init_from:
+        load_adapter_weights(model, cfg.lora.init_from)  # a resume below overwrites them with the checkpoint's
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     params = mark_only_lora_trainable(model)
     seed_everything(cfg.seed)  # the adapters' init drew from the RNG; the loop starts from a known state
