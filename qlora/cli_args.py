@@ -6,7 +6,7 @@ field, a `--section.field` flag (`--lora.r`, `--train.lr_schedule`; top-level fi
 field's short alias where it declares one. The aliases are a contract that scripts rely on:
 
     --model  --data  --output  --config  --max-steps  --seed  --lr  --lora-r  --optim
-    --save-every  --eval-every  --resume  --device  --quant-type
+    --save-every  --eval-every  --resume  --device  --quant-type  --adapter
 
 Booleans take `--x` / `--no-x`; optional numbers take `none` to mean None; a list takes several
 values or a comma-separated one (`--lora.target_modules q_proj,v_proj`).

@@ -25,6 +25,7 @@ CONTRACT = {
     "--eval-every": ("train.eval_every", ["3"], 3),
     "--resume": ("train.resume", [], True),
     "--device": ("device", ["cpu"], "cpu"),
+    "--adapter": ("lora.init_from", ["runs/previous"], "runs/previous"),
     "--quant-type": ("quant.quant_type", ["fp4"], "fp4"),
 }
 
