@@ -88,9 +88,13 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # --- fused elementwise ops of the decoder (twins: the model's own formulas) ----------------------
+# Where a kernel does not cover the inputs (mixed dtypes, e.g. float32 cos/sin with bfloat16
+# activations under autocast; rows wider than the RMSNorm kernel holds in registers) the twin runs:
+# it promotes dtypes exactly as the model's formula does, so results never depend on the choice.
+_RMS_NORM_MAX_HIDDEN = 16384  # qlora.kernels.rms_norm.MAX_HIDDEN (not imported: that module imports triton)
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm: normalise in float32, cast back to x's dtype, then scale by weight."""
-    if implementation_for(x.device) == "triton":
+    if implementation_for(x.device) == "triton" and x.shape[-1] <= _RMS_NORM_MAX_HIDDEN:
         from qlora.kernels.rms_norm import rms_norm as fused
 
         return fused(x, weight, eps)
@@ -101,7 +105,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up (the Llama MLP's activation)."""
-    if implementation_for(gate.device) == "triton":
+    if implementation_for(gate.device) == "triton" and gate.shape == up.shape and gate.dtype == up.dtype:
         from qlora.kernels.swiglu import swiglu as fused
 
         return fused(gate, up)
@@ -110,7 +114,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE, rotate_half layout: x [B, heads, T, hd], cos/sin [B|1, T, hd] -> x * cos + rotate_half(x) * sin."""
-    if implementation_for(x.device) == "triton":
+    if implementation_for(x.device) == "triton" and cos.dtype == sin.dtype == x.dtype:
         from qlora.kernels.rotary import apply_rotary as fused
 
         return fused(x, cos, sin)

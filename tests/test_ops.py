@@ -93,3 +93,18 @@ def test_forced_triton_runs_the_kernels_through_lora(monkeypatch):
     for want, got in zip(results["torch"], results["triton"], strict=True):
         assert torch.equal(want, got)  # dequantization is bit-exact, so everything downstream is too
     assert isinstance(layer.base, qlora.QuantizedTensor)
+
+
+@needs_triton
+def test_inputs_a_kernel_does_not_cover_run_the_twin():
+    """Mixed dtypes (float32 cos/sin or up with bfloat16 activations, as under autocast) promote as the model does."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 to force the kernels onto CPU tensors")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 8, generator=g).to(torch.bfloat16)
+    cos, sin = torch.randn(1, 5, 8, generator=g), torch.randn(1, 5, 8, generator=g)  # float32
+    gate, up = torch.randn(4, 6, generator=g).to(torch.bfloat16), torch.randn(4, 6, generator=g)
+    with ops.use_implementation("triton"):
+        rotated, activated = ops.apply_rotary(x, cos, sin), ops.swiglu(gate, up)
+    assert rotated.dtype == torch.float32 and torch.equal(rotated, apply_rotary(x, cos, sin))
+    assert activated.dtype == torch.float32 and torch.equal(activated, F.silu(gate) * up)
