@@ -280,7 +280,7 @@ def test_plain_text_file_and_truncation_log(stories, caplog):
     assert len(whole) == 1 and info.num_truncated == 0
 
 
-def test_hub_names_and_parquet_are_clear_errors(stories):
+def test_hub_names_and_damaged_parquet_are_clear_errors(stories):
     with pytest.raises(DataError, match="Hugging Face dataset name") as caught:
         load_dataset("timdettmers/openassistant-guanaco", stories)
     assert "Download" in str(caught.value)
@@ -291,7 +291,23 @@ def test_hub_names_and_parquet_are_clear_errors(stories):
             load_dataset(FIXTURES / "table.parquet", stories)
     else:
         with pytest.raises(DataError, match="cannot read the Parquet file"):
-            load_dataset(FIXTURES / "table.parquet", stories)
+            load_dataset(FIXTURES / "table.parquet", stories)  # a file that is not Parquet inside
+
+
+@pytest.mark.parametrize(("fixture", "model"), [("io_good.jsonl", "stories"), ("oasst_trees.jsonl", "stories"),
+                                                ("text_good.jsonl", "stories"), ("chat_good.jsonl", "smollm2")])
+def test_parquet_gives_the_examples_of_the_same_records_as_jsonl(request, tmp_path, fixture, model):
+    pa = pytest.importorskip("pyarrow")
+    tokenizer = request.getfixturevalue(model)
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in (FIXTURES / fixture).read_text().splitlines() if line.strip()]
+    path = tmp_path / fixture.replace(".jsonl", ".parquet")
+    pq.write_table(pa.Table.from_pylist(rows), path)  # nested columns (chat messages) become list<struct>
+    want, want_info = load_dataset(FIXTURES / fixture, tokenizer)
+    got, got_info = load_dataset(path, tokenizer)
+    assert got_info.format == want_info.format
+    assert [(e.input_ids, e.labels) for e in got] == [(e.input_ids, e.labels) for e in want]
 
 
 # (fixture, line, field, words the message must contain)
