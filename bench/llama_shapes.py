@@ -14,6 +14,8 @@ number by their own step time.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -136,3 +138,16 @@ def train_step(model: LlamaForCausalLM, batch: dict[str, torch.Tensor], optimize
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(loss.detach())
+
+
+def timed_steps(
+    model: LlamaForCausalLM, batches: Sequence[dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer, n: int
+) -> Iterator[tuple[float, float]]:
+    """(loss, seconds) of `n` optimizer steps cycling through `batches`, CUDA-synchronised around each whole step
+    (forward, backward, optimizer step, zero_grad), as the reference script times its steps."""
+    for i in range(n):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        loss = train_step(model, batches[i % len(batches)], optimizer)
+        torch.cuda.synchronize()
+        yield loss, time.perf_counter() - started

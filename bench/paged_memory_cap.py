@@ -24,11 +24,10 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
-from bench.llama_shapes import SHAPES, GiB, build_model, random_batch, train_step
+from bench.llama_shapes import SHAPES, GiB, build_model, random_batch, timed_steps, train_step
 from qlora.optim import build_optimizer
 
 
@@ -54,14 +53,8 @@ def one_run(args) -> dict:
             rec["optimizer_memory"] = optimizer.memory_report()
         for b, seq in [(4, 512), (1, 2048)] if args.timed else []:
             batches = [random_batch(s, b, seq, device, seed=100 + i) for i in range(4)]
-            times = []
-            for i in range(args.warmup + args.timed):
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                train_step(model, batches[i % 4], optimizer)
-                torch.cuda.synchronize()
-                if i >= args.warmup:
-                    times.append(time.perf_counter() - t)
+            steps = timed_steps(model, batches, optimizer, args.warmup + args.timed)
+            times = [seconds for i, (_, seconds) in enumerate(steps) if i >= args.warmup]
             rec[f"step_s_median_{b}x{seq}"] = statistics.median(times)
     except torch.cuda.OutOfMemoryError as e:
         rec["error"] = "OOM: " + str(e).split("\n")[0][:300]

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from bench.llama_shapes import SHAPES, GiB, build_model, flops_per_token, random_batch, train_step
+from bench.llama_shapes import SHAPES, GiB, build_model, flops_per_token, random_batch, timed_steps
 from qlora.optim import build_optimizer
 
 
@@ -58,13 +58,10 @@ def run_ours(shape: str, mode: str, pairs, args) -> list[dict]:
         torch.cuda.reset_peak_memory_stats()
         times, losses, error = [], [], None
         try:
-            for i in range(args.warmup + args.steps):
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                losses.append(train_step(model, batches[i % 4], optimizer))
-                torch.cuda.synchronize()
+            for i, (loss, seconds) in enumerate(timed_steps(model, batches, optimizer, args.warmup + args.steps)):
+                losses.append(loss)
                 if i >= args.warmup:
-                    times.append(time.perf_counter() - t)
+                    times.append(seconds)
         except torch.cuda.OutOfMemoryError as e:
             error = "OOM: " + str(e).split("\n")[0][:200]
             optimizer.zero_grad(set_to_none=True)
