@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from qlora.kernels import interpreting, triton_importable
+from qlora.kernels import RMS_NORM_MAX_HIDDEN, interpreting, triton_importable
 from qlora.quant.tensor import QuantizedTensor
 
 ENV_VAR = "QLORA_KERNELS"
@@ -91,10 +91,9 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
 # Where a kernel does not cover the inputs (mixed dtypes, e.g. float32 cos/sin with bfloat16
 # activations under autocast; rows wider than the RMSNorm kernel holds in registers) the twin runs:
 # it promotes dtypes exactly as the model's formula does, so results never depend on the choice.
-_RMS_NORM_MAX_HIDDEN = 16384  # qlora.kernels.rms_norm.MAX_HIDDEN (not imported: that module imports triton)
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm: normalise in float32, cast back to x's dtype, then scale by weight."""
-    if implementation_for(x.device) == "triton" and x.shape[-1] <= _RMS_NORM_MAX_HIDDEN:
+    if implementation_for(x.device) == "triton" and x.shape[-1] <= RMS_NORM_MAX_HIDDEN:
         from qlora.kernels.rms_norm import rms_norm as fused
 
         return fused(x, weight, eps)

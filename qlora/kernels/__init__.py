@@ -16,6 +16,10 @@ import functools
 import importlib.util
 import os
 
+# Widest row the fused RMSNorm holds in registers; `qlora.ops` sends wider rows to the twin without
+# importing the kernel module (which imports Triton).
+RMS_NORM_MAX_HIDDEN = 16384
+
 
 @functools.cache
 def triton_importable() -> bool:

@@ -25,9 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qlora.kernels import RMS_NORM_MAX_HIDDEN as MAX_HIDDEN
 from qlora.kernels.rounding import emulate_rounding, round_to
-
-MAX_HIDDEN = 16384
 
 
 @triton.jit
