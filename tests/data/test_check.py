@@ -12,11 +12,6 @@ from qlora.tokenizer import Tokenizer
 FIXTURES = Path(__file__).parent / "fixtures" / "formats"
 
 
-@pytest.fixture(scope="module")
-def smollm2(smollm2_gguf):
-    return Tokenizer.from_pretrained(smollm2_gguf)
-
-
 def test_statistics_are_exact(smollm2):
     path = FIXTURES / "io_duplicate.jsonl"
     report = check_file(path, smollm2)

@@ -73,16 +73,6 @@ PINNED = {
 RECORDS = {"no_input": NO_INPUT, "with_input": WITH_INPUT}
 
 
-@pytest.fixture(scope="module")
-def stories(stories260k_dir):
-    return Tokenizer.from_pretrained(stories260k_dir)
-
-
-@pytest.fixture(scope="module")
-def smollm2(smollm2_gguf):
-    return Tokenizer.from_pretrained(smollm2_gguf)
-
-
 @pytest.mark.parametrize(("model", "kind"), list(PINNED), ids=[f"{m}-{k}" for m, k in PINNED])
 def test_pinned_ids_and_label_mask(request, model, kind):
     tok = request.getfixturevalue("stories" if model == "stories260K" else "smollm2")

@@ -82,16 +82,6 @@ CHAT_SMOLLM2_TRAINED = [[(31, 34), (48, 51)], [(20, 23)]]  # [start, end) of eac
 # fmt: on
 
 
-@pytest.fixture(scope="module")
-def stories(stories260k_dir):
-    return Tokenizer.from_pretrained(stories260k_dir)
-
-
-@pytest.fixture(scope="module")
-def smollm2(smollm2_gguf):
-    return Tokenizer.from_pretrained(smollm2_gguf)
-
-
 def _tok(request, model):
     return request.getfixturevalue("stories" if model == "stories260K" else "smollm2")
 
