@@ -25,6 +25,7 @@ from qlora.fused import use_fused_elementwise
 from qlora.lora import LoRALinear, LoraSpec, QuantSpec, mark_only_lora_trainable, replace_linears
 from qlora.model.config import ModelConfig
 from qlora.model.llama import LlamaForCausalLM
+from qlora.train.cuda_graph import CudaGraphStep
 from qlora.train.loss import loss_sum
 
 GiB = 2**30
@@ -130,24 +131,44 @@ def random_batch(s: Shape, batch: int, seq: int, device: torch.device, seed: int
     return {"input_ids": ids, "labels": ids}
 
 
-def train_step(model: LlamaForCausalLM, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> float:
-    """One optimizer step on one micro-batch (mean loss over its targets); returns the loss."""
-    total, n = loss_sum(model, batch)
-    loss = total / n
-    loss.backward()
+def train_step(
+    model: LlamaForCausalLM,
+    batch: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    graph_step: CudaGraphStep | None = None,
+) -> float:
+    """One optimizer step on one micro-batch (mean loss over its targets); returns the loss.
+
+    With `graph_step` the forward and backward replay a CUDA graph (`qlora.train.cuda_graph`).
+    The loss is read back only after the optimizer step is queued, so the host never waits for the
+    GPU in the middle of a step."""
+    if graph_step is not None:
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        loss = graph_step.forward_backward(batch, 1.0 / n) / n
+    else:
+        total, n = loss_sum(model, batch)
+        loss = total / n
+        loss.backward()
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if graph_step is not None:
+        graph_step.zero_grad()  # in place: the graph owns the .grad buffers
+    else:
+        optimizer.zero_grad(set_to_none=True)
     return float(loss.detach())
 
 
 def timed_steps(
-    model: LlamaForCausalLM, batches: Sequence[dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer, n: int
+    model: LlamaForCausalLM,
+    batches: Sequence[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    n: int,
+    graph_step: CudaGraphStep | None = None,
 ) -> Iterator[tuple[float, float]]:
     """(loss, seconds) of `n` optimizer steps cycling through `batches`, CUDA-synchronised around each whole step
     (forward, backward, optimizer step, zero_grad), as the reference script times its steps."""
     for i in range(n):
         torch.cuda.synchronize()
         started = time.perf_counter()
-        loss = train_step(model, batches[i % len(batches)], optimizer)
+        loss = train_step(model, batches[i % len(batches)], optimizer, graph_step)
         torch.cuda.synchronize()
         yield loss, time.perf_counter() - started

@@ -3,7 +3,9 @@
 For each workload ("SHAPE:MODE:BxS[,BxS...]", MODE qlora or lora16) it builds our model
 (`bench/llama_shapes.py`), times `--steps` optimizer steps after `--warmup` (median, CUDA-synchronised
 around each whole step: forward, backward, optimizer step, zero_grad), records peak allocated and
-reserved memory of the steps, then runs `reference_stack.py` with the same shape, mode and batches in
+reserved memory of the steps and the peak device memory of the whole workload (`bench/device_memory.py`:
+what the GPU itself has in use, which also counts CUDA contexts and the reference's managed-memory
+optimizer pages), then runs `reference_stack.py` with the same shape, mode and batches in
 a subprocess (so neither process's allocator cache affects the other) and prints both with ratios.
 
 Run on a GPU machine from the repository root (bitsandbytes importable for the reference):
@@ -13,7 +15,9 @@ Run on a GPU machine from the repository root (bitsandbytes importable for the r
 
 Both sides: LoRA r=64, alpha=16, dropout 0.05 on all seven block linears, NF4 + double quantization
 (qlora), bf16 compute, gradient checkpointing, paged AdamW 32-bit (ours: `paged_adamw_32bit`), lr 2e-4,
-no gradient clipping, random tokens with labels = inputs.
+no gradient clipping, random tokens with labels = inputs. Ours optionally replays forward+backward as
+CUDA graphs (`--cuda-graph`, as `qlora train` does by default) and takes the paged optimizer's page
+policy (`--page-policy auto|always`).
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ import time
 
 import torch
 
+from bench.device_memory import DeviceMemorySampler, context_bytes
 from bench.llama_shapes import SHAPES, GiB, build_model, flops_per_token, random_batch, timed_steps
 from qlora.optim import build_optimizer
+from qlora.train.cuda_graph import CudaGraphStep
 
 
 def parse_workload(text: str) -> tuple[str, str, list[tuple[int, int]]]:
@@ -50,15 +56,18 @@ def run_ours(shape: str, mode: str, pairs, args) -> list[dict]:
     build_s = time.perf_counter() - t0
     model_gib = torch.cuda.memory_allocated() / GiB
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(args.optim, params, lr=2e-4, weight_decay=0.0)
+    options = {"page_policy": args.page_policy} if args.optim.startswith("paged") else {}
+    optimizer = build_optimizer(args.optim, params, lr=2e-4, weight_decay=0.0, **options)
     records = []
     for b, seq in pairs:
         batches = [random_batch(s, b, seq, device, args.seed + 1000 * i + seq) for i in range(4)]
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        graph_step = CudaGraphStep(model, params) if args.cuda_graph else None  # one per shape: its own pool
         times, losses, error = [], [], None
         try:
-            for i, (loss, seconds) in enumerate(timed_steps(model, batches, optimizer, args.warmup + args.steps)):
+            for i, (loss, seconds) in enumerate(timed_steps(model, batches, optimizer, args.warmup + args.steps,
+                                                                 graph_step)):
                 losses.append(loss)
                 if i >= args.warmup:
                     times.append(seconds)
@@ -67,6 +76,7 @@ def run_ours(shape: str, mode: str, pairs, args) -> list[dict]:
             optimizer.zero_grad(set_to_none=True)
         total, no_recompute = flops_per_token(s, seq, 64)
         rec = {"tool": "qlora", "shape": shape, "mode": mode, "batch": b, "seq": seq, "optimizer": args.optim,
+               "cuda_graph": bool(args.cuda_graph), "page_policy": options.get("page_policy"),
                "build_s": round(build_s, 1), "model_GiB": round(model_gib, 2),
                "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                "peak_alloc_GiB": round(torch.cuda.max_memory_allocated() / GiB, 3),
@@ -78,6 +88,7 @@ def run_ours(shape: str, mode: str, pairs, args) -> list[dict]:
                         "mfu_no_recompute": round(no_recompute * b * seq / med / args.peak_flops, 4)})  # fmt: skip
         print(json.dumps(rec), flush=True)
         records.append(rec)
+        del graph_step
     del model, optimizer
     torch.cuda.empty_cache()
     return records
@@ -97,11 +108,19 @@ def run_reference(shape: str, mode: str, pairs, args) -> list[dict]:
     return records
 
 
+def with_device_peak(records: list[dict], peak_bytes: int) -> list[dict]:
+    """Attach the workload's peak device memory (all its batch shapes, model build included) to its records."""
+    for r in records:
+        r["device_peak_GiB"] = round(peak_bytes / GiB, 3)
+    return records
+
+
 def table(ours: list[dict], theirs: list[dict]) -> str:
     key = lambda r: (r.get("shape"), r.get("mode"), r.get("batch"), r.get("seq"))  # noqa: E731
     ref = {key(r): r for r in theirs}
     lines = ["| shape | mode | B x S | ours tok/s | ref tok/s | speed ratio | ours MFU | ref MFU | ours peak alloc GiB "
-             "| ref peak alloc GiB | ours peak reserved GiB | ref peak reserved GiB |", "|" + "---|" * 12]  # fmt: skip
+             "| ref peak alloc GiB | ours peak reserved GiB | ref peak reserved GiB | ours device peak GiB "
+             "| ref device peak GiB |", "|" + "---|" * 14]  # fmt: skip
     for r in ours:
         t = ref.get(key(r), {})
         f = lambda d, k, fmt: "-" if d.get(k) is None else fmt.format(d[k])  # noqa: E731
@@ -111,7 +130,8 @@ def table(ours: list[dict], theirs: list[dict]) -> str:
                      f"{f(r, 'tokens_per_s', '{:,.0f}')} | {f(t, 'tokens_per_s', '{:,.0f}')} | {ratio} | "
                      f"{f(r, 'mfu', '{:.1%}')} | {f(t, 'mfu', '{:.1%}')} | "
                      f"{f(r, 'peak_alloc_GiB', '{:.1f}')} | {f(t, 'peak_alloc_GiB', '{:.1f}')} | "
-                     f"{f(r, 'peak_reserved_GiB', '{:.1f}')} | {f(t, 'peak_reserved_GiB', '{:.1f}')} |")  # fmt: skip
+                     f"{f(r, 'peak_reserved_GiB', '{:.1f}')} | {f(t, 'peak_reserved_GiB', '{:.1f}')} | "
+                     f"{f(r, 'device_peak_GiB', '{:.1f}')} | {f(t, 'device_peak_GiB', '{:.1f}')} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -123,16 +143,25 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--optim", default="paged_adamw_32bit")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cuda-graph", action="store_true", help="replay forward+backward as a CUDA graph")
+    ap.add_argument("--page-policy", default="auto", choices=["auto", "always"], help="paged optimizers' policy")
     ap.add_argument("--peak-flops", type=float, default=989e12, help="H100 SXM dense bf16 (the reference's)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    context = context_bytes()  # before anything touches CUDA
     ours, theirs = [], []
     for text in args.workloads:
         shape, mode, pairs = parse_workload(text)
-        ours += run_ours(shape, mode, pairs, args)
+        with DeviceMemorySampler() as sampler:  # from before the model is built; our CUDA context predates it
+            group = run_ours(shape, mode, pairs, args)
+        ours += with_device_peak(group, sampler.peak_bytes + (context or 0))
         if args.reference:
-            theirs += run_reference(shape, mode, pairs, args)
-    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
+            torch.cuda.empty_cache()
+            with DeviceMemorySampler() as sampler:  # the child's own context is in its peak
+                group = run_reference(shape, mode, pairs, args)
+            theirs += with_device_peak(group, sampler.peak_bytes)
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "cuda_context_GiB": None if context is None else round(context / GiB, 3)}
     print(json.dumps(env))
     print(table(ours, theirs))
     if args.out:

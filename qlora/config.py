@@ -369,6 +369,16 @@ class LoopSection(_Section):
         False, doc="Resume from the newest complete checkpoint in the output directory.", alias="--resume"
     )
     eval_batch_size: int = _opt(4, doc="Examples per evaluation forward pass.", check=positive_int)
+    cuda_graphs: bool = _opt(
+        True,
+        doc="On CUDA, replay each micro-batch's forward and backward as a CUDA graph (one per padded batch shape; "
+        "bf16/fp32 compute, unpacked batches). Removes the host's launch overhead; false = eager.",
+    )
+    graph_length_multiple: int = _opt(
+        64,
+        doc="With cuda_graphs, pad batch lengths up to a multiple of this, so varied lengths need few graphs.",
+        check=positive_int,
+    )
 
     @property
     def effective_warmup_steps(self) -> int:

@@ -15,8 +15,23 @@ Per parameter with a gradient, `self.state[p]` holds
 
 Where they live: on p's device; for a CUDA parameter of a paged optimizer with
 numel >= page_min_numel (1e5), in pinned host memory (`is_pinned()`), staged through two GPU slots
-for the update. Parameters whose `grad` is None (frozen, or unused this step) are skipped and get
-no state, like torch.
+for the update, when the page policy says so. Parameters whose `grad` is None (frozen, or unused
+this step) are skipped and get no state, like torch.
+
+Page policy. `page_policy="always"` pages every large state. `"auto"` (the default) pages only
+under memory pressure, which is what bitsandbytes' managed-memory pages do in effect: its pages
+stay on the GPU until the driver needs the memory back. At its first step on a device, `auto`
+keeps the states GPU-resident if they fit below the device's limit (total memory times the
+per-process fraction, or less if other processes hold memory) together with the highest memory
+reserved so far (the forward/backward peak has already happened by then) and a margin of
+max(1 GiB, 10%); otherwise it pages them. While resident, each step checks the peak again and
+pages the states out, for good, once peak + margin reaches the limit. What `auto` cannot do is
+what managed memory does: give memory back in the middle of a forward pass. A run whose first
+steps are short and whose later batches are much longer is safer with `"always"`.
+
+Resident 32-bit states of float32 parameters are updated all at once (`adamw_update_many_`,
+torch's multi-tensor ops: ~8 launches instead of ~8 per tensor); paged and 8-bit states one
+parameter at a time, around their copies.
 
 Checkpoints. `state_dict()` is torch's format (integer parameter ids, `param_groups` with every
 hyper-parameter as plain python, state as tensors), loadable with `torch.load(weights_only=True)`.
@@ -34,7 +49,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from qlora.optim.adamw import adamw_update_
+from qlora.optim.adamw import adamw_update_, adamw_update_many_
 from qlora.optim.paging import PAGE_MIN_NUMEL, StagedPager, pinned_copy
 from qlora.optim.report import state_memory_report
 from qlora.optim.state8bit import (
@@ -48,6 +63,15 @@ from qlora.optim.state8bit import (
 )
 
 
+def device_memory_limit(device: torch.device) -> int:
+    """Bytes this process may hold on `device`: total x per-process fraction, or what is free plus what we hold."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = torch.cuda.get_per_process_memory_fraction(device) \
+        if hasattr(torch.cuda, "get_per_process_memory_fraction") else 1.0  # fmt: skip
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(total * fraction, free + torch.cuda.memory_reserved(device)))
+
+
 class QAdamW(torch.optim.Optimizer):
     """AdamW (torch's weight-decay order) with float32 or 8-bit states, optionally paged.
 
@@ -58,7 +82,10 @@ class QAdamW(torch.optim.Optimizer):
         paged: keep the states of large CUDA parameters in pinned host memory (no effect on the CPU).
         min_8bit_size: smallest parameter that gets 8-bit moments (bitsandbytes: 4096).
         page_min_numel: smallest parameter whose state is paged (bitsandbytes: 1e5).
+        page_policy: "auto" (page under memory pressure only) or "always" (see the module docstring).
     """
+
+    PAGE_POLICIES = ("auto", "always")
 
     def __init__(
         self,
@@ -71,7 +98,10 @@ class QAdamW(torch.optim.Optimizer):
         paged: bool = True,
         min_8bit_size: int = MIN_8BIT_SIZE,
         page_min_numel: int = PAGE_MIN_NUMEL,
+        page_policy: str = "auto",
     ):
+        if page_policy not in self.PAGE_POLICIES:
+            raise ValueError(f"page_policy must be one of {self.PAGE_POLICIES}, got {page_policy!r}")
         if optim_bits not in (8, 32):
             raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits!r}")
         if not lr >= 0.0 or not eps >= 0.0 or not weight_decay >= 0.0:
@@ -82,6 +112,8 @@ class QAdamW(torch.optim.Optimizer):
         self.paged = paged
         self.min_8bit_size = int(min_8bit_size)
         self.page_min_numel = int(page_min_numel)
+        self.page_policy = page_policy
+        self._resident: dict[torch.device, bool] = {}  # "auto": the decision per device, once made
         self._pagers: dict[torch.device, StagedPager] = {}
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
@@ -89,7 +121,45 @@ class QAdamW(torch.optim.Optimizer):
     # -- placement -------------------------------------------------------------------------------
 
     def _is_paged(self, p: torch.Tensor) -> bool:
-        return self.paged and p.is_cuda and p.numel() >= self.page_min_numel
+        return (self.paged and p.is_cuda and p.numel() >= self.page_min_numel
+                and not self._resident.get(p.device, False))  # fmt: skip
+
+    def _state_nbytes(self, p: torch.Tensor) -> int:
+        n = p.numel()
+        return 2 * n + 8 * -(-n // 256) if self._is_8bit(p) else 8 * n
+
+    def _apply_page_policy(self, params: list[torch.Tensor]) -> None:
+        """`auto`: decide (first step on a device) or revise (pressure) where large CUDA states live."""
+        if not self.paged or self.page_policy != "auto":
+            return
+        by_device: dict[torch.device, int] = {}
+        for p in params:
+            if p.is_cuda and p.numel() >= self.page_min_numel:
+                by_device[p.device] = by_device.get(p.device, 0) + self._state_nbytes(p)
+        for device, nbytes in by_device.items():
+            limit = device_memory_limit(device)
+            margin = max(2**30, limit // 10)
+            peak = torch.cuda.max_memory_reserved(device)
+            decided = self._resident.get(device)
+            if decided is None:
+                self._resident[device] = peak + nbytes + margin <= limit
+                if self._resident[device]:
+                    self._relocate(device, resident=True)
+            elif decided and peak + margin > limit:
+                self._resident[device] = False
+                self._relocate(device, resident=False)
+
+    def _relocate(self, device: torch.device, resident: bool) -> None:
+        """Move the existing large states of `device` onto it (resident) or into pinned host pages."""
+        self._synchronize()
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or p.device != device or p.numel() < self.page_min_numel:
+                    continue
+                for key, value in state.items():
+                    if key != "step":
+                        state[key] = value.to(device, copy=True) if resident else pinned_copy(value)
 
     def _is_8bit(self, p: torch.Tensor) -> bool:
         return self.optim_bits == 8 and uses_8bit(p.numel(), self.min_8bit_size)
@@ -139,8 +209,10 @@ class QAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._apply_page_policy([p for g in self.param_groups for p in g["params"] if p.grad is not None])
         paged: dict[torch.device, list] = {}
-        for group in self.param_groups:
+        together: dict[tuple, list] = {}  # (group index, device, step) -> resident float32 parameters
+        for index, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -154,8 +226,16 @@ class QAdamW(torch.optim.Optimizer):
                 tensors = {k: v for k, v in state.items() if k != "step"}
                 if self._is_paged(p):
                     paged.setdefault(p.device, []).append(((p, group, step), tensors))
+                elif "exp_avg" in tensors and p.dtype == torch.float32:
+                    together.setdefault((index, p.device, step), []).append((p, tensors))
                 else:
                     self._update(p, group, tensors, step)
+        for (index, _, step), items in together.items():
+            group = self.param_groups[index]
+            beta1, beta2 = group["betas"]
+            adamw_update_many_([p for p, _ in items], [p.grad for p, _ in items], [t["exp_avg"] for _, t in items],
+                               [t["exp_avg_sq"] for _, t in items], step, lr=float(group["lr"]), beta1=beta1,
+                               beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])  # fmt: skip
         for device, items in paged.items():
             self._pager(device).run(items, lambda key, views: self._update(key[0], key[1], views, key[2]))
         return loss

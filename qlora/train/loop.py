@@ -44,6 +44,7 @@ from qlora.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from qlora.train.cuda_graph import GRAPH_KEYS, CudaGraphStep, pad_batch
 from qlora.train.loss import loss_sum
 from qlora.train.metrics import MetricsLogger, ProgressBar, plot_losses, summarize
 from qlora.train.schedule import build_scheduler
@@ -181,6 +182,13 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
         start_step = int(state["trainer.json"]["step"])
         log.info("resumed from %s at step %d", latest, start_step)
 
+    graphs = None
+    if cfg.train.cuda_graphs and device.type == "cuda":
+        if scaler.is_enabled():
+            log.info("cuda_graphs: off for float16 compute (its loss scale changes between steps); training eagerly")
+        else:
+            graphs = CudaGraphStep(model, params)
+
     logger = MetricsLogger(output, resume_step=start_step if cfg.train.resume else None)
     bar = ProgressBar(cfg.train.max_steps, initial=start_step, enabled=progress, device=device)
 
@@ -203,20 +211,33 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
         started = time.perf_counter()
         micro = [next(batches) for _ in range(cfg.train.grad_accum)]
         step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float32, device=device)  # read back once per step, not per micro-batch
         for batch in micro:
-            s, _ = loss_sum(model, _to(batch, device))
-            scaler.scale(s / max(step_tokens, 1)).backward()
-            total += float(s.detach())
+            if graphs is not None and set(batch) <= GRAPH_KEYS:
+                batch = pad_batch(batch, cfg.train.graph_length_multiple, pad_id)
+                try:
+                    s = graphs.forward_backward(batch, 1.0 / max(step_tokens, 1))
+                except torch.cuda.OutOfMemoryError:
+                    raise
+                except RuntimeError as e:  # capture refused (an old torch, an op that cannot be captured)
+                    log.warning("cuda_graphs: capture failed (%s); training eagerly from here", e)
+                    graphs = None
+            if graphs is None or not set(batch) <= GRAPH_KEYS:
+                s, _ = loss_sum(model, _to(batch, device))
+                scaler.scale(s / max(step_tokens, 1)).backward()
+            total += s.detach()
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
         lr = optimizer.param_groups[0]["lr"]
         scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
         scaler.update()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        if graphs is not None:
+            graphs.zero_grad()  # in place: the captured graphs own the .grad buffers
+        else:
+            optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - started
-        loss_value = total / max(step_tokens, 1)
+        loss_value = float(total) / max(step_tokens, 1)
         seen_tokens = sum(count_tokens(b) for b in micro)
         tokens_per_s = seen_tokens / elapsed
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:

@@ -52,3 +52,25 @@ def loss_sum(model, batch: dict[str, torch.Tensor], chunk_rows: int = 2048) -> t
         else:
             total = total + _chunk_ce_sum(rows[part], weight, wanted[part])
     return total, n
+
+
+def loss_sum_all_rows(model, input_ids: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 2048) -> torch.Tensor:
+    """The same sum as `loss_sum`, with every position sent through `lm_head` (ignored ones contribute 0).
+
+    Shapes depend only on the input shape and nothing is read back to the host, which is what a
+    CUDA graph needs (`qlora.train.cuda_graph`); the price is lm_head FLOPs on unlabelled rows.
+    Right-padded batches need no attention mask here: under the causal mask a real token never
+    attends to the pads that follow it, and the pads' own positions carry label -100.
+    """
+    hidden = model.hidden_states(input_ids)  # [B, T, H]
+    rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [B*(T-1), H]
+    targets = labels[:, 1:].reshape(-1)  # [B*(T-1)]
+    weight = model.lm_head.weight
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, rows.shape[0], chunk_rows):
+        part = slice(start, start + chunk_rows)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_ce_sum, rows[part], weight, targets[part], use_reentrant=False)
+        else:
+            total = total + _chunk_ce_sum(rows[part], weight, targets[part])
+    return total

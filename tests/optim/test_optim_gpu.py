@@ -13,6 +13,7 @@ from qlora.optim import build_optimizer
 pytestmark = pytest.mark.gpu
 CUDA = "cuda"
 RESIDENT = {"page_min_numel": 1 << 62}  # nothing is paged: every state stays on the GPU
+ALWAYS = {"page_policy": "always"}  # page every large state, whatever room the GPU has
 
 
 def deep_model(seed: int = 0) -> torch.nn.Sequential:
@@ -42,7 +43,8 @@ def test_paged_32bit_equals_torch_adamw_on_cuda():
     ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, foreach=False)
     ref = train(ref_model, ref_opt, make_scheduler(ref_opt), 0, 50, device=CUDA)
     model = make_mlp(seed=0).to(CUDA)
-    opt = build_optimizer("paged_adamw_32bit", model.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+    opt = build_optimizer("paged_adamw_32bit", model.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1,
+                          **ALWAYS)
     ours = train(model, opt, make_scheduler(opt), 0, 50, device=CUDA)
     assert opt.state[model[4].weight]["exp_avg"].is_pinned()  # fc2 (129,000) was paged
     for step, (a, b) in enumerate(zip(ours, ref, strict=True)):
@@ -53,7 +55,7 @@ def test_paged_32bit_equals_torch_adamw_on_cuda():
 @pytest.mark.parametrize("name", ["paged_adamw_32bit", "paged_adamw_8bit"])
 def test_paging_changes_no_bit(name):
     """The same kernels run on staged copies: paged and GPU-resident states give identical results."""
-    paged_model, paged_opt = run_deep(name)
+    paged_model, paged_opt = run_deep(name, **ALWAYS)
     resident_model, resident_opt = run_deep(name, **RESIDENT)
     for p, q in zip(paged_model.parameters(), resident_model.parameters(), strict=True):
         assert torch.equal(p, q)
@@ -65,7 +67,7 @@ def test_paging_changes_no_bit(name):
 
 
 def test_state_lives_in_pinned_host_memory_and_resumes_there():
-    model, opt = run_deep("paged_adamw_32bit", steps=2)
+    model, opt = run_deep("paged_adamw_32bit", steps=2, **ALWAYS)
     for p in model.parameters():
         for key in ("exp_avg", "exp_avg_sq"):
             t = opt.state[p][key]
@@ -76,7 +78,7 @@ def test_state_lives_in_pinned_host_memory_and_resumes_there():
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
     buffer.seek(0)
-    fresh = build_optimizer("paged_adamw_32bit", model.parameters(), lr=1e-2, weight_decay=0.1)
+    fresh = build_optimizer("paged_adamw_32bit", model.parameters(), lr=1e-2, weight_decay=0.1, **ALWAYS)
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     for p in model.parameters():
         t = fresh.state[p]["exp_avg"]
@@ -88,7 +90,7 @@ def peak_step_memory(paged: bool) -> tuple[int, int, int]:
     """(peak bytes allocated during the 3rd step, state bytes, staging bytes) for 8 layers of 1024 x 1024."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(8)]).to(CUDA)
-    opt = build_optimizer("paged_adamw_32bit", model.parameters(), lr=1e-3, **({} if paged else RESIDENT))
+    opt = build_optimizer("paged_adamw_32bit", model.parameters(), lr=1e-3, **(ALWAYS if paged else RESIDENT))
     x = torch.randn(4, 1024, device=CUDA)
     for _ in range(3):
         model(x).square().mean().backward()
@@ -109,3 +111,27 @@ def test_paging_lowers_peak_gpu_memory():
     # expected saving: the 64 MiB of state minus the two 8 MiB staging slots = 48 MiB; 1 MiB for allocator rounding
     assert staging == 2 * 8 * 1024 * 1024
     assert saving >= state_bytes - staging - (1 << 20), (saving, state_bytes, staging)
+
+
+def test_auto_policy_keeps_states_resident_when_there_is_room():
+    """Default "auto": a small model on an idle GPU keeps its states on the GPU, with the same numbers as paged."""
+    auto_model, auto_opt = run_deep("paged_adamw_32bit")
+    paged_model, paged_opt = run_deep("paged_adamw_32bit", **ALWAYS)
+    assert auto_opt.memory_report()["pinned_host_bytes"] == 0
+    assert paged_opt.memory_report()["pinned_host_bytes"] > 0
+    for p, q in zip(auto_model.parameters(), paged_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)  # multi-tensor vs one-tensor update
+
+
+def test_auto_policy_pages_under_a_memory_cap():
+    """With the process capped just above what the run itself reserves, "auto" pages (and the run completes)."""
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    try:
+        # limit = cap, margin = max(1 GiB, cap / 10) = 1 GiB: reserved + states (~17 MiB) + margin > cap
+        cap = torch.cuda.memory_reserved() + (1 << 30) + (8 << 20)
+        torch.cuda.set_per_process_memory_fraction(min(cap / total, 1.0))
+        model, opt = run_deep("paged_adamw_32bit", steps=3)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert opt.memory_report()["pinned_host_bytes"] > 0

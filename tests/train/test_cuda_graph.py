@@ -1,0 +1,173 @@
+"""CUDA-graph steps: the static-shape loss equals the eager one (CPU); replays equal eager steps (GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from qlora.data.collate import collate
+from qlora.data.encode import EncodedExample
+from qlora.fused import use_fused_elementwise
+from qlora.lora import DEFAULT_TARGETS, LoraSpec, QuantSpec, lora_layers, mark_only_lora_trainable, replace_linears
+from qlora.model.config import ModelConfig
+from qlora.model.llama import LlamaForCausalLM
+from qlora.train.cuda_graph import CudaGraphStep, is_right_padded, pad_batch
+from qlora.train.loss import loss_sum, loss_sum_all_rows
+
+VOCAB = 61
+
+
+def tiny_qlora_model(device: str, dtype=torch.float32, quant: str | None = "nf4", dropout=0.0, seed=0):
+    """Two decoder layers, NF4 base, LoRA r=8 on every linear (B random so A gets gradients), checkpointing."""
+    cfg = ModelConfig.from_hf({"model_type": "llama", "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96,
+                                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                 "rms_norm_eps": 1e-5, "max_position_embeddings": 128})  # fmt: skip
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    dense = {n: m.weight.detach().clone() for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in DEFAULT_TARGETS}  # fmt: skip
+    replace_linears(model, QuantSpec(quant, 64, True), LoraSpec(r=8, alpha=16.0, dropout=dropout), device="cpu",
+                    dtype=dtype)  # fmt: skip
+    for name, layer in lora_layers(model).items():
+        layer.set_base_weight(dense[name])
+        with torch.no_grad():
+            layer.lora_B.weight.normal_(0, 0.1)
+    use_fused_elementwise(model)
+    model.gradient_checkpointing = True
+    model.to(device).train()
+    return model, mark_only_lora_trainable(model)
+
+
+def right_padded_batch(seed=0) -> dict[str, torch.Tensor]:
+    """Three examples of different lengths, prompts masked (-100), right-padded by `collate`."""
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for n_prompt, n_answer in [(5, 4), (3, 9), (7, 2)]:
+        ids = torch.randint(1, VOCAB, (n_prompt + n_answer,), generator=g).tolist()
+        examples.append(EncodedExample(input_ids=ids, labels=[-100] * n_prompt + ids[n_prompt:]))
+    return collate(examples, pad_id=0)
+
+
+def test_all_rows_loss_equals_the_eager_loss_and_gradients():
+    model, params = tiny_qlora_model("cpu")
+    batch = right_padded_batch()
+    assert not bool(batch["attention_mask"].all())  # the batch really is padded
+    want, n = loss_sum(model, batch)
+    want.backward()
+    want_grads = [p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    got = loss_sum_all_rows(model, batch["input_ids"], batch["labels"], chunk_rows=7)
+    got.backward()
+    assert n == int((batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for p, g in zip(params, want_grads, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_pad_batch_rounds_the_length_up_with_ignored_labels():
+    batch = right_padded_batch()
+    length = batch["input_ids"].shape[1]
+    padded = pad_batch(batch, 8, pad_id=0)
+    assert padded["input_ids"].shape[1] == -(-length // 8) * 8
+    assert torch.equal(padded["input_ids"][:, :length], batch["input_ids"])
+    assert (padded["labels"][:, length:] == -100).all() and (padded["attention_mask"][:, length:] == 0).all()
+    assert is_right_padded(padded["attention_mask"])
+    assert pad_batch(padded, 8, pad_id=0) is padded
+    assert not is_right_padded(torch.tensor([[0, 1, 1]]))  # left padding
+
+
+def test_graph_step_refuses_cpu_parameters():
+    model, params = tiny_qlora_model("cpu")
+    with pytest.raises(ValueError, match="CUDA device"):
+        CudaGraphStep(model, params)
+
+
+# --- on the GPU -------------------------------------------------------------------------------------
+
+
+def _grads(params):
+    return [p.grad.clone() for p in params]
+
+
+def _eager(model, params, batch, scale):
+    total = loss_sum_all_rows(model, batch["input_ids"], batch["labels"])
+    (total * scale).backward()
+    return total.detach()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_replay_equals_the_eager_step(dropout):
+    """Same seed, same dropout masks (also in the checkpoint recompute), same loss and gradients."""
+    model, params = tiny_qlora_model("cuda", torch.bfloat16, dropout=dropout)
+    batch = {k: v.cuda() for k, v in right_padded_batch().items()}
+    step = CudaGraphStep(model, params)
+    step.forward_backward(batch, 0.5)  # captures, then replays once
+    assert step.captures == 1
+    step.zero_grad()
+    torch.cuda.manual_seed(123)
+    want = _eager(model, params, batch, 0.5)
+    want_grads = _grads(params)
+    step.zero_grad()
+    torch.cuda.manual_seed(123)
+    got = step.forward_backward(batch, 0.5)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    for p, g in zip(params, want_grads, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=2e-2, atol=1e-3)
+    if dropout:  # negative control: another seed draws other masks, and the gradients show it
+        step.zero_grad()
+        torch.cuda.manual_seed(321)
+        step.forward_backward(batch, 0.5)
+        assert max((p.grad - g).abs().max().item() for p, g in zip(params, want_grads, strict=True)) > 1e-2
+
+
+@pytest.mark.gpu
+def test_replays_accumulate_and_survive_set_to_none_and_new_shapes():
+    model, params = tiny_qlora_model("cuda", torch.bfloat16)
+    a = {k: v.cuda() for k, v in right_padded_batch(0).items()}
+    b = {k: v.cuda() for k, v in pad_batch(right_padded_batch(1), 16, pad_id=0).items()}
+    step = CudaGraphStep(model, params)
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    want_a, want_b = _eager(model, params, a, 1.0), None
+    grads_a = _grads(params)
+    optimizer.zero_grad(set_to_none=True)
+    want_b = _eager(model, params, b, 1.0)
+    grads_b = _grads(params)
+    optimizer.zero_grad(set_to_none=True)  # the graph step must re-attach its buffers
+    got_a = step.forward_backward(a, 1.0)
+    got_b = step.forward_backward(b, 1.0)  # a second shape: a second graph in the same pool
+    assert step.captures == 2 and len(step.graphs) == 2
+    torch.testing.assert_close(got_a, want_a, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(got_b, want_b, rtol=1e-3, atol=1e-3)
+    for p, ga, gb in zip(params, grads_a, grads_b, strict=True):
+        torch.testing.assert_close(p.grad, ga + gb, rtol=2e-2, atol=1e-3)
+    step.zero_grad()
+    assert all(not p.grad.any() for p in params)
+    params[0].grad = torch.zeros_like(params[0])
+    with pytest.raises(RuntimeError, match="replaced by another tensor"):
+        step.forward_backward(a, 1.0)
+
+
+@pytest.mark.gpu
+def test_training_with_graphs_follows_eager_training(tmp_path):
+    """`train()` on CUDA with cuda_graphs (the default) and without: the same losses, step for step."""
+    from train_fixtures import ALPACA, STORIES, tiny_config
+
+    from qlora.train.loop import train
+    from qlora.train.metrics import read_metrics
+
+    if not (STORIES.exists() and ALPACA.exists()):
+        pytest.skip(f"needs {STORIES} and {ALPACA}")
+    losses = {}
+    for graphs in (False, True):
+        cfg = tiny_config(tmp_path / str(graphs), max_steps=6, cuda_graphs=graphs)
+        cfg.device, cfg.lora.dropout = "cuda", 0.0  # no dropout: the graphs' warm-up runs draw random numbers
+        train(cfg, progress=False)
+        records = read_metrics(tmp_path / str(graphs) / "metrics.jsonl")
+        losses[graphs] = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(losses[True]) == 6
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
