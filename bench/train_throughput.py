@@ -23,6 +23,7 @@ policy (`--page-policy auto|always`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -33,7 +34,7 @@ import time
 import torch
 
 from bench.device_memory import DeviceMemorySampler, context_bytes
-from bench.llama_shapes import SHAPES, GiB, build_model, flops_per_token, random_batch, timed_steps
+from bench.llama_shapes import BENCH_LORA, SHAPES, GiB, build_model, flops_per_token, random_batch, timed_steps
 from qlora.optim import build_optimizer
 from qlora.train.cuda_graph import CudaGraphStep
 
@@ -51,7 +52,8 @@ def run_ours(shape: str, mode: str, pairs, args) -> list[dict]:
     s = SHAPES[shape]
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    model = build_model(s, "nf4" if mode == "qlora" else None, device, seed=args.seed)
+    lora = dataclasses.replace(BENCH_LORA, param_dtype=getattr(torch, args.lora_dtype))
+    model = build_model(s, "nf4" if mode == "qlora" else None, device, seed=args.seed, lora=lora)
     torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
     model_gib = torch.cuda.memory_allocated() / GiB
@@ -77,6 +79,7 @@ def run_ours(shape: str, mode: str, pairs, args) -> list[dict]:
         total, no_recompute = flops_per_token(s, seq, 64)
         rec = {"tool": "qlora", "shape": shape, "mode": mode, "batch": b, "seq": seq, "optimizer": args.optim,
                "cuda_graph": bool(args.cuda_graph), "page_policy": options.get("page_policy"),
+               "lora_dtype": args.lora_dtype,
                "build_s": round(build_s, 1), "model_GiB": round(model_gib, 2),
                "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                "peak_alloc_GiB": round(torch.cuda.max_memory_allocated() / GiB, 3),
@@ -144,6 +147,8 @@ def main() -> int:
     ap.add_argument("--optim", default="paged_adamw_32bit")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cuda-graph", action="store_true", help="replay forward+backward as a CUDA graph")
+    ap.add_argument("--lora-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="our adapter weights' dtype (the reference keeps float32; the QLoRA script used bfloat16)")
     ap.add_argument("--page-policy", default="auto", choices=["auto", "always"], help="paged optimizers' policy")
     ap.add_argument("--peak-flops", type=float, default=989e12, help="H100 SXM dense bf16 (the reference's)")
     ap.add_argument("--out", default="")

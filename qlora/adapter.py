@@ -8,7 +8,7 @@
                                  (safetensors metadata {"format": "pt"})
 
 Our module names are transformers' own (see `qlora.model.llama`), so the only translation is the
-`base_model.model.` prefix. Tensors are saved in float32, the dtype they train in. Writing goes
+`base_model.model.` prefix. Tensors are saved in float32 (exact for bfloat16-trained adapters too). Writing goes
 through a temporary file and `os.replace`, so an interrupted save never leaves a torn adapter.
 """
 

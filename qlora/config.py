@@ -92,6 +92,7 @@ OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimName)
 LrSchedule = Literal["constant", "cosine", "linear"]
 QuantType = Literal["nf4", "fp4", "int4", "none"]
 ComputeDtype = Literal["bfloat16", "float16", "float32"]
+AdapterDtype = Literal["float32", "bfloat16"]
 
 
 def _opt(
@@ -214,6 +215,12 @@ class LoraSection(_Section):
         check=module_names,
     )
     use_rslora: bool = _opt(False, doc="Rank-stabilized LoRA: scale by alpha / sqrt(r) instead of alpha / r.")
+    param_dtype: AdapterDtype = _opt(
+        "float32",
+        doc="Storage of the adapter weights and their gradients: float32 (PEFT's default) or bfloat16 (the QLoRA "
+        "paper's script; half the adapter memory, updates rounded to bfloat16; optimizer states stay float32). "
+        "Saved adapters are float32 either way.",
+    )
     init_from: str | None = _opt(
         None,
         doc="Continue training an existing LoRA adapter directory (saved by qlora or by peft): its r, alpha, "

@@ -20,8 +20,9 @@ in backward. With g = dL/dy [N, out], xd = drop(x) [N, in], h = xd A^T [N, r]:
 
 Saved for backward: xd, h, A, B and a reference to the packed weight (never a dequantized copy;
 a test hooks saved tensors to prove it). Matmuls run in the compute dtype (bf16 by default); the
-adapter parameters are kept in float32 for the optimizer and cast for the matmuls, and their
-gradients come back in float32.
+adapter parameters are kept in `LoraSpec.param_dtype` (float32 by default, as PEFT keeps them;
+bfloat16 is what the QLoRA paper's own script does, and halves the adapters' and their gradients'
+memory) and cast for the matmuls, and their gradients come back in that dtype.
 
 Initialisation is PEFT's default: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0,
 so a fresh adapter leaves the model's output unchanged.
@@ -61,6 +62,7 @@ class LoraSpec:
     dropout: float = 0.1
     use_rslora: bool = False
     targets: tuple[str, ...] = field(default=DEFAULT_TARGETS)
+    param_dtype: torch.dtype = torch.float32  # the adapter weights' (and gradients') storage
 
     @property
     def scale(self) -> float:
@@ -151,8 +153,8 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(lora.dropout) if lora is not None and lora.dropout > 0 else nn.Identity()
         if self.r:
             # nn.Linear holders give PEFT's key names: <layer>.lora_A.weight, <layer>.lora_B.weight
-            self.lora_A = nn.Linear(in_features, self.r, bias=False, device=device, dtype=torch.float32)
-            self.lora_B = nn.Linear(self.r, out_features, bias=False, device=device, dtype=torch.float32)
+            self.lora_A = nn.Linear(in_features, self.r, bias=False, device=device, dtype=lora.param_dtype)
+            self.lora_B = nn.Linear(self.r, out_features, bias=False, device=device, dtype=lora.param_dtype)
             if device is None or torch.device(device).type != "meta":
                 self.reset_adapter()
 

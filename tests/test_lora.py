@@ -175,3 +175,29 @@ def test_replace_linears_targets_and_errors():
         "q_proj.lora_A.weight", "q_proj.lora_B.weight", "v_proj.lora_A.weight", "v_proj.lora_B.weight"]  # fmt: skip
     with pytest.raises(ValueError, match=r"\['o_proj'\] match no linear layer"):
         replace_linears(TinyBlock(), QuantSpec("nf4"), LoraSpec(targets=("q_proj", "o_proj")), device="cpu")
+
+
+def test_bfloat16_adapter_weights_compute_like_their_float32_upcast():
+    """param_dtype=bfloat16 (the QLoRA script's choice): bf16 weights and gradients, same maths as float32
+    weights holding the same values (the matmuls see identical numbers)."""
+    torch.manual_seed(0)
+    half = LoRALinear(96, 80, quant=QuantSpec("nf4"), dtype=torch.float32, device="cpu",
+                      lora=LoraSpec(r=4, alpha=8.0, dropout=0.0, param_dtype=torch.bfloat16))  # fmt: skip
+    half.set_base_weight(torch.randn(80, 96) * 0.05)
+    with torch.no_grad():
+        half.lora_B.weight.normal_(0, 0.1)
+    full = LoRALinear(96, 80, quant=QuantSpec("nf4"), dtype=torch.float32, device="cpu",
+                      lora=LoraSpec(r=4, alpha=8.0, dropout=0.0))  # fmt: skip
+    full.base = half.base
+    with torch.no_grad():
+        full.lora_A.weight.copy_(half.lora_A.weight.float())
+        full.lora_B.weight.copy_(half.lora_B.weight.float())
+    assert half.lora_A.weight.dtype == half.lora_B.weight.dtype == torch.bfloat16
+    x = torch.randn(3, 5, 96)
+    y_half, y_full = half(x), full(x)
+    assert torch.equal(y_half, y_full)
+    y_half.square().sum().backward()
+    y_full.square().sum().backward()
+    for h, f in [(half.lora_A, full.lora_A), (half.lora_B, full.lora_B)]:
+        assert h.weight.grad.dtype == torch.bfloat16
+        assert torch.equal(h.weight.grad, f.weight.grad.to(torch.bfloat16))

@@ -70,15 +70,15 @@ def adamw_update_many_(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """`adamw_update_` on many float32 tensors of one device and step count at once (torch's `_foreach` ops).
+    """`adamw_update_` on many tensors of one device and step count at once (torch's `_foreach` ops).
 
     The same operations in the same order, so the results equal the one-tensor path element for element;
-    ~8 multi-tensor launches replace ~8 launches per tensor (a 7B model's LoRA has 448 tensors)."""
-    if any(p.dtype != torch.float32 for p in params):
-        raise TypeError("adamw_update_many_ updates float32 parameters; use adamw_update_ for other dtypes")
+    ~8 multi-tensor launches replace ~8 launches per tensor (a 7B model's LoRA has 448 tensors).
+    Non-float32 parameters are updated in float32 copies and written back, as in `adamw_update_`."""
+    work = [p if p.dtype == torch.float32 else p.float() for p in params]
     grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
     if weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
+        torch._foreach_mul_(work, 1 - lr * weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
@@ -88,4 +88,7 @@ def adamw_update_many_(
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, bias_correction2**0.5)
     torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denom, value=-step_size)
+    torch._foreach_addcdiv_(work, exp_avgs, denom, value=-step_size)
+    for p, w in zip(params, work, strict=True):
+        if w is not p:
+            p.copy_(w)

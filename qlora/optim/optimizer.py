@@ -29,7 +29,7 @@ pages the states out, for good, once peak + margin reaches the limit. What `auto
 what managed memory does: give memory back in the middle of a forward pass. A run whose first
 steps are short and whose later batches are much longer is safer with `"always"`.
 
-Resident 32-bit states of float32 parameters are updated all at once (`adamw_update_many_`,
+Resident 32-bit states are updated all at once (`adamw_update_many_`,
 torch's multi-tensor ops: ~8 launches instead of ~8 per tensor); paged and 8-bit states one
 parameter at a time, around their copies.
 
@@ -211,7 +211,7 @@ class QAdamW(torch.optim.Optimizer):
                 loss = closure()
         self._apply_page_policy([p for g in self.param_groups for p in g["params"] if p.grad is not None])
         paged: dict[torch.device, list] = {}
-        together: dict[tuple, list] = {}  # (group index, device, step) -> resident float32 parameters
+        together: dict[tuple, list] = {}  # (group index, device, step) -> parameters with resident 32-bit states
         for index, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is None:
@@ -226,7 +226,7 @@ class QAdamW(torch.optim.Optimizer):
                 tensors = {k: v for k, v in state.items() if k != "step"}
                 if self._is_paged(p):
                     paged.setdefault(p.device, []).append(((p, group, step), tensors))
-                elif "exp_avg" in tensors and p.dtype == torch.float32:
+                elif "exp_avg" in tensors:
                     together.setdefault((index, p.device, step), []).append((p, tensors))
                 else:
                     self._update(p, group, tensors, step)

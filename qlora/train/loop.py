@@ -86,9 +86,9 @@ def lora_spec(cfg: TrainConfig, dropout: float) -> LoraSpec:
         log.info("continuing the adapter in %s: r=%d, alpha=%g, rslora=%s, targets %s", cfg.lora.init_from,
                  saved.r, saved.alpha, saved.use_rslora, ",".join(saved.targets))  # fmt: skip
         return LoraSpec(r=saved.r, alpha=saved.alpha, dropout=dropout, use_rslora=saved.use_rslora,
-                        targets=saved.targets)  # fmt: skip
+                        targets=saved.targets, param_dtype=_DTYPES[cfg.lora.param_dtype])  # fmt: skip
     return LoraSpec(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=dropout, use_rslora=cfg.lora.use_rslora,
-                    targets=tuple(cfg.lora.target_modules))  # fmt: skip
+                    targets=tuple(cfg.lora.target_modules), param_dtype=_DTYPES[cfg.lora.param_dtype])  # fmt: skip
 
 
 def build_optimizer(

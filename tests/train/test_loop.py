@@ -99,3 +99,19 @@ def test_chunked_loss_equals_full_cross_entropy(stories260k_dir):
     expected = torch.nn.functional.cross_entropy(logits, batch["labels"][0, 1:], reduction="sum")
     assert n == 30
     torch.testing.assert_close(s, expected)
+
+
+def test_bfloat16_adapters_train_and_save_as_float32(tmp_path):
+    """lora.param_dtype=bfloat16: the run trains (losses near the float32 run's) and saves float32 tensors
+    that are exactly the bfloat16 weights."""
+    from safetensors.torch import load_file
+
+    full = train(tiny_config(tmp_path / "fp32", max_steps=3), progress=False)
+    cfg = tiny_config(tmp_path / "bf16", max_steps=3)
+    cfg.lora.param_dtype = "bfloat16"
+    half = train(cfg, progress=False)
+    assert half.final_loss == pytest.approx(full.final_loss, rel=2e-2)
+    saved = load_file(str(tmp_path / "bf16" / "adapter_model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in saved.values())
+    assert all(torch.equal(t, t.to(torch.bfloat16).float()) for t in saved.values())  # bf16 values, upcast
+    assert any(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k)  # B moved off its zero init
