@@ -62,6 +62,24 @@ from qlora.optim.state8bit import (
     zero_state_8bit,
 )
 
+# Elements per multi-tensor update: its float32 temporaries (the denominator; copies of non-float32 parameters
+# and gradients) take at most 3 x 4 x this many bytes (192 MiB), not 3 x 4 bytes per adapter parameter.
+MULTI_TENSOR_CHUNK = 1 << 24
+
+
+def _chunks(items: list, max_numel: int) -> list[list]:
+    """Consecutive runs of (parameter, states) items whose parameters hold at most `max_numel` elements
+    together (a larger single parameter is a run of its own)."""
+    runs, current, size = [], [], 0
+    for item in items:
+        n = item[0].numel()
+        if current and size + n > max_numel:
+            runs.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += n
+    return runs + ([current] if current else [])
+
 
 def device_memory_limit(device: torch.device) -> int:
     """Bytes this process may hold on `device`: total x per-process fraction, or what is free plus what we hold."""
@@ -233,9 +251,10 @@ class QAdamW(torch.optim.Optimizer):
         for (index, _, step), items in together.items():
             group = self.param_groups[index]
             beta1, beta2 = group["betas"]
-            adamw_update_many_([p for p, _ in items], [p.grad for p, _ in items], [t["exp_avg"] for _, t in items],
-                               [t["exp_avg_sq"] for _, t in items], step, lr=float(group["lr"]), beta1=beta1,
-                               beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])  # fmt: skip
+            for chunk in _chunks(items, MULTI_TENSOR_CHUNK):
+                adamw_update_many_([p for p, _ in chunk], [p.grad for p, _ in chunk], [t["exp_avg"] for _, t in chunk],
+                                   [t["exp_avg_sq"] for _, t in chunk], step, lr=float(group["lr"]), beta1=beta1,
+                                   beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])  # fmt: skip
         for device, items in paged.items():
             self._pager(device).run(items, lambda key, views: self._update(key[0], key[1], views, key[2]))
         return loss

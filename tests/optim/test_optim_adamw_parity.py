@@ -188,3 +188,12 @@ def test_multi_tensor_update_equals_one_tensor_update(weight_decay, dtype):
 def test_unknown_page_policy_is_refused():
     with pytest.raises(ValueError, match="page_policy"):
         QAdamW(make_mlp(seed=0).parameters(), page_policy="sometimes")
+
+
+def test_multi_tensor_chunks_cover_every_parameter_once():
+    from qlora.optim.optimizer import _chunks
+
+    items = [(torch.zeros(n), i) for i, n in enumerate([5, 3, 9, 2, 2, 12, 1])]
+    runs = _chunks(items, 8)
+    assert [[i for _, i in run] for run in runs] == [[0, 1], [2], [3, 4], [5], [6]]
+    assert all(sum(t.numel() for t, _ in run) <= 8 or len(run) == 1 for run in runs)
