@@ -93,6 +93,7 @@ LrSchedule = Literal["constant", "cosine", "linear"]
 QuantType = Literal["nf4", "fp4", "int4", "none"]
 ComputeDtype = Literal["bfloat16", "float16", "float32"]
 AdapterDtype = Literal["float32", "bfloat16"]
+PagePolicy = Literal["auto", "always"]
 
 
 def _opt(
@@ -322,6 +323,11 @@ class OptimSection(_Section):
         0.3,
         doc="Clip the global gradient L2 norm to this value (0 = no clipping).",
         check=non_negative_float,
+    )
+    page_policy: PagePolicy = _opt(
+        "auto",
+        doc="Paged optimizers: auto keeps the state on the GPU while it fits beside the run's peak memory "
+        "(bitsandbytes' managed pages behave so) and pages it to pinned host memory otherwise; always pages it.",
     )
 
 

@@ -36,6 +36,7 @@ Rules the capture imposes, and how this module keeps them:
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -44,6 +45,7 @@ import torch
 from qlora.train.loss import IGNORE_INDEX, loss_sum_all_rows
 
 GRAPH_KEYS = {"input_ids", "labels", "attention_mask"}  # what a graphed batch may hold (packed ones add more)
+log = logging.getLogger("qlora.train")
 WARMUP_RUNS = 2  # eager runs on a side stream before capture: Triton compiles, cuBLAS picks workspaces
 
 
@@ -86,10 +88,12 @@ class CudaGraphStep:
     Args:
         model: a `LlamaForCausalLM` on a CUDA device, in training mode.
         params: the trainable parameters (their `.grad` buffers become static).
-        max_graphs: captured shapes kept at once (least recently used dropped first).
+        max_graphs: captured shapes kept at once (least recently used dropped first). Graphs share one
+            memory pool, so more graphs cost little memory; a dropped shape that comes back is captured
+            again (two warm-up runs and a capture: about three steps' time).
     """
 
-    def __init__(self, model, params: Sequence[torch.nn.Parameter], max_graphs: int = 8):
+    def __init__(self, model, params: Sequence[torch.nn.Parameter], max_graphs: int = 64):
         if not params:
             raise ValueError("CudaGraphStep needs at least one trainable parameter")
         device = params[0].device
@@ -182,6 +186,8 @@ class CudaGraphStep:
             if len(self.graphs) >= self.max_graphs:
                 self.graphs.popitem(last=False)
             g = self.graphs[shape] = self._capture(input_ids, labels)
+            log.info("captured a CUDA graph for batch shape %s (%d held, %d captures)", shape, len(self.graphs),
+                     self.captures)  # fmt: skip
         self.graphs.move_to_end(shape)
         g.input_ids.copy_(input_ids, non_blocking=True)
         g.labels.copy_(labels, non_blocking=True)

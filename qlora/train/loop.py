@@ -96,7 +96,9 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     o = cfg.optim
     name = o.name or ("paged_adamw_32bit" if device.type == "cuda" else "adamw")
-    return make_optimizer(name, params, lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    options = {"page_policy": o.page_policy} if name.startswith("paged_") else {}
+    return make_optimizer(name, params, lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+                          **options)  # fmt: skip
 
 
 def seed_everything(seed: int) -> None:

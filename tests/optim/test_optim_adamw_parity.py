@@ -163,26 +163,42 @@ def test_memory_report_on_cpu(name):
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_multi_tensor_update_equals_one_tensor_update(weight_decay, dtype):
-    """`adamw_update_many_` (resident states, one launch per op for all tensors) = `adamw_update_` bit for bit."""
-    from qlora.optim.adamw import adamw_update_, adamw_update_many_
+def test_multi_tensor_update_equals_torch_single_tensor_adamw(weight_decay):
+    """`adamw_update_many_` over several tensors = torch.optim.AdamW(foreach=False) stepping each, bit for bit."""
+    from qlora.optim.adamw import adamw_update_many_
 
     g = torch.Generator().manual_seed(0)
     shapes = [(7, 13), (64,), (3, 5, 11), (1,)]
-    one = [torch.randn(s, generator=g).to(dtype) for s in shapes]
-    many = [t.clone() for t in one]
-    states_one = [(torch.zeros(s), torch.zeros(s)) for s in shapes]  # moments are float32 whatever the parameter
-    states_many = [(torch.zeros(s), torch.zeros(s)) for s in shapes]
-    hyper = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8, "weight_decay": weight_decay}
+    ours = [torch.randn(s, generator=g) for s in shapes]
+    theirs = [torch.nn.Parameter(t.clone()) for t in ours]
+    reference = torch.optim.AdamW(theirs, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=weight_decay,
+                                  foreach=False)  # fmt: skip
+    moments = [(torch.zeros(s), torch.zeros(s)) for s in shapes]
     for step in range(1, 6):
-        grads = [torch.randn(s, generator=g).to(dtype) for s in shapes]
-        for p, grad, (m, v) in zip(one, grads, states_one, strict=True):
-            adamw_update_(p, grad, m, v, step, **hyper)
-        adamw_update_many_(many, grads, [m for m, _ in states_many], [v for _, v in states_many], step, **hyper)
-    for a, b, (ma, va), (mb, vb) in zip(one, many, states_one, states_many, strict=True):
-        assert torch.equal(a, b) and torch.equal(ma, mb) and torch.equal(va, vb)
-        assert a.dtype == b.dtype == dtype
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        for p, grad in zip(theirs, grads, strict=True):
+            p.grad = grad.clone()
+        reference.step()
+        adamw_update_many_(ours, grads, [m for m, _ in moments], [v for _, v in moments], step, lr=1e-2,
+                           beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=weight_decay)  # fmt: skip
+    for p, q, (m, v) in zip(ours, theirs, moments, strict=True):
+        assert torch.equal(p, q.detach())
+        assert torch.equal(m, reference.state[q]["exp_avg"]) and torch.equal(v, reference.state[q]["exp_avg_sq"])
+
+
+def test_bfloat16_parameters_update_in_float32_then_round():
+    from qlora.optim.adamw import adamw_update_many_
+
+    g = torch.Generator().manual_seed(1)
+    start = torch.randn(9, 5, generator=g).to(torch.bfloat16)
+    grad = torch.randn(9, 5, generator=g)
+    half, full = start.clone(), start.float()
+    hyper = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.1}
+    adamw_update_many_([half], [grad.to(torch.bfloat16)], [torch.zeros(9, 5)], [torch.zeros(9, 5)], 1, **hyper)
+    adamw_update_many_([full], [grad.to(torch.bfloat16).float()], [torch.zeros(9, 5)], [torch.zeros(9, 5)], 1,
+                       **hyper)  # fmt: skip
+    assert half.dtype == torch.bfloat16 and torch.equal(half, full.to(torch.bfloat16))
+    assert not torch.equal(half, start)
 
 
 def test_unknown_page_policy_is_refused():
