@@ -40,7 +40,8 @@ def one_run(args) -> dict:
     s = SHAPES[args.shape]
     model = build_model(s, "nf4", device, seed=0)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(args.optim, params, lr=2e-4, weight_decay=0.0)
+    options = {"page_policy": args.page_policy} if args.optim.startswith("paged") else {}
+    optimizer = build_optimizer(args.optim, params, lr=2e-4, weight_decay=0.0, **options)
     rec: dict = {"optim": args.optim, "cap_GiB": args.cap_gib, "losses": [], "error": None}
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -65,7 +66,8 @@ def one_run(args) -> dict:
 
 def spawn(optim: str, cap_gib: float, timed: int, args) -> dict:
     cmd = [sys.executable, __file__, "--child", "--optim", optim, "--cap-gib", str(cap_gib), "--timed", str(timed),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--shape", args.shape]  # fmt: skip
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--shape", args.shape,
+           "--page-policy", args.page_policy]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if not lines:
@@ -82,6 +84,9 @@ def main() -> int:
     ap.add_argument("--timed", type=int, default=8, help="timed steps per config in the uncapped runs")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default="")
+    ap.add_argument("--page-policy", default="always", choices=["always", "auto"],
+                    help="the paged optimizer's policy (always: every state paged, the run measured in BENCHMARKS.md; "
+                    "auto pages only under pressure, so uncapped it stays resident)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--optim", default="paged_adamw_32bit", help=argparse.SUPPRESS)
     ap.add_argument("--cap-gib", type=float, default=0.0, help=argparse.SUPPRESS)

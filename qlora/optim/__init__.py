@@ -40,7 +40,7 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer called `name` over `params`.
 
-    `options` go to `QAdamW` (`min_8bit_size`, `page_min_numel`); `adamw` accepts none.
+    `options` go to `QAdamW` (`min_8bit_size`, `page_min_numel`, `page_policy`); `adamw` accepts none.
     """
     if name == "adamw":
         if options:

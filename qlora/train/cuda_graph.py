@@ -29,9 +29,10 @@ Rules the capture imposes, and how this module keeps them:
 - randomness: LoRA dropout draws from the CUDA generator; a replay advances the generator's offset
   like the eager step would, so each replay gets fresh masks, and a replay after
   `torch.cuda.manual_seed(s)` draws the same masks as the eager step after the same seed (tested).
-  Activation checkpointing rewinds the generator inside the graph for its recompute; that needs a
-  torch whose generator supports get/set state during capture (2.10+); capture fails loudly
-  otherwise, and `qlora.train.loop` then trains eagerly.
+  Activation checkpointing rewinds the generator inside the graph for its recompute, which needs a
+  generator that allows get/set state during capture: torch 2.11 does (tested on the GPU); older
+  releases raised during capture (pytorch issue 162504). A failed capture is loud, and
+  `qlora.train.loop` then trains eagerly.
 """
 
 from __future__ import annotations
