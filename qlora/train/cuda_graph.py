@@ -23,6 +23,9 @@ Rules the capture imposes, and how this module keeps them:
 - static shapes: one graph per (batch, length) shape, all sharing one memory pool (only one runs
   at a time, and none's intermediates outlive its replay). `pad_batch` pads a batch's length up to
   a bucket so that a dataset of varied lengths needs few graphs.
+- memory: the graphs' pool is private, so what runs outside them (held-out evaluation, eager
+  batches) allocates beside it instead of reusing it. A run that fits eagerly with little room to
+  spare may not fit with graphs: `--no-train.cuda_graphs`.
 - no host reads inside: labels are checked on the host before they are copied in; a 2-D
   attention mask is accepted only when it is right padding (then it changes nothing for the
   real tokens under the causal mask) and is dropped.
