@@ -32,6 +32,9 @@ Rules the capture imposes, and how this module keeps them:
 - randomness: LoRA dropout draws from the CUDA generator; a replay advances the generator's offset
   like the eager step would, so each replay gets fresh masks, and a replay after
   `torch.cuda.manual_seed(s)` draws the same masks as the eager step after the same seed (tested).
+  The warm-up runs before a capture draw too; the generator is rewound after them, so capturing
+  a new shape changes no later draw (a resumed run that captures again draws what an uninterrupted
+  one draws, for batches of the same shapes).
   Activation checkpointing rewinds the generator inside the graph for its recompute, which needs a
   generator that allows get/set state during capture: torch 2.11 does (tested on the GPU); older
   releases raised during capture (pytorch issue 162504). A failed capture is loud, and
@@ -164,6 +167,7 @@ class CudaGraphStep:
         g = _Graph(input_ids.to(dev, copy=True), labels.to(dev, copy=True),
                    torch.zeros((), dtype=torch.float32, device=dev))  # fmt: skip
         first_grad = self._grads[0].clone()  # what the warm-up runs add to; restored even if the capture fails
+        rng = torch.cuda.get_rng_state(dev)  # warm-up dropout draws are given back: capturing draws nothing
         try:
             side = torch.cuda.Stream(dev)
             side.wait_stream(torch.cuda.current_stream(dev))
@@ -171,6 +175,7 @@ class CudaGraphStep:
                 for _ in range(WARMUP_RUNS):
                     self._run(g, warmup=True)
             torch.cuda.current_stream(dev).wait_stream(side)
+            torch.cuda.set_rng_state(rng, dev)
             with torch.cuda.graph(g.graph, pool=self._pool):  # recorded, not run: no gradient changes here
                 g.loss = self._run(g)
         finally:

@@ -102,20 +102,25 @@ def _eager(model, params, batch, scale):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_replay_equals_the_eager_step(dropout):
-    """Same seed, same dropout masks (also in the checkpoint recompute), same loss and gradients."""
+    """Same seed, same dropout masks (also in the checkpoint recompute), same loss and gradients, whether the
+    call captures first or only replays."""
     model, params = tiny_qlora_model("cuda", torch.bfloat16, dropout=dropout)
     batch = {k: v.cuda() for k, v in right_padded_batch().items()}
     step = CudaGraphStep(model, params)
-    step.forward_backward(batch, 0.5)  # captures, then replays once
-    assert step.captures == 1
-    step.zero_grad()
     torch.cuda.manual_seed(123)
     want = _eager(model, params, batch, 0.5)
     want_grads = _grads(params)
     step.zero_grad()
     torch.cuda.manual_seed(123)
-    got = step.forward_backward(batch, 0.5)
+    got = step.forward_backward(batch, 0.5)  # captures (its warm-up draws are rewound), then replays once
+    assert step.captures == 1
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    for p, g in zip(params, want_grads, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=2e-2, atol=1e-3)
+    step.zero_grad()
+    torch.cuda.manual_seed(123)
+    again = step.forward_backward(batch, 0.5)  # a plain replay
+    torch.testing.assert_close(again, want, rtol=1e-3, atol=1e-3)
     for p, g in zip(params, want_grads, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=2e-2, atol=1e-3)
     if dropout:  # negative control: another seed draws other masks, and the gradients show it
