@@ -40,8 +40,7 @@ def one_run(args) -> dict:
     s = SHAPES[args.shape]
     model = build_model(s, "nf4", device, seed=0)
     params = [p for p in model.parameters() if p.requires_grad]
-    options = {"page_policy": args.page_policy} if args.optim.startswith("paged") else {}
-    optimizer = build_optimizer(args.optim, params, lr=2e-4, weight_decay=0.0, **options)
+    optimizer = build_optimizer(args.optim, params, lr=2e-4, weight_decay=0.0, page_policy=args.page_policy)
     rec: dict = {"optim": args.optim, "cap_GiB": args.cap_gib, "losses": [], "error": None}
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

@@ -58,8 +58,7 @@ def run_ours(shape: str, mode: str, pairs, args) -> list[dict]:
     build_s = time.perf_counter() - t0
     model_gib = torch.cuda.memory_allocated() / GiB
     params = [p for p in model.parameters() if p.requires_grad]
-    options = {"page_policy": args.page_policy} if args.optim.startswith("paged") else {}
-    optimizer = build_optimizer(args.optim, params, lr=2e-4, weight_decay=0.0, **options)
+    optimizer = build_optimizer(args.optim, params, lr=2e-4, weight_decay=0.0, page_policy=args.page_policy)
     records = []
     for b, seq in pairs:
         batches = [random_batch(s, b, seq, device, args.seed + 1000 * i + seq) for i in range(4)]
@@ -78,7 +77,7 @@ def run_ours(shape: str, mode: str, pairs, args) -> list[dict]:
             optimizer.zero_grad(set_to_none=True)
         total, no_recompute = flops_per_token(s, seq, 64)
         rec = {"tool": "qlora", "shape": shape, "mode": mode, "batch": b, "seq": seq, "optimizer": args.optim,
-               "cuda_graph": bool(args.cuda_graph), "page_policy": options.get("page_policy"),
+               "cuda_graph": bool(args.cuda_graph), "page_policy": getattr(optimizer, "page_policy", None),
                "lora_dtype": args.lora_dtype,
                "build_s": round(build_s, 1), "model_GiB": round(model_gib, 2),
                "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,

@@ -82,11 +82,11 @@ class CrossEntropySumFunction(torch.autograd.Function):
         labels = labels.contiguous()
         # The label check reads a flag on the host; under CUDA-graph capture a host read is not allowed (and
         # the graph's inputs are checked before each replay instead, `qlora.train.cuda_graph`).
-        capturing = logits.is_cuda and torch.cuda.is_current_stream_capturing()
-        bad = None if capturing else (labels != ignore_index) & ((labels < 0) | (labels >= V))
-        if bad is not None and bool(bad.any()):
-            raise IndexError(f"label {int(labels[bad][0])} is outside the vocabulary [0, {V}) "
-                             f"(and is not ignore_index {ignore_index})")  # fmt: skip
+        if not (logits.is_cuda and torch.cuda.is_current_stream_capturing()):
+            bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+            if bool(bad.any()):
+                raise IndexError(f"label {int(labels[bad][0])} is outside the vocabulary [0, {V}) "
+                                 f"(and is not ignore_index {ignore_index})")  # fmt: skip
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32  # float64: for gradcheck
         loss = torch.empty(N, dtype=acc, device=logits.device)
         lse = torch.empty(N, dtype=acc, device=logits.device)

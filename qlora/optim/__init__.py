@@ -36,19 +36,25 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.0,
+    page_policy: str = "auto",
     **options,
 ) -> torch.optim.Optimizer:
     """The optimizer called `name` over `params`.
 
-    `options` go to `QAdamW` (`min_8bit_size`, `page_min_numel`, `page_policy`); `adamw` accepts none.
+    `page_policy` ("auto" or "always", see `QAdamW`) says where the paged optimizers keep their state;
+    the others keep it on the parameters' device and only check the value. `options` go to `QAdamW`
+    (`min_8bit_size`, `page_min_numel`); `adamw` accepts none.
     """
+    if page_policy not in QAdamW.PAGE_POLICIES:
+        raise ValueError(f"page_policy must be one of {QAdamW.PAGE_POLICIES}, got {page_policy!r}")
     if name == "adamw":
         if options:
             raise TypeError(f"optimizer 'adamw' takes no options, got {sorted(options)}")
         return TorchAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if name not in _QADAMW_SETTINGS:
         raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZER_NAMES)}")
-    return QAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **_QADAMW_SETTINGS[name], **options)
+    return QAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, page_policy=page_policy,
+                  **_QADAMW_SETTINGS[name], **options)  # fmt: skip
 
 
 __all__ = ["OPTIMIZER_NAMES", "QAdamW", "TorchAdamW", "build_optimizer", "state_memory_report"]

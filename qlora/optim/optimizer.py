@@ -155,10 +155,12 @@ class QAdamW(torch.optim.Optimizer):
             if p.is_cuda and p.numel() >= self.page_min_numel:
                 by_device[p.device] = by_device.get(p.device, 0) + self._state_nbytes(p)
         for device, nbytes in by_device.items():
+            decided = self._resident.get(device)
+            if decided is False:
+                continue  # paged for good: nothing to ask the device
             limit = device_memory_limit(device)
             margin = max(2**30, limit // 10)
             peak = torch.cuda.max_memory_reserved(device)
-            decided = self._resident.get(device)
             if decided is None:
                 self._resident[device] = peak + nbytes + margin <= limit
                 if self._resident[device]:

@@ -110,7 +110,6 @@ class CudaGraphStep:
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[tuple[int, int], _Graph] = OrderedDict()
         self.captures = 0
-        self.replays = 0
         self._pool = torch.cuda.graph_pool_handle()
         self._grads: list[torch.Tensor] = []
         for p in self.params:
@@ -202,5 +201,4 @@ class CudaGraphStep:
         g.labels.copy_(labels, non_blocking=True)
         g.scale.fill_(scale)
         g.graph.replay()
-        self.replays += 1
         return g.loss.clone()

@@ -96,9 +96,8 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     o = cfg.optim
     name = o.name or ("paged_adamw_32bit" if device.type == "cuda" else "adamw")
-    options = {"page_policy": o.page_policy} if name.startswith("paged_") else {}
     return make_optimizer(name, params, lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
-                          **options)  # fmt: skip
+                          page_policy=o.page_policy)  # fmt: skip
 
 
 def seed_everything(seed: int) -> None:
@@ -215,6 +214,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
         step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         total = torch.zeros((), dtype=torch.float32, device=device)  # read back once per step, not per micro-batch
         for batch in micro:
+            s = None  # the micro-batch's loss sum, once its gradients are in
             if graphs is not None and set(batch) <= GRAPH_KEYS:
                 batch = pad_batch(batch, cfg.train.graph_length_multiple, pad_id)
                 try:
@@ -224,7 +224,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
                 except RuntimeError as e:  # capture refused (an old torch, an op that cannot be captured)
                     log.warning("cuda_graphs: capture failed (%s); training eagerly from here", e)
                     graphs = None
-            if graphs is None or not set(batch) <= GRAPH_KEYS:
+            if s is None:
                 s, _ = loss_sum(model, _to(batch, device))
                 scaler.scale(s / max(step_tokens, 1)).backward()
             total += s.detach()

@@ -201,9 +201,12 @@ def test_bfloat16_parameters_update_in_float32_then_round():
     assert not torch.equal(half, start)
 
 
-def test_unknown_page_policy_is_refused():
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_unknown_page_policy_is_refused(name):
     with pytest.raises(ValueError, match="page_policy"):
         QAdamW(make_mlp(seed=0).parameters(), page_policy="sometimes")
+    with pytest.raises(ValueError, match="page_policy"):  # also by the optimizers that never page
+        build_optimizer(name, make_mlp(seed=0).parameters(), lr=LR, page_policy="sometimes")
 
 
 def test_multi_tensor_chunks_cover_every_parameter_once():
