@@ -99,7 +99,7 @@ def build_model(
     if fused:
         use_fused_elementwise(model)  # as load_model does
     gen = torch.Generator(device=device).manual_seed(seed)
-    for module in model.modules():
+    for module in reference_draw_order(model):
         if isinstance(module, LoRALinear):
             weight = torch.empty(module.out_features, module.in_features, device=device, dtype=dtype)
             module.set_base_weight(weight.normal_(0.0, 0.02, generator=gen))  # quantized here; dense freed
@@ -125,10 +125,34 @@ def build_model(
     return model
 
 
+def reference_draw_order(model: LlamaForCausalLM) -> Iterator[nn.Module]:
+    """Every module, those holding random weights in the order the reference script draws them from
+    its one generator (embeddings, lm_head, then each layer's q, k, v, o, gate, up, down; norms are
+    filled with 1 and draw nothing), so the same seed gives both tools the same base weights."""
+    drawn = [model.model.embed_tokens, model.lm_head]
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        drawn += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+    yield from drawn
+    seen = {id(m) for m in drawn}
+    yield from (m for m in model.modules() if id(m) not in seen)
+
+
 def random_batch(s: Shape, batch: int, seq: int, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator(device=device).manual_seed(seed)
     ids = torch.randint(0, s.vocab, (batch, seq), device=device, generator=gen)
     return {"input_ids": ids, "labels": ids}
+
+
+def reference_batches(s: Shape, batch: int, seq: int, device: torch.device, seed: int, n: int = 4) -> list[dict]:
+    """The reference script's `n` token batches for one batch x seq (same generator seed, same draws),
+    labels = inputs."""
+    gen = torch.Generator(device=device).manual_seed(seed + batch * 100003 + seq)
+    batches = []
+    for _ in range(n):
+        ids = torch.randint(0, s.vocab, (batch, seq), device=device, generator=gen)
+        batches.append({"input_ids": ids, "labels": ids})
+    return batches
 
 
 def train_step(

@@ -93,6 +93,7 @@ LrSchedule = Literal["constant", "cosine", "linear"]
 QuantType = Literal["nf4", "fp4", "int4", "none"]
 ComputeDtype = Literal["bfloat16", "float16", "float32"]
 AdapterDtype = Literal["float32", "bfloat16"]
+ResidualDtype = Literal["compute", "float32"]
 PagePolicy = Literal["auto", "always"]
 
 
@@ -157,6 +158,13 @@ class ModelSection(_Section):
         "bfloat16",
         doc="Dtype of activations and of the dequantized weights in matmuls; the LoRA weights and "
         "optimizer state stay float32.",
+    )
+    residual_dtype: ResidualDtype = _opt(
+        "compute",
+        doc="Dtype of the residual stream between decoder layers: compute (compute_dtype, as transformers runs a "
+        "bf16 model) or float32 (held and summed in fp32 while every layer still computes in compute_dtype, "
+        "what transformers + peft's prepare_model_for_kbit_training and the QLoRA paper's script get from "
+        "their fp32 norms; twice the memory of the checkpointed layer inputs).",
     )
     gradient_checkpointing: bool = _opt(
         True,

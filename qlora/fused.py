@@ -18,8 +18,8 @@ from qlora.model.llama import RMSNorm, Rotary, SiluMul
 
 
 class FusedRMSNorm(RMSNorm):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps, out_dtype)
 
 
 class FusedSiluMul(SiluMul):

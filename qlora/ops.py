@@ -91,15 +91,17 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
 # Where a kernel does not cover the inputs (mixed dtypes, e.g. float32 cos/sin with bfloat16
 # activations under autocast; rows wider than the RMSNorm kernel holds in registers) the twin runs:
 # it promotes dtypes exactly as the model's formula does, so results never depend on the choice.
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm: normalise in float32, cast back to x's dtype, then scale by weight."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: normalise in float32, cast back to x's dtype, then scale by weight;
+    rounded once more to `out_dtype` if given (a float32 residual stream feeding bf16 matmuls)."""
     if implementation_for(x.device) == "triton" and x.shape[-1] <= RMS_NORM_MAX_HIDDEN:
         from qlora.kernels.rms_norm import rms_norm as fused
 
-        return fused(x, weight, eps)
+        return fused(x, weight, eps, out_dtype)
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    y = weight * h.to(x.dtype)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Twin: `qlora.model.llama.RMSNorm` (and `qlora.ops`' copy of its formula):
 
     h = fp32(x) * rsqrt(mean(fp32(x)^2) + eps)        (fp32)
-    y = weight * h.to(x.dtype)                          (promoted dtype of weight and x)
+    y = weight * h.to(x.dtype)                          (promoted dtype of weight and x,
+                                                         or rounded once to `out_dtype` if given)
 
 One program normalises a row held whole in registers (hidden sizes up to 16K fit), so x is read
 once and y written once; the per-row 1/rms is saved for backward (4 bytes a row) instead of h.
@@ -83,14 +84,14 @@ class RMSNormFunction(torch.autograd.Function):
     """y = weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype) over the last dimension."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None) -> torch.Tensor:
         D = x.shape[-1]
         if weight.shape != (D,):
             raise ValueError(f"RMSNorm weight of shape {tuple(weight.shape)} for inputs of last dimension {D}")
         if D > MAX_HIDDEN:
             raise ValueError(f"fused RMSNorm holds a row in registers: hidden size {D} > {MAX_HIDDEN}")
         x2 = x.reshape(-1, D).contiguous()  # [rows, D]
-        out_dtype = torch.promote_types(weight.dtype, x.dtype)
+        out_dtype = out_dtype or torch.promote_types(weight.dtype, x.dtype)
         y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
         rstd = torch.empty(x2.shape[0], dtype=_accumulator(x.dtype), device=x.device)
         block, warps = _launch_shape(D)
@@ -116,7 +117,7 @@ class RMSNormFunction(torch.autograd.Function):
                                                ROWS_PER_PROGRAM=rows_per_program, BLOCK_D=block, WANT_DW=want_dw,
                                                EMULATE=emulate_rounding(), num_warps=warps)  # fmt: skip
         dw = dw_partial.sum(0).to(weight.dtype) if want_dw else None
-        return dx.view(ctx.x_shape), dw, None
+        return dx.view(ctx.x_shape), dw, None, None
 
 
 def _sm_count(device: torch.device) -> int:
@@ -125,6 +126,6 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Fused RMSNorm over the last dimension of `x` (see the module docstring for the exact formula)."""
-    return RMSNormFunction.apply(x, weight, eps)
+    return RMSNormFunction.apply(x, weight, eps, out_dtype)

@@ -33,6 +33,13 @@ Why it is shaped so.
   would shift every angle. cos/sin are built per forward in fp32 and cast to the activation dtype.
 - RMSNorm follows transformers exactly: normalise in fp32, cast back to the input dtype, then
   multiply by the weight (`weight * x_normed.to(input_dtype)`).
+- `model.residual_dtype = torch.float32` holds the residual stream (embeddings, each layer's
+  input and output, the checkpointed activations) in fp32 while the layers compute in the
+  embeddings' dtype: each norm rounds its fp32 output to that dtype once, and each sublayer's
+  output is summed into the stream in fp32. That is what a transformers user fine-tuning a bnb
+  4-bit model gets from `prepare_model_for_kbit_training` (fp32 embeddings and norms promote the
+  stream), and Dettmers' qlora.py (fp32 norms), without fp32 matmuls. None (the default) keeps the
+  stream in the embeddings' dtype.
 - Gradient checkpointing: `model.gradient_checkpointing = True` makes each decoder layer run under
   `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)` while training.
 - `KVCache` is preallocated per layer (`[B, n_kv, max_len, head_dim]`) and stores keys after RoPE;
@@ -65,11 +72,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`out_dtype`: round the result once more to it (a float32 residual stream feeding bf16 layers)."""
         dtype = x.dtype
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        y = self.weight * h.to(dtype)
+        return y if out_dtype is None else y.to(out_dtype)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
@@ -320,9 +329,12 @@ class DecoderLayer(nn.Module):
         mask: torch.Tensor | None,
         is_causal: bool,
         kv_cache: KVCache | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, is_causal, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        """`compute_dtype`: what the norms hand the attention and MLP when the residual stream `h` is
+        held in another (wider) dtype; the sublayers' outputs are added to `h` in `h`'s dtype."""
+        h = h + self.self_attn(self.input_layernorm(h, compute_dtype), cos, sin, mask, is_causal, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h, compute_dtype))
 
 
 class LlamaModel(nn.Module):
@@ -347,6 +359,9 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        # None: the residual stream is held in the embeddings' dtype (transformers' behaviour);
+        # torch.float32: held and summed in fp32 while the layers compute in the embeddings' dtype.
+        self.residual_dtype: torch.dtype | None = None
         self.tie_weights()
 
     @classmethod
@@ -439,6 +454,9 @@ class LlamaForCausalLM(nn.Module):
 
         h = self.model.embed_tokens(input_ids)  # [B, T, H]
         cos, sin = self.model.rotary_emb(position_ids, h.dtype)  # [B|1, T, hd]
+        compute_dtype = None  # the norms keep transformers' output dtype
+        if self.residual_dtype is not None and self.residual_dtype != h.dtype:
+            compute_dtype, h = h.dtype, h.to(self.residual_dtype)
         masks = {
             window: build_attention_mask(
                 T, S, padding_mask=padding_mask, explicit_mask=explicit_mask, sliding_window=window, device=device
@@ -449,12 +467,12 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             mask, is_causal = masks[layer.self_attn.sliding_window]
             if use_checkpoint:
-                h = checkpoint(layer, h, cos, sin, mask, is_causal, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, mask, is_causal, None, compute_dtype, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, mask, is_causal, kv_cache)
+                h = layer(h, cos, sin, mask, is_causal, kv_cache, compute_dtype)
         if kv_cache is not None:
             kv_cache.advance(T)
-        return self.model.norm(h)
+        return self.model.norm(h, compute_dtype)
 
     def forward(
         self,

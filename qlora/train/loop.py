@@ -157,6 +157,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
     if cfg.lora.init_from:
         load_adapter_weights(model, cfg.lora.init_from)  # a resume below overwrites them with the checkpoint's
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    model.residual_dtype = torch.float32 if cfg.model.residual_dtype == "float32" else None
     params = mark_only_lora_trainable(model)
     seed_everything(cfg.seed)  # the adapters' init drew from the RNG; the loop starts from a known state
     optimizer = build_optimizer(cfg, params, lr, device)

@@ -44,6 +44,27 @@ def test_forward_and_backward_match_the_model_module(shape, dtype, weight_dtype,
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(3, 37), (5, 257)], ids=str)
+def test_out_dtype_rounds_a_float32_stream_once(shape, device):
+    """A float32 residual stream with bf16 weights: normalise and scale in fp32, round once to bf16."""
+    module, x, _ = twin_and_fused(shape, torch.float32, torch.bfloat16, device)
+    dy = randn(shape, torch.bfloat16, seed=7, device=device)
+    want = module(x, torch.bfloat16)
+    want_dx, want_dw = torch.autograd.grad(want, (x, module.weight), dy)
+    got = rms_norm(x, module.weight, module.eps, torch.bfloat16)
+    got_dx, got_dw = torch.autograd.grad(got, (x, module.weight), dy)
+    assert (got.dtype, got_dx.dtype, got_dw.dtype) == (torch.bfloat16, torch.float32, torch.bfloat16)
+    tol = TOLERANCE[torch.bfloat16]
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(got_dx, want_dx, **TOLERANCE[torch.float32])  # dy * w and h stay fp32
+    torch.testing.assert_close(got_dw, want_dw, rtol=tol["rtol"], atol=tol["atol"] * shape[0])
+    # rounded once: h is not rounded to bf16 before the weight multiplies it
+    twice = (module.weight * x.detach().to(torch.bfloat16).float().pow(2).mean(-1, keepdim=True).rsqrt()
+             .mul(x.detach().to(torch.bfloat16).float()).to(torch.bfloat16))  # fmt: skip
+    assert not torch.equal(got.detach(), twice)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_frozen_weight_gets_no_gradient(device):
     module, x, dy = twin_and_fused((4, 33), torch.float32, torch.float32, device)
     module.weight.requires_grad_(False)

@@ -115,3 +115,16 @@ def test_bfloat16_adapters_train_and_save_as_float32(tmp_path):
     assert all(t.dtype == torch.float32 for t in saved.values())
     assert all(torch.equal(t, t.to(torch.bfloat16).float()) for t in saved.values())  # bf16 values, upcast
     assert any(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k)  # B moved off its zero init
+
+
+def test_float32_residual_stream_trains_a_bfloat16_model(tmp_path):
+    """model.residual_dtype=float32 reaches the model: a bf16 run's losses move (the stream's rounding
+    changed) but stay near the bf16-stream run's."""
+    runs = {}
+    for residual in ("compute", "float32"):
+        cfg = tiny_config(tmp_path / residual, max_steps=3)
+        cfg.model.compute_dtype = "bfloat16"
+        cfg.model.residual_dtype = residual
+        runs[residual] = train(cfg, progress=False)
+    assert runs["float32"].final_loss == pytest.approx(runs["compute"].final_loss, rel=2e-2)
+    assert train_losses(tmp_path / "float32") != train_losses(tmp_path / "compute")
