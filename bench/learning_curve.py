@@ -156,32 +156,33 @@ def main() -> int:
     args = ap.parse_args()
     device = torch.device(args.device)
     ref = load_reference(args.reference)
+    common = {"shape": args.shape, "batch": args.batch, "seq": args.seq, "dropout": args.dropout, "lr": args.lr,
+              "seed": args.seed, "layers": our_shape(args).layers, "torch": torch.__version__,
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}  # fmt: skip
+
+    def emit(record: dict) -> None:  # as each run ends, so a later failure loses nothing
+        line = json.dumps({**common, **record})
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
+
     curves: dict[str, list[float]] = {}
     lora_a = probes = None
-    records = []
     for recipe in [r for r in args.recipes.split(",") if r]:
         t0 = time.perf_counter()
         losses, a, p = run_reference(ref, recipe, args, device)
         lora_a, probes = lora_a or a, probes or p  # the first recipe's init is everyone's
         curves[f"ref:{recipe}"] = losses
-        records.append({"tool": "reference", "variant": recipe, "losses": losses, "seconds": time.perf_counter() - t0})
+        emit({"tool": "reference", "variant": recipe, "losses": losses, "seconds": time.perf_counter() - t0})
     if lora_a is None:
         raise SystemExit("at least one reference recipe is needed (it supplies the shared adapter init)")
     for variant in [v for v in args.variants.split(",") if v]:
         t0 = time.perf_counter()
         losses, base_check = run_ours(variant, lora_a, probes, args, device)
         curves[f"ours:{variant}"] = losses
-        records.append({"tool": "qlora", "variant": variant, "losses": losses, "base_bitwise_equal": base_check,
-                        "seconds": time.perf_counter() - t0})  # fmt: skip
-    common = {"shape": args.shape, "batch": args.batch, "seq": args.seq, "dropout": args.dropout, "lr": args.lr,
-              "seed": args.seed, "layers": our_shape(args).layers, "torch": torch.__version__,
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}  # fmt: skip
-    for rec in records:
-        line = json.dumps({**common, **rec})
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        emit({"tool": "qlora", "variant": variant, "losses": losses, "base_elements_differing": base_check,
+              "seconds": time.perf_counter() - t0})  # fmt: skip
     names = list(curves)
     print("step " + " ".join(f"{n:>13}" for n in names))
     for i in range(args.steps):

@@ -31,28 +31,34 @@ from qlora.quant.tensor import QuantizedTensor
 ENV_VAR = "QLORA_KERNELS"
 CHOICES = ("auto", "torch", "triton")
 _ALIASES = {"reference": "torch"}  # the quant floor calls the twin "the reference"
-_state = threading.local()
+# The innermost `use_implementation` choice, for the whole process: not thread-local, because the
+# backward of CUDA tensors runs on autograd's own device threads (a thread-local choice would not
+# reach them, and a checkpointed layer would be recomputed with other kernels than its forward ran).
+_forced: list[str] = []
+_forced_lock = threading.Lock()
 
 
 @contextlib.contextmanager
 def use_implementation(name: str) -> Iterator[None]:
-    """Force "torch" (alias "reference"), "triton" or "auto" inside the block (overrides QLORA_KERNELS)."""
+    """Force "torch" (alias "reference"), "triton" or "auto" while the block runs, in every thread of the
+    process (so the backward passes run inside the block see it too); overrides QLORA_KERNELS."""
     choice = _ALIASES.get(name, name)
     if choice not in CHOICES:
         raise ValueError(f"implementation must be one of {CHOICES} (or 'reference'), got {name!r}")
-    previous = getattr(_state, "forced", None)
-    _state.forced = choice
+    with _forced_lock:
+        _forced.append(choice)
     try:
         yield
     finally:
-        _state.forced = previous
+        with _forced_lock:
+            _forced.pop()
 
 
 def requested_implementation() -> str:
     """The choice in force ("auto", "torch" or "triton"): innermost `use_implementation`, else $QLORA_KERNELS."""
-    forced = getattr(_state, "forced", None)
-    if forced is not None:
-        return forced
+    forced = _forced[-1:]  # one slice: safe against a block closing on another thread
+    if forced:
+        return forced[0]
     raw = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     choice = _ALIASES.get(raw, raw)
     if choice not in CHOICES:

@@ -1,6 +1,7 @@
 """The dispatch point: which implementation runs where, how to force it, and that the twins are the model's formulas."""
 
 import os
+import threading
 
 import pytest
 import torch
@@ -38,6 +39,18 @@ def test_a_bad_environment_value_names_the_variable(monkeypatch):
     monkeypatch.setenv(ops.ENV_VAR, "cutlass")
     with pytest.raises(ValueError, match="QLORA_KERNELS='cutlass'"):
         ops.implementation_for("cuda")
+
+
+def test_use_implementation_reaches_other_threads():
+    """Autograd runs the backward of CUDA tensors (and so checkpoint recomputation) on its own device
+    threads: a choice visible only to the thread that opened the block would not reach them."""
+    seen = []
+    with ops.use_implementation("torch"):
+        worker = threading.Thread(target=lambda: seen.append(ops.requested_implementation()))
+        worker.start()
+        worker.join()
+    assert seen == ["torch"]
+    assert not ops._forced  # the block closed
 
 
 def test_use_implementation_wins_over_the_environment(monkeypatch):
