@@ -82,14 +82,21 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, x_dropped, lora_A, lora_B, bias, base, scale: float):
         # x, x_dropped: [..., in]; lora_A: [r, in] or None; lora_B: [out, r] or None; base: [out, in]
         weight = _dense_weight(base, x.dtype)
-        y = F.linear(x, weight, None if bias is None else bias.to(x.dtype))  # [..., out]
-        del weight
         h = None
-        if lora_A is not None:
+        if lora_A is None:
+            y = F.linear(x, weight, None if bias is None else bias.to(x.dtype))  # [..., out]
+        else:
             h = F.linear(x_dropped, lora_A.to(x.dtype))  # [..., in] @ [in, r] -> [..., r]
-            # y += scale * h B^T in one GEMM epilogue (y is fresh, not saved: in place is safe)
-            y2 = y.view(-1, y.shape[-1])  # [N, out]
-            y2.addmm_(h.reshape(-1, h.shape[-1]), lora_B.to(x.dtype).t(), alpha=scale)  # [N, r] @ [r, out]
+            # The adapter's term first, then the base GEMM accumulates onto it in its fp32 epilogue, so
+            # x W^T + scale * h B^T is rounded once. Rounding x W^T to bf16 first and adding the term
+            # after would return x W^T unchanged wherever the term is under half a bf16 step of it,
+            # which is every element early in training (B starts at zero): see docs/LOG.md 2026-11-27.
+            y2 = (h.reshape(-1, h.shape[-1]) * scale) @ lora_B.to(x.dtype).t()  # [N, r] @ [r, out]
+            y2.addmm_(x.reshape(-1, x.shape[-1]), weight.t())  # += [N, in] @ [in, out]
+            if bias is not None:
+                y2.add_(bias.to(x.dtype))
+            y = y2.view(*x.shape[:-1], -1)
+        del weight
         ctx.base = base
         ctx.scale = scale
         ctx.has_adapter = lora_A is not None

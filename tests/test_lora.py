@@ -201,3 +201,50 @@ def test_bfloat16_adapter_weights_compute_like_their_float32_upcast():
     for h, f in [(half.lora_A, full.lora_A), (half.lora_B, full.lora_B)]:
         assert h.weight.grad.dtype == torch.bfloat16
         assert torch.equal(h.weight.grad, f.weight.grad.to(torch.bfloat16))
+
+
+def small_adapter_layer(bias: bool) -> tuple[LoRALinear, torch.Tensor]:
+    """bf16 NF4 layer whose adapter term is ~1e-4..1e-3 (B after a few Adam steps) against a unit-scale x W^T."""
+    torch.manual_seed(0)
+    layer = LoRALinear(256, 96, bias=bias, quant=QuantSpec("nf4"), lora=LoraSpec(r=8, alpha=16, dropout=0.0),
+                       dtype=torch.bfloat16)  # fmt: skip
+    layer.set_base_weight(torch.randn(96, 256) * 0.05)
+    if bias:
+        layer.bias.data.normal_(0, 0.1)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0.0, 1e-4)
+    return layer, torch.randn(4, 9, 256, dtype=torch.bfloat16)
+
+
+def exact_parts(layer: LoRALinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x W^T, scale * x A^T B^T) in float64 from the bf16 operands the layer multiplies."""
+    w = layer.dense_base_weight(torch.bfloat16).double()
+    a, b = layer.lora_A.weight.detach().bfloat16().double(), layer.lora_B.weight.detach().bfloat16().double()
+    return x.double() @ w.t(), layer.scale * (x.double() @ a.t()) @ b.t()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_base_and_adapter_terms_are_rounded_once(bias):
+    """bf16: y = round(x W^T + scale * drop(x) A^T B^T), then + b; not round(round(x W^T) + term)."""
+    layer, x = small_adapter_layer(bias)
+    base, term = exact_parts(layer, x)
+    once = (base + term).to(torch.bfloat16)
+    if bias:
+        once = (once.double() + layer.bias.double()).to(torch.bfloat16)
+    assert (layer(x) == once).float().mean() > 0.99  # the rest: accumulation-order ties (measured 0.9986)
+
+
+def test_a_small_adapter_term_is_not_lost_to_rounding():
+    """With B small (early training) the term is under half a bf16 step of x W^T almost everywhere.
+    Rounded once, the output still moves by the term on average (regression slope ~1); rounding x W^T
+    first and adding the term after (the formula this replaced) keeps the output at x W^T (slope ~0)."""
+    layer, x = small_adapter_layer(bias=False)
+    base, term = exact_parts(layer, x)
+    base_rounded = base.to(torch.bfloat16).double()
+    assert (term.abs() < 0.5 * base_rounded.abs() * 2**-8).float().mean() > 0.7
+
+    def slope(y: torch.Tensor) -> float:  # least-squares slope of (y - round(x W^T)) on the term
+        return float(((y.double() - base_rounded) * term).sum() / (term * term).sum())
+
+    assert 0.8 < slope(layer(x).detach()) < 1.2
+    assert slope((base_rounded + term).to(torch.bfloat16)) < 0.5
