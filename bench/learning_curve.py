@@ -12,9 +12,11 @@ is 0 unless asked. What is left to differ is arithmetic, which the variants take
                   embeddings, norms, lm_head fp32; autocast bf16), the throughput benchmark's peer
     ref:qlorapy   Dettmers' qlora.py (norms fp32, LoRA and embeddings bf16, autocast)
     ref:bf16      every non-quantized tensor bf16, no autocast
+    ref:bf16+amp  the same tensors, under autocast(bf16)
     ours          Triton kernels (default on CUDA)
     ours:torch    the plain-PyTorch twins of every kernel (QLORA_KERNELS=torch)
     ours:fp32res  residual stream held in float32 (`model.residual_dtype`)
+    ours:fp32     every activation and matmul in float32 (the arithmetic reference; slow)
 
 Run on a GPU machine from the repository root (bitsandbytes importable for the reference):
 
@@ -27,15 +29,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import json
 import time
+import types
 
 import torch
 
 from bench.llama_shapes import BENCH_LORA, SHAPES, Shape, build_model, reference_batches, train_step
 from qlora import ops
+from qlora.lora import LoRALinear
+from qlora.model import llama
 from qlora.optim import build_optimizer
+from qlora.train.loss import loss_sum
 
 REFERENCE_RECIPES = ("hf", "qlorapy", "bf16")
 OUR_VARIANTS = ("triton", "torch", "fp32res")
@@ -64,15 +71,70 @@ def reference_name_to_ours(name: str) -> str:
     return name.removeprefix("base_model.model.").replace(".default.", ".")
 
 
-def run_reference(ref, recipe: str, args, device) -> tuple[list[float], dict, dict]:
-    """-> (losses, lora_A init by our names, bnb state dicts of two probe layers by our names)."""
+def lora_b_gradients(model, rename=lambda n: n) -> dict[str, torch.Tensor]:
+    return {rename(n): p.grad.detach().float().cpu() for n, p in model.named_parameters()
+            if "lora_B" in n and p.grad is not None}  # fmt: skip
+
+
+def compare_gradients(ours: dict, theirs: dict) -> dict:
+    """Per projection kind and per depth (first, middle, last layer): cosine and norm ratio of the
+    lora_B gradients of the first batch (lora_A's are zero then: B starts at zero)."""
+    groups: dict[str, list[str]] = {}
+    layers = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in theirs})
+    picks = {layers[0]: "layer_first", layers[len(layers) // 2]: "layer_mid", layers[-1]: "layer_last"}
+    for n in theirs:
+        groups.setdefault(n.split(".")[-3], []).append(n)
+        layer = int(n.split(".layers.")[1].split(".")[0])
+        if layer in picks:
+            groups.setdefault(picks[layer], []).append(n)
+    out = {}
+    for group, names in groups.items():
+        a = torch.cat([ours[n].reshape(-1) for n in names]).double()
+        b = torch.cat([theirs[n].reshape(-1) for n in names]).double()
+        out[group] = {"cos": round(float(a @ b / (a.norm() * b.norm())), 5),
+                      "norm_ratio": round(float(a.norm() / b.norm()), 4),
+                      "rms": float(a.square().mean().sqrt()),  # against AdamW's eps (1e-8): below it, steps shrink
+                      "frac_under_eps": [round(float((a.abs() < 1e-8).double().mean()), 4),
+                                         round(float((b.abs() < 1e-8).double().mean()), 4)]}  # fmt: skip
+    return out
+
+
+def adapter_state(model, rename=lambda n: n) -> dict[str, torch.Tensor]:
+    """Every lora_A / lora_B weight by our names, float32 on the CPU."""
+    return {rename(n): p.detach().float().cpu() for n, p in model.named_parameters() if "lora_" in n}
+
+
+@torch.no_grad()
+def load_adapters_(model, adapters: dict[str, torch.Tensor], rename=lambda n: n, kinds=("lora_A", "lora_B")) -> None:
+    """Copy `adapters` (our names) into the model's adapter weights of the given kinds; every one must match."""
+    targets = {rename(n): p for n, p in model.named_parameters() if any(k in n for k in kinds)}
+    wanted = {n: a for n, a in adapters.items() if any(k in n for k in kinds)}
+    if set(targets) != set(wanted):
+        raise RuntimeError(f"adapter names differ: {sorted(set(targets) ^ set(wanted))[:3]}")
+    for n, a in wanted.items():
+        targets[n].copy_(a)
+
+
+@dataclasses.dataclass
+class Run:
+    losses: list[float]  # the loss of each training step's batch, before that step's update
+    loss_after: float  # batch 0's loss after the last step
+    adapters: dict  # the adapter weights after the last step
+    first_gradients: dict  # batch 0's lora_B gradients before any step
+
+
+def run_reference(ref, recipe: str, args, device, adapters: dict | None = None, steps: int | None = None):
+    """-> (Run, lora_A init by our names, bnb state dicts of two probe layers by our names).
+    `adapters` (our names) replace the fresh adapters before anything runs."""
     s = {**ref.SHAPES[args.shape], "layers": our_shape(args).layers}
+    recipe, _, amp_override = recipe.partition("+")  # "bf16+amp": that recipe's tensors, under autocast
     torch.manual_seed(args.seed)  # as the reference script does before building
     model = ref.build_model(s, "qlora", "sdpa", device, args.seq, args.seed)
     model = ref.prepare_and_wrap(model, "qlora", recipe, 64, 16, args.dropout)
     model.train()
-    lora_a = {reference_name_to_ours(n): p.detach().float().cpu() for n, p in model.named_parameters()
-              if "lora_A" in n}  # fmt: skip
+    lora_a = {n: a for n, a in adapter_state(model, reference_name_to_ours).items() if "lora_A" in n}
+    if adapters is not None:
+        load_adapters_(model, adapters, reference_name_to_ours)
     probes = {}
     for name, module in model.named_modules():
         if name.endswith(("layers.0.self_attn.q_proj", f"layers.{s['layers'] - 1}.mlp.down_proj")):
@@ -80,20 +142,30 @@ def run_reference(ref, recipe: str, args, device) -> tuple[list[float], dict, di
             probes[reference_name_to_ours(name)] = {k: v.cpu() for k, v in state.items() if torch.is_tensor(v)}
     params = [p for p in model.parameters() if p.requires_grad]
     opt, _, _, _ = ref.make_optimizer(params, device, "paged_adamw32", args.lr)
-    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if recipe != "bf16" else contextlib.nullcontext
-    losses = []
-    for batch in reference_batches(our_shape(args), args.batch, args.seq, device, args.seed, n=4) * 1000:
-        if len(losses) == args.steps:
-            break
+    autocast = recipe != "bf16" or amp_override == "amp"
+    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+    batches = reference_batches(our_shape(args), args.batch, args.seq, device, args.seed, n=4)
+
+    def loss_of(batch):
         with amp():
-            loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+            return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+
+    loss_of(batches[0]).backward()
+    grads = lora_b_gradients(model, reference_name_to_ours)
+    opt.zero_grad(set_to_none=True)
+    losses = []
+    for i in range(args.steps if steps is None else steps):
+        loss = loss_of(batches[i % len(batches)])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-    del model, opt, params
+    with torch.no_grad():
+        after = float(loss_of(batches[0]))
+    run = Run(losses, after, adapter_state(model, reference_name_to_ours), grads)
+    model = opt = params = None  # freed before the next build
     release_cache(device)
-    return losses, lora_a, probes
+    return run, lora_a, probes
 
 
 def compare_base(model, probes: dict) -> dict:
@@ -110,32 +182,54 @@ def compare_base(model, probes: dict) -> dict:
     return out
 
 
-def run_ours(variant: str, lora_a: dict, probes: dict, args, device) -> tuple[list[float], dict]:
+def run_ours(variant: str, adapters: dict, probes: dict, args, device, steps: int | None = None):
+    """-> (Run, base comparison). `adapters` (our names): lora_A only (the reference's init) or A and B."""
     s = our_shape(args)
     lora = dataclasses.replace(BENCH_LORA, dropout=args.dropout)
     model = build_model(s, "nf4", device, seed=args.seed, lora=lora)
     if variant == "fp32res":
         model.residual_dtype = torch.float32
-    with torch.no_grad():
-        named = dict(model.named_parameters())
-        missing = [n for n in lora_a if n not in named]
-        if missing:
-            raise RuntimeError(f"reference adapter names with no match here: {missing[:3]}")
-        for n, a in lora_a.items():
-            named[n].copy_(a)
+    if variant in ("fp32", "lin_bf16", "attn_bf16"):
+        model.float()  # every activation and matmul in fp32 (the 4-bit codes untouched; dequantized to fp32)
+    if variant == "lin_bf16":  # ...except the LoRA linears: bf16 in, bf16 out (then widened again)
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                module.forward = functools.partial(lambda f, x: f(x.to(torch.bfloat16)).float(), module.forward)
+    kinds = ("lora_A", "lora_B") if any("lora_B" in n for n in adapters) else ("lora_A",)
+    load_adapters_(model, adapters, kinds=kinds)
     base_check = compare_base(model, probes)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer("paged_adamw_32bit", params, lr=args.lr, weight_decay=0.0)
-    losses = []
-    kernels = "torch" if variant == "torch" else "auto"
-    with ops.use_implementation(kernels):
-        for batch in reference_batches(s, args.batch, args.seq, device, args.seed, n=4) * 1000:
-            if len(losses) == args.steps:
-                break
-            losses.append(train_step(model, batch, optimizer))
-    del model, optimizer, params
+    batches = reference_batches(s, args.batch, args.seq, device, args.seed, n=4)
+    attention = llama.F.scaled_dot_product_attention
+    if variant == "attn_bf16":  # ...except attention: bf16 in, bf16 out
+        llama.F = types.SimpleNamespace(**{**vars(torch.nn.functional), "scaled_dot_product_attention":
+            lambda q, k, v, **kw: attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), **kw).float()})  # fmt: skip
+    try:
+        run = _train_ours(model, variant, params, optimizer, batches, args, steps)
+    finally:
+        llama.F = torch.nn.functional
+    model = optimizer = params = None  # freed before the next build
     release_cache(device)
-    return losses, base_check
+    return run, base_check
+
+
+def _train_ours(model, variant, params, optimizer, batches, args, steps) -> Run:
+    losses = []
+
+    def loss_of(batch):
+        total, n = loss_sum(model, batch)
+        return total / n
+
+    with ops.use_implementation("torch" if variant == "torch" else "auto"):
+        loss_of(batches[0]).backward()
+        grads = lora_b_gradients(model)
+        optimizer.zero_grad(set_to_none=True)
+        for i in range(args.steps if steps is None else steps):
+            losses.append(train_step(model, batches[i % len(batches)], optimizer))
+        with torch.no_grad():
+            after = float(loss_of(batches[0]))
+    return Run(losses, after, adapter_state(model), grads)
 
 
 def main() -> int:
@@ -152,6 +246,10 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--recipes", default=",".join(REFERENCE_RECIPES))
     ap.add_argument("--variants", default=",".join(OUR_VARIANTS))
+    ap.add_argument("--cross-eval", action="store_true",
+                    help="then each side's trained adapters in the other's forward (first recipe, first variant)")
+    ap.add_argument("--forward-variants", default="", help="with --cross-eval: our trained adapters in these forwards "
+                    "too (fp32; lin_bf16, attn_bf16: fp32 but for the LoRA linears / attention)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -168,21 +266,48 @@ def main() -> int:
                 f.write(line + "\n")
 
     curves: dict[str, list[float]] = {}
+    runs: dict[str, Run] = {}
     lora_a = probes = None
     for recipe in [r for r in args.recipes.split(",") if r]:
         t0 = time.perf_counter()
-        losses, a, p = run_reference(ref, recipe, args, device)
+        run, a, p = run_reference(ref, recipe, args, device)
+        runs[f"ref:{recipe}"] = run
         lora_a, probes = lora_a or a, probes or p  # the first recipe's init is everyone's
-        curves[f"ref:{recipe}"] = losses
-        emit({"tool": "reference", "variant": recipe, "losses": losses, "seconds": time.perf_counter() - t0})
+        first = next(iter(runs))
+        emit({"tool": "reference", "variant": recipe, "losses": run.losses, "loss_after": run.loss_after,
+              "seconds": time.perf_counter() - t0,
+              f"first_gradients_vs_{first}": compare_gradients(run.first_gradients, runs[first].first_gradients)})
     if lora_a is None:
         raise SystemExit("at least one reference recipe is needed (it supplies the shared adapter init)")
     for variant in [v for v in args.variants.split(",") if v]:
         t0 = time.perf_counter()
-        losses, base_check = run_ours(variant, lora_a, probes, args, device)
-        curves[f"ours:{variant}"] = losses
-        emit({"tool": "qlora", "variant": variant, "losses": losses, "base_elements_differing": base_check,
-              "seconds": time.perf_counter() - t0})  # fmt: skip
+        run, base_check = run_ours(variant, lora_a, probes, args, device)
+        runs[f"ours:{variant}"] = run
+        emit({"tool": "qlora", "variant": variant, "losses": run.losses, "loss_after": run.loss_after,
+              "base_elements_differing": base_check, "seconds": time.perf_counter() - t0,
+              **{f"first_gradients_vs_{k}": compare_gradients(run.first_gradients, r.first_gradients)
+                 for k, r in runs.items() if k.startswith("ref:")}})  # fmt: skip
+    if args.cross_eval:
+        # Each side's trained adapters in the other's forward: did they learn different weights, or does
+        # the same weights' loss differ between the two forwards?
+        ref_name, ours_name = f"ref:{args.recipes.split(',')[0]}", f"ours:{args.variants.split(',')[0]}"
+        theirs_in_ours, _ = run_ours(ours_name[5:], runs[ref_name].adapters, probes, args, device, steps=0)
+        ours_in_theirs, _, _ = run_reference(ref, ref_name[4:], args, device, runs[ours_name].adapters, steps=0)
+        for forward in [v for v in args.forward_variants.split(",") if v]:
+            run, _ = run_ours(forward, runs[ours_name].adapters, probes, args, device, steps=0)
+            emit({"forward_variant": forward, "adapters": ours_name, "batch0_loss": run.loss_after})
+        theirs_in_fp32, _ = run_ours("fp32", runs[ref_name].adapters, probes, args, device, steps=0)
+        ours_in_fp32, _ = run_ours("fp32", runs[ours_name].adapters, probes, args, device, steps=0)
+        emit({"cross_eval": True, "batch0_loss": {
+            f"{ref_name} adapters, {ref_name} forward": runs[ref_name].loss_after,
+            f"{ref_name} adapters, {ours_name} forward": theirs_in_ours.loss_after,
+            f"{ref_name} adapters, fp32 forward": theirs_in_fp32.loss_after,
+            f"{ours_name} adapters, {ours_name} forward": runs[ours_name].loss_after,
+            f"{ours_name} adapters, {ref_name} forward": ours_in_theirs.loss_after,
+            f"{ours_name} adapters, fp32 forward": ours_in_fp32.loss_after},
+            "lora_B_after": compare_gradients(*[{n: a for n, a in runs[k].adapters.items() if "lora_B" in n}
+                                                for k in (ours_name, ref_name)])})  # fmt: skip
+    curves = {k: r.losses for k, r in runs.items()}
     names = list(curves)
     print("step " + " ".join(f"{n:>13}" for n in names))
     for i in range(args.steps):

@@ -31,6 +31,7 @@ so a fresh adapter leaves the model's output unchanged.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -69,6 +70,32 @@ class LoraSpec:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
 
+_mm_to_float32 = True  # torch.mm(..., out_dtype=torch.float32) exists here (checked on first CUDA use)
+
+
+def add_product_rounding_once(term: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T + term, rounded to term's dtype once; x [N, in], weight [out, in], term [N, out].
+
+    Why: early in training (B starts at zero) the adapter's term is under half a bf16 step of
+    x W^T in most elements. Rounding x W^T first and adding the term after returns x W^T there,
+    which hides what the adapter has learned from the loss (docs/LOG.md, 2026-11-27: the same
+    adapters scored 11.07 instead of 10.59 at 7B). CPU `addmm_` rounds once; CUDA's bf16 `addmm`
+    rounds the product before adding (measured), so there the product is taken in float32.
+    """
+    global _mm_to_float32
+    if term.is_cuda and term.dtype in (torch.bfloat16, torch.float16) and _mm_to_float32:
+        try:
+            product = torch.mm(x, weight.t(), out_dtype=torch.float32)  # [N, out], not rounded
+        except (TypeError, RuntimeError):  # torch without mm(out_dtype=): fall back, and say so once
+            _mm_to_float32 = False
+            warnings.warn("this torch has no torch.mm(out_dtype=): LoRA outputs are rounded twice on CUDA "
+                          "(small adapter updates are lost to rounding early in training); torch >= 2.8 "
+                          "avoids it", stacklevel=2)  # fmt: skip
+        else:
+            return product.add_(term).to(term.dtype)
+    return term.addmm_(x, weight.t())
+
+
 def _dense_weight(base: torch.Tensor | QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(base, QuantizedTensor):
         return ops.dequantize(base, dtype)
@@ -87,12 +114,8 @@ class LoRALinearFunction(torch.autograd.Function):
             y = F.linear(x, weight, None if bias is None else bias.to(x.dtype))  # [..., out]
         else:
             h = F.linear(x_dropped, lora_A.to(x.dtype))  # [..., in] @ [in, r] -> [..., r]
-            # The adapter's term first, then the base GEMM accumulates onto it in its fp32 epilogue, so
-            # x W^T + scale * h B^T is rounded once. Rounding x W^T to bf16 first and adding the term
-            # after would return x W^T unchanged wherever the term is under half a bf16 step of it,
-            # which is every element early in training (B starts at zero): see docs/LOG.md 2026-11-27.
-            y2 = (h.reshape(-1, h.shape[-1]) * scale) @ lora_B.to(x.dtype).t()  # [N, r] @ [r, out]
-            y2.addmm_(x.reshape(-1, x.shape[-1]), weight.t())  # += [N, in] @ [in, out]
+            term = (h.reshape(-1, h.shape[-1]) * scale) @ lora_B.to(x.dtype).t()  # [N, r] @ [r, out]
+            y2 = add_product_rounding_once(term, x.reshape(-1, x.shape[-1]), weight)  # [N, in] @ [in, out] + term
             if bias is not None:
                 y2.add_(bias.to(x.dtype))
             y = y2.view(*x.shape[:-1], -1)
