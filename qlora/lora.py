@@ -92,7 +92,7 @@ def add_product_rounding_once(term: torch.Tensor, x: torch.Tensor, weight: torch
                           "(small adapter updates are lost to rounding early in training); torch >= 2.8 "
                           "avoids it", stacklevel=2)  # fmt: skip
         else:
-            return product.add_(term).to(term.dtype)
+            return torch.add(product, term, out=torch.empty_like(term))  # one pass: fp32 sum, one rounding
     return term.addmm_(x, weight.t())
 
 
