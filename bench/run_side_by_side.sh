@@ -8,7 +8,7 @@ set -uo pipefail
 mkdir -p "$OUT"
 run() { local name=$1 limit=$2; shift 2; timeout "$limit" python bench/train_throughput.py "$@" --out "$OUT/$name.jsonl" \
     > "$OUT/$name.log" 2>&1; echo "== $name (exit $?)"; grep '^|' "$OUT/$name.log" | tail -n +3; }
-timeout 240 python -m pytest -q -p no:cacheprovider tests/train/test_cuda_graph.py tests/optim/test_optim_gpu.py \
+timeout 240 python -m pytest -q -p no:cacheprovider tests/train/test_cuda_graph.py tests/optim/test_optim_gpu.py tests/test_lora.py \
     tests/kernels/test_cross_entropy.py 2>&1 | tail -2
 run t7b 300 --reference "$REFERENCE" --workloads 7b:qlora:4x512,1x2048,1x512 7b:lora16:4x512 --steps 10 --warmup 3 \
     --cuda-graph

@@ -24,6 +24,10 @@ adapter parameters are kept in `LoraSpec.param_dtype` (float32 by default, as PE
 bfloat16 is what the QLoRA paper's own script does, and halves the adapters' and their gradients'
 memory) and cast for the matmuls, and their gradients come back in that dtype.
 
+Rounding: in bf16, `x W^T + scale * h B^T` is rounded once (`add_product_rounding_once`); rounding
+x W^T first would drop every adapter term under half a bf16 step of it, i.e. most of what a young
+adapter has learned.
+
 Initialisation is PEFT's default: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0,
 so a fresh adapter leaves the model's output unchanged.
 """
