@@ -65,19 +65,3 @@ def adamw_update_many_(
         if w is not p:
             p.copy_(w)
 
-
-def adamw_update_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """`adamw_update_many_` on one tensor."""
-    adamw_update_many_([param], [grad], [exp_avg], [exp_avg_sq], step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                       weight_decay=weight_decay)  # fmt: skip

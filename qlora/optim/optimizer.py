@@ -2,7 +2,7 @@
 
 One class covers the three bitsandbytes-style choices of the registry (`qlora.optim`):
 `paged_adamw_32bit` (optim_bits=32, paged=True; the QLoRA paper's default), `paged_adamw_8bit`
-(8, True) and `adamw_8bit` (8, False). The maths is `qlora.optim.adamw.adamw_update_` (torch's
+(8, True) and `adamw_8bit` (8, False). The maths is `qlora.optim.adamw.adamw_update_many_` (torch's
 AdamW, weight decay first); 8-bit storage is `qlora.optim.state8bit`; paging is
 `qlora.optim.paging`. On the CPU "paged" changes nothing: the state already lives in host memory,
 so `paged_adamw_32bit` on the CPU is exactly `torch.optim.AdamW`.
@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from qlora.optim.adamw import adamw_update_, adamw_update_many_
+from qlora.optim.adamw import adamw_update_many_
 from qlora.optim.paging import PAGE_MIN_NUMEL, StagedPager, pinned_copy
 from qlora.optim.report import state_memory_report
 from qlora.optim.state8bit import (
@@ -218,10 +218,10 @@ class QAdamW(torch.optim.Optimizer):
                  "weight_decay": group["weight_decay"]}  # fmt: skip
         if "state1" in tensors:
             m, v = dequantize_moments(tensors)  # float32 [n] each, fresh tensors
-            adamw_update_(p, p.grad, m.view(p.shape), v.view(p.shape), step, **hyper)
+            adamw_update_many_([p], [p.grad], [m.view(p.shape)], [v.view(p.shape)], step, **hyper)
             requantize_moments_(tensors, m, v)
         else:
-            adamw_update_(p, p.grad, tensors["exp_avg"], tensors["exp_avg_sq"], step, **hyper)
+            adamw_update_many_([p], [p.grad], [tensors["exp_avg"]], [tensors["exp_avg_sq"]], step, **hyper)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):

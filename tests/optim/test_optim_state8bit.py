@@ -8,7 +8,7 @@ import torch
 from optim_fixtures import make_mlp, make_scheduler, train
 
 from qlora.optim import QAdamW, build_optimizer
-from qlora.optim.adamw import adamw_update_
+from qlora.optim.adamw import adamw_update_many_
 from qlora.optim.state8bit import dequantize_moments
 from qlora.quant.codes import dynamic_map
 from qlora.quant.double_quant import quantize_8bit_dynamic
@@ -27,7 +27,8 @@ def test_step_stores_exactly_the_quantized_fp32_moments():
     m, v = dequantize_moments(before)
     expected_param = fc2.detach().clone()
     lr = opt.param_groups[0]["lr"]
-    adamw_update_(expected_param, fc2.grad, m.view(fc2.shape), v.view(fc2.shape), 4, lr, 0.9, 0.999, 1e-8, 0.1)
+    adamw_update_many_([expected_param], [fc2.grad], [m.view(fc2.shape)], [v.view(fc2.shape)], 4, lr, 0.9, 0.999, 1e-8,
+                       0.1)  # fmt: skip
     codes1, absmax1 = quantize_8bit_dynamic(m, 256, signed=True)
     codes2, absmax2 = quantize_8bit_dynamic(v, 256, signed=False)
     opt.step()
