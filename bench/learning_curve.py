@@ -71,22 +71,26 @@ def reference_name_to_ours(name: str) -> str:
     return name.removeprefix("base_model.model.").replace(".default.", ".")
 
 
-def lora_b_gradients(model, rename=lambda n: n) -> dict[str, torch.Tensor]:
-    return {rename(n): p.grad.detach().float().cpu() for n, p in model.named_parameters()
-            if "lora_B" in n and p.grad is not None}  # fmt: skip
+def adapter_tensors(model, kind: str = "lora_", rename=lambda n: n, grads: bool = False) -> dict[str, torch.Tensor]:
+    """The adapter weights (or their gradients) whose names contain `kind`, by our names, float32 on the CPU."""
+    return {rename(n): (p.grad if grads else p).detach().float().cpu() for n, p in model.named_parameters()
+            if kind in n and (p.grad is not None or not grads)}  # fmt: skip
 
 
-def compare_gradients(ours: dict, theirs: dict) -> dict:
-    """Per projection kind and per depth (first, middle, last layer): cosine and norm ratio of the
-    lora_B gradients of the first batch (lora_A's are zero then: B starts at zero)."""
+def layer_index(name: str) -> int:
+    return int(name.split(".layers.")[1].split(".")[0])
+
+
+def compare_groups(ours: dict, theirs: dict) -> dict:
+    """Per projection kind and per depth (first, middle, last layer): cosine and norm ratio of two sets of
+    same-named tensors (batch 0's lora_B gradients; lora_B after training)."""
     groups: dict[str, list[str]] = {}
-    layers = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in theirs})
+    layers = sorted({layer_index(n) for n in theirs})
     picks = {layers[0]: "layer_first", layers[len(layers) // 2]: "layer_mid", layers[-1]: "layer_last"}
     for n in theirs:
         groups.setdefault(n.split(".")[-3], []).append(n)
-        layer = int(n.split(".layers.")[1].split(".")[0])
-        if layer in picks:
-            groups.setdefault(picks[layer], []).append(n)
+        if layer_index(n) in picks:
+            groups.setdefault(picks[layer_index(n)], []).append(n)
     out = {}
     for group, names in groups.items():
         a = torch.cat([ours[n].reshape(-1) for n in names]).double()
@@ -97,11 +101,6 @@ def compare_gradients(ours: dict, theirs: dict) -> dict:
                       "frac_under_eps": [round(float((a.abs() < 1e-8).double().mean()), 4),
                                          round(float((b.abs() < 1e-8).double().mean()), 4)]}  # fmt: skip
     return out
-
-
-def adapter_state(model, rename=lambda n: n) -> dict[str, torch.Tensor]:
-    """Every lora_A / lora_B weight by our names, float32 on the CPU."""
-    return {rename(n): p.detach().float().cpu() for n, p in model.named_parameters() if "lora_" in n}
 
 
 @torch.no_grad()
@@ -132,7 +131,7 @@ def run_reference(ref, recipe: str, args, device, adapters: dict | None = None, 
     model = ref.build_model(s, "qlora", "sdpa", device, args.seq, args.seed)
     model = ref.prepare_and_wrap(model, "qlora", recipe, 64, 16, args.dropout)
     model.train()
-    lora_a = {n: a for n, a in adapter_state(model, reference_name_to_ours).items() if "lora_A" in n}
+    lora_a = adapter_tensors(model, "lora_A", reference_name_to_ours)
     if adapters is not None:
         load_adapters_(model, adapters, reference_name_to_ours)
     probes = {}
@@ -151,7 +150,7 @@ def run_reference(ref, recipe: str, args, device, adapters: dict | None = None, 
             return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
 
     loss_of(batches[0]).backward()
-    grads = lora_b_gradients(model, reference_name_to_ours)
+    grads = adapter_tensors(model, "lora_B", reference_name_to_ours, grads=True)
     opt.zero_grad(set_to_none=True)
     losses = []
     for i in range(args.steps if steps is None else steps):
@@ -162,7 +161,7 @@ def run_reference(ref, recipe: str, args, device, adapters: dict | None = None, 
         losses.append(float(loss.detach()))
     with torch.no_grad():
         after = float(loss_of(batches[0]))
-    run = Run(losses, after, adapter_state(model, reference_name_to_ours), grads)
+    run = Run(losses, after, adapter_tensors(model, rename=reference_name_to_ours), grads)
     model = opt = params = None  # freed before the next build
     release_cache(device)
     return run, lora_a, probes
@@ -206,7 +205,7 @@ def run_ours(variant: str, adapters: dict, probes: dict, args, device, steps: in
         llama.F = types.SimpleNamespace(**{**vars(torch.nn.functional), "scaled_dot_product_attention":
             lambda q, k, v, **kw: attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), **kw).float()})  # fmt: skip
     try:
-        run = _train_ours(model, variant, params, optimizer, batches, args, steps)
+        run = _train_ours(model, variant, optimizer, batches, args, steps)
     finally:
         llama.F = torch.nn.functional
     model = optimizer = params = None  # freed before the next build
@@ -214,7 +213,7 @@ def run_ours(variant: str, adapters: dict, probes: dict, args, device, steps: in
     return run, base_check
 
 
-def _train_ours(model, variant, params, optimizer, batches, args, steps) -> Run:
+def _train_ours(model, variant, optimizer, batches, args, steps) -> Run:
     losses = []
 
     def loss_of(batch):
@@ -223,13 +222,13 @@ def _train_ours(model, variant, params, optimizer, batches, args, steps) -> Run:
 
     with ops.use_implementation("torch" if variant == "torch" else "auto"):
         loss_of(batches[0]).backward()
-        grads = lora_b_gradients(model)
+        grads = adapter_tensors(model, "lora_B", grads=True)
         optimizer.zero_grad(set_to_none=True)
         for i in range(args.steps if steps is None else steps):
             losses.append(train_step(model, batches[i % len(batches)], optimizer))
         with torch.no_grad():
             after = float(loss_of(batches[0]))
-    return Run(losses, after, adapter_state(model), grads)
+    return Run(losses, after, adapter_tensors(model), grads)
 
 
 def main() -> int:
@@ -265,7 +264,6 @@ def main() -> int:
             with open(args.out, "a") as f:
                 f.write(line + "\n")
 
-    curves: dict[str, list[float]] = {}
     runs: dict[str, Run] = {}
     lora_a = probes = None
     for recipe in [r for r in args.recipes.split(",") if r]:
@@ -276,7 +274,7 @@ def main() -> int:
         first = next(iter(runs))
         emit({"tool": "reference", "variant": recipe, "losses": run.losses, "loss_after": run.loss_after,
               "seconds": time.perf_counter() - t0,
-              f"first_gradients_vs_{first}": compare_gradients(run.first_gradients, runs[first].first_gradients)})
+              f"first_gradients_vs_{first}": compare_groups(run.first_gradients, runs[first].first_gradients)})
     if lora_a is None:
         raise SystemExit("at least one reference recipe is needed (it supplies the shared adapter init)")
     for variant in [v for v in args.variants.split(",") if v]:
@@ -285,7 +283,7 @@ def main() -> int:
         runs[f"ours:{variant}"] = run
         emit({"tool": "qlora", "variant": variant, "losses": run.losses, "loss_after": run.loss_after,
               "base_elements_differing": base_check, "seconds": time.perf_counter() - t0,
-              **{f"first_gradients_vs_{k}": compare_gradients(run.first_gradients, r.first_gradients)
+              **{f"first_gradients_vs_{k}": compare_groups(run.first_gradients, r.first_gradients)
                  for k, r in runs.items() if k.startswith("ref:")}})  # fmt: skip
     if args.cross_eval:
         # Each side's trained adapters in the other's forward: did they learn different weights, or does
@@ -305,8 +303,8 @@ def main() -> int:
             f"{ours_name} adapters, {ours_name} forward": runs[ours_name].loss_after,
             f"{ours_name} adapters, {ref_name} forward": ours_in_theirs.loss_after,
             f"{ours_name} adapters, fp32 forward": ours_in_fp32.loss_after},
-            "lora_B_after": compare_gradients(*[{n: a for n, a in runs[k].adapters.items() if "lora_B" in n}
-                                                for k in (ours_name, ref_name)])})  # fmt: skip
+            "lora_B_after": compare_groups(*[{n: a for n, a in runs[k].adapters.items() if "lora_B" in n}
+                                             for k in (ours_name, ref_name)])})  # fmt: skip
     curves = {k: r.losses for k, r in runs.items()}
     names = list(curves)
     print("step " + " ".join(f"{n:>13}" for n in names))

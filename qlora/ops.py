@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from collections.abc import Iterator
 
 import torch
@@ -34,8 +33,8 @@ _ALIASES = {"reference": "torch"}  # the quant floor calls the twin "the referen
 # The innermost `use_implementation` choice, for the whole process: not thread-local, because the
 # backward of CUDA tensors runs on autograd's own device threads (a thread-local choice would not
 # reach them, and a checkpointed layer would be recomputed with other kernels than its forward ran).
+# list.append / list.pop are atomic, so opening and closing blocks needs no lock.
 _forced: list[str] = []
-_forced_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -45,13 +44,11 @@ def use_implementation(name: str) -> Iterator[None]:
     choice = _ALIASES.get(name, name)
     if choice not in CHOICES:
         raise ValueError(f"implementation must be one of {CHOICES} (or 'reference'), got {name!r}")
-    with _forced_lock:
-        _forced.append(choice)
+    _forced.append(choice)
     try:
         yield
     finally:
-        with _forced_lock:
-            _forced.pop()
+        _forced.pop()
 
 
 def requested_implementation() -> str:
