@@ -2,17 +2,21 @@
 # Every BENCHMARKS.md row in one go on a GPU machine: GPU tests of the graph step and paged optimizer, then
 # ours against the reference stack (same command, same GPU). Usage, from the repository root:
 #   REFERENCE=path/to/reference_stack.py OUT=results/ bash bench/run_side_by_side.sh
+# ROWS="tests t7b" runs only those parts (all of them, ~17 minutes: tests t7b t7b_always t7b_eager t8b t65b t65b_noreuse).
 # (bitsandbytes importable for the reference, e.g. PYTHONPATH=/tmp/site:. as ../shared/bench/README.md says)
 set -uo pipefail
 : "${REFERENCE:?set REFERENCE to reference_stack.py}" "${OUT:?set OUT to a results folder}"
 mkdir -p "$OUT"
-run() { local name=$1 limit=$2; shift 2; timeout "$limit" python bench/train_throughput.py "$@" --out "$OUT/$name.jsonl" \
+ROWS=${ROWS:-tests t7b t7b_always t7b_eager t8b t65b t65b_noreuse}
+wanted() { [[ " $ROWS " == *" $1 "* ]]; }
+run() { local name=$1 limit=$2; shift 2; wanted "$name" || return 0; timeout "$limit" python -m bench.train_throughput "$@" --out "$OUT/$name.jsonl" \
     > "$OUT/$name.log" 2>&1; echo "== $name (exit $?)"; grep '^|' "$OUT/$name.log" | tail -n +3; }
-timeout 240 python -m pytest -q -p no:cacheprovider tests/train/test_cuda_graph.py tests/optim/test_optim_gpu.py tests/test_lora.py \
-    tests/kernels/test_cross_entropy.py 2>&1 | tail -2
+wanted tests && timeout 240 python -m pytest -q -p no:cacheprovider tests/train/test_cuda_graph.py tests/optim/test_optim_gpu.py \
+    tests/test_lora.py tests/test_lora_matmul.py tests/kernels/test_dequantize.py tests/kernels/test_cross_entropy.py 2>&1 | tail -2
 run t7b 300 --reference "$REFERENCE" --workloads 7b:qlora:4x512,1x2048,1x512 7b:lora16:4x512 --steps 10 --warmup 3 \
     --cuda-graph
 run t7b_always 90 --workloads 7b:qlora:4x512,1x2048 --steps 10 --warmup 3 --cuda-graph --page-policy always
 run t7b_eager 60 --workloads 7b:qlora:4x512 --steps 10 --warmup 3
 run t8b 150 --reference "$REFERENCE" --workloads 8b:qlora:1x8192 --steps 5 --warmup 2 --cuda-graph
 run t65b 200 --reference "$REFERENCE" --workloads 65b:qlora:1x512 --steps 5 --warmup 2 --cuda-graph --page-policy always
+run t65b_noreuse 120 --workloads 65b:qlora:1x512 --steps 5 --warmup 2 --cuda-graph --page-policy always --no-reuse-dense-weights

@@ -17,8 +17,9 @@ Both sides: LoRA r=64, alpha=16, dropout 0.05 on all seven block linears, NF4 + 
 (qlora), bf16 compute, gradient checkpointing, paged AdamW 32-bit (ours: `paged_adamw_32bit`), lr 2e-4,
 no gradient clipping, random tokens with labels = inputs. Ours optionally replays forward+backward as
 CUDA graphs (`--cuda-graph`, as `qlora train` does by default) and takes the paged optimizer's page
-policy (`--page-policy auto|always`), the adapters' dtype (`--lora-dtype`) and the residual stream's
-(`--residual-dtype`). Both sides train on the same token batches (`reference_batches`).
+policy (`--page-policy auto|always`), the adapters' dtype (`--lora-dtype`), the residual stream's
+(`--residual-dtype`) and weight reuse in backward (`--reuse-dense-weights`). Both sides train on
+the same token batches (`reference_batches`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 
 from bench.device_memory import DeviceMemorySampler, context_bytes
 from bench.llama_shapes import BENCH_LORA, SHAPES, GiB, build_model, flops_per_token, reference_batches, timed_steps
+from qlora.lora_matmul import reusing_dense_weights
 from qlora.optim import build_optimizer
 from qlora.train.cuda_graph import CudaGraphStep
 
@@ -56,6 +58,7 @@ def run_ours(shape: str, mode: str, pairs, args) -> list[dict]:
     lora = dataclasses.replace(BENCH_LORA, param_dtype=getattr(torch, args.lora_dtype))
     model = build_model(s, "nf4" if mode == "qlora" else None, device, seed=args.seed, lora=lora)
     model.residual_dtype = torch.float32 if args.residual_dtype == "float32" else None
+    model.checkpoint_context = reusing_dense_weights if args.reuse_dense_weights else None
     torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
     model_gib = torch.cuda.memory_allocated() / GiB
@@ -81,6 +84,7 @@ def run_ours(shape: str, mode: str, pairs, args) -> list[dict]:
         rec = {"tool": "qlora", "shape": shape, "mode": mode, "batch": b, "seq": seq, "optimizer": args.optim,
                "cuda_graph": bool(args.cuda_graph), "page_policy": getattr(optimizer, "page_policy", None),
                "lora_dtype": args.lora_dtype, "residual_dtype": args.residual_dtype,
+               "reuse_dense_weights": args.reuse_dense_weights,
                "build_s": round(build_s, 1), "model_GiB": round(model_gib, 2),
                "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                "peak_alloc_GiB": round(torch.cuda.max_memory_allocated() / GiB, 3),
@@ -152,6 +156,9 @@ def main() -> int:
                     help="our adapter weights' dtype (the reference keeps float32; the QLoRA script used bfloat16)")
     ap.add_argument("--residual-dtype", default="compute", choices=["compute", "float32"],
                     help="our residual stream dtype (model.residual_dtype; the reference hf recipe holds it in fp32)")
+    ap.add_argument("--reuse-dense-weights", action=argparse.BooleanOptionalAction, default=True,
+                    help="keep each layer's dequantized weights from the recompute for its backward "
+                         "(model.reuse_dense_weights, on by default as in qlora train)")
     ap.add_argument("--page-policy", default="auto", choices=["auto", "always"], help="paged optimizers' policy")
     ap.add_argument("--peak-flops", type=float, default=989e12, help="H100 SXM dense bf16 (the reference's)")
     ap.add_argument("--out", default="")

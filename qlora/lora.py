@@ -19,14 +19,18 @@ in backward. With g = dL/dy [N, out], xd = drop(x) [N, in], h = xd A^T [N, r]:
     W and b are frozen: no gradient.
 
 Saved for backward: xd, h, A, B and a reference to the packed weight (never a dequantized copy;
-a test hooks saved tensors to prove it). Matmuls run in the compute dtype (bf16 by default); the
-adapter parameters are kept in `LoraSpec.param_dtype` (float32 by default, as PEFT keeps them;
-bfloat16 is what the QLoRA paper's own script does, and halves the adapters' and their gradients'
-memory) and cast for the matmuls, and their gradients come back in that dtype.
+a test hooks saved tensors to prove it), except inside `qlora.lora_matmul.reusing_dense_weights()`
+(around a gradient checkpoint's two passes: the first discards what is saved, the recompute's backward
+follows at once), where the forward's dense W is saved so that it is not dequantized a third time.
 
-Rounding: in bf16, `x W^T + scale * h B^T` is rounded once (`add_product_rounding_once`); rounding
-x W^T first would drop every adapter term under half a bf16 step of it, i.e. most of what a young
-adapter has learned.
+Matmuls run in the compute dtype (bf16 by default); the adapter parameters are kept in
+`LoraSpec.param_dtype` (float32 by default, as PEFT keeps them; bfloat16 is what the QLoRA paper's
+own script does, and halves the adapters' and their gradients' memory) and cast for the matmuls,
+and their gradients come back in that dtype.
+
+Rounding: in bf16, `x W^T + scale * h B^T` is rounded once (`qlora.lora_matmul`); rounding x W^T
+first would drop every adapter term under half a bf16 step of it, i.e. most of what a young adapter
+has learned.
 
 Initialisation is PEFT's default: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0,
 so a fresh adapter leaves the model's output unchanged.
@@ -35,7 +39,6 @@ so a fresh adapter leaves the model's output unchanged.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -43,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlora import ops
+from qlora.lora_matmul import base_plus_adapter, dense_weight, reuse_dense_weights
 from qlora.quant.tensor import QuantizedTensor
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -74,70 +77,40 @@ class LoraSpec:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
 
-_mm_to_float32 = True  # torch.mm(..., out_dtype=torch.float32) exists here (checked on first CUDA use)
-
-
-def add_product_rounding_once(term: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight^T + term, rounded to term's dtype once; x [N, in], weight [out, in], term [N, out].
-
-    Why: early in training (B starts at zero) the adapter's term is under half a bf16 step of
-    x W^T in most elements. Rounding x W^T first and adding the term after returns x W^T there,
-    which hides what the adapter has learned from the loss (docs/LOG.md, 2026-11-27: the same
-    adapters scored 11.07 instead of 10.59 at 7B). CPU `addmm_` rounds once; CUDA's bf16 `addmm`
-    rounds the product before adding (measured), so there the product is taken in float32.
-    """
-    global _mm_to_float32
-    if term.is_cuda and term.dtype in (torch.bfloat16, torch.float16) and _mm_to_float32:
-        try:
-            product = torch.mm(x, weight.t(), out_dtype=torch.float32)  # [N, out], not rounded
-        except (TypeError, RuntimeError):  # torch without mm(out_dtype=): fall back, and say so once
-            _mm_to_float32 = False
-            warnings.warn("this torch has no torch.mm(out_dtype=): LoRA outputs are rounded twice on CUDA "
-                          "(small adapter updates are lost to rounding early in training); torch >= 2.8 "
-                          "avoids it", stacklevel=2)  # fmt: skip
-        else:
-            return torch.add(product, term, out=torch.empty_like(term))  # one pass: fp32 sum, one rounding
-    return term.addmm_(x, weight.t())
-
-
-def _dense_weight(base: torch.Tensor | QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
-    if isinstance(base, QuantizedTensor):
-        return ops.dequantize(base, dtype)
-    return base.to(dtype)
-
-
 class LoRALinearFunction(torch.autograd.Function):
     """y = x W^T + b + scale * (xd A^T) B^T with W frozen and re-materialised in backward (see module doc)."""
 
     @staticmethod
     def forward(ctx, x, x_dropped, lora_A, lora_B, bias, base, scale: float):
         # x, x_dropped: [..., in]; lora_A: [r, in] or None; lora_B: [out, r] or None; base: [out, in]
-        weight = _dense_weight(base, x.dtype)
         h = None
         if lora_A is None:
+            weight = dense_weight(base, x.dtype)
             y = F.linear(x, weight, None if bias is None else bias.to(x.dtype))  # [..., out]
         else:
             h = F.linear(x_dropped, lora_A.to(x.dtype))  # [..., in] @ [in, r] -> [..., r]
-            term = (h.reshape(-1, h.shape[-1]) * scale) @ lora_B.to(x.dtype).t()  # [N, r] @ [r, out]
-            y2 = add_product_rounding_once(term, x.reshape(-1, x.shape[-1]), weight)  # [N, in] @ [in, out] + term
+            x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
+            y2, weight = base_plus_adapter(x2, base, h2 * scale, lora_B)  # [N, out], W [out, in]
             if bias is not None:
                 y2.add_(bias.to(x.dtype))
             y = y2.view(*x.shape[:-1], -1)
+        # kept only inside a gradient checkpoint: its forward discards it, its recompute's backward follows
+        kept_weight = weight if reuse_dense_weights() and ctx.needs_input_grad[0] else None
         del weight
         ctx.base = base
         ctx.scale = scale
         ctx.has_adapter = lora_A is not None
         ctx.param_dtypes = (None, None) if lora_A is None else (lora_A.dtype, lora_B.dtype)
-        ctx.save_for_backward(x_dropped if lora_A is not None else None, h, lora_A, lora_B)
+        ctx.save_for_backward(x_dropped if lora_A is not None else None, h, lora_A, lora_B, kept_weight)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x_dropped, h, lora_A, lora_B = ctx.saved_tensors
+        x_dropped, h, lora_A, lora_B, kept_weight = ctx.saved_tensors
         dtype = grad_y.dtype
         grad_x = grad_x_dropped = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
-            weight = _dense_weight(ctx.base, dtype)
+            weight = dense_weight(ctx.base, dtype) if kept_weight is None else kept_weight.to(dtype)
             grad_x = grad_y @ weight  # [..., out] @ [out, in] -> [..., in]
             del weight
         if ctx.has_adapter:
@@ -215,7 +188,7 @@ class LoRALinear(nn.Module):
     def dense_base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         if self.base is None:
             raise RuntimeError("this layer's base weight was never loaded")
-        return _dense_weight(self.base, dtype or self.compute_dtype)
+        return dense_weight(self.base, dtype or self.compute_dtype)
 
     def _apply(self, fn, recurse=True):
         """`module.to(device)` moves the base too; dtype casts leave the 4-bit codes untouched."""

@@ -81,13 +81,21 @@ def implementation_for(device: torch.device | str) -> str:
 
 
 # --- 4-bit dequantization ---------------------------------------------------------------------
-def dequantize(q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
-    """The dense weight of `q` in `dtype` (bit-identical whichever implementation runs)."""
-    if implementation_for(q.device) == "triton":
-        from qlora.kernels.dequantize import dequantize_4bit
+def dequantize(q: QuantizedTensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense weight of `q` in `dtype` (bit-identical whichever implementation runs).
 
-        return dequantize_4bit(q, dtype)
-    return q.dequantize(dtype)
+    `out`: where to write it, `q.shape`, possibly a view into a wider matrix (the LoRA forward appends
+    the adapter's columns to the weight); the kernel stores there directly when the rows are whole
+    quantization blocks, otherwise the weight is dequantized and copied in.
+    """
+    if implementation_for(q.device) == "triton":
+        from qlora.kernels.dequantize import dequantize_4bit, row_strided_view_of
+
+        if out is None or out.is_contiguous() or row_strided_view_of(out, q):
+            return dequantize_4bit(q, dtype, out=out)
+        return out.copy_(dequantize_4bit(q, dtype))  # rows not whole blocks; still the kernel (graph-safe)
+    dense = q.dequantize(dtype)
+    return dense if out is None else out.copy_(dense)
 
 
 # --- fused elementwise ops of the decoder (twins: the model's own formulas) ----------------------

@@ -27,6 +27,8 @@ memory-bound copy with a lookup inside):
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -73,12 +75,16 @@ def _dequantize_4bit_kernel(
     nested_table_ptr,  # float32 [256] (double quant only)
     offset_ptr,  # float32 [1] (double quant only)
     table_ptr,  # float32 [16]
-    out_ptr,  # dtype [n]
+    out_ptr,  # dtype [n], or rows of `row_len` elements `out_row_stride` apart (ROW_STRIDED)
     n,
     n_bytes,
     n_blocks,
+    blocks_per_row,  # row_len // blocksize (ROW_STRIDED only: a block never spans two rows)
+    out_row_stride,  # elements between output rows (ROW_STRIDED only)
     HALF_BLOCK: tl.constexpr,  # blocksize // 2: bytes per quantization block
     BLOCKS: tl.constexpr,  # quantization blocks per program
+    ROW_STRIDED: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,  # a power of two dividing every row's start (lets the stores vectorise)
     DOUBLE_QUANT: tl.constexpr,
     SELECT_LOOKUP: tl.constexpr,
     EMULATE_ROUNDING: tl.constexpr,
@@ -104,7 +110,13 @@ def _dequantize_4bit_kernel(
     low = low * absmax[:, None]
     values = tl.interleave(high, low)  # [BLOCKS, 2 * HALF_BLOCK]: element 2k (high nibble) before 2k+1
     elem = blk[:, None] * (2 * HALF_BLOCK) + tl.arange(0, 2 * HALF_BLOCK)[None, :]
-    tl.store(out_ptr + elem, round_to(values, out_ptr.dtype.element_ty, EMULATE_ROUNDING), mask=elem < n)
+    if ROW_STRIDED:  # block b is row b // blocks_per_row, columns from (b % blocks_per_row) * blocksize
+        start = (blk // blocks_per_row) * out_row_stride + (blk % blocks_per_row) * (2 * HALF_BLOCK)
+        start = tl.multiple_of(start, ROW_ALIGN)
+        dest = start[:, None] + tl.arange(0, 2 * HALF_BLOCK)[None, :]
+    else:
+        dest = elem
+    tl.store(out_ptr + dest, round_to(values, out_ptr.dtype.element_ty, EMULATE_ROUNDING), mask=elem < n)
 
 
 def dequantize_4bit(
@@ -118,8 +130,10 @@ def dequantize_4bit(
 ) -> torch.Tensor:
     """The dense tensor of `q` in `dtype` (default `q.dtype`); bit-identical to `q.dequantize(dtype)`.
 
-    `out`, if given, is a contiguous tensor of `q.numel` elements of `dtype` to write into (lets a
-    caller reuse one buffer across layers).
+    `out`, if given, is a tensor of `dtype` to write into: contiguous with `q.numel` elements (lets a
+    caller reuse one buffer across layers), or a 2-D `q.shape` view whose rows are further apart
+    than their length (`out.stride(1) == 1`, row length a multiple of the blocksize), e.g. the left
+    columns of a wider matrix, so a caller can append columns to the weight without a copy.
     """
     dtype = dtype or q.dtype
     if dtype not in OUTPUT_DTYPES:
@@ -137,10 +151,15 @@ def dequantize_4bit(
     half_block = q.blocksize // 2
     n_blocks = (n + q.blocksize - 1) // q.blocksize
     blocks = max(1, bytes_per_program // half_block)
+    row_strided = out is not None and not out.is_contiguous()
     if out is None:
         out = torch.empty(n, dtype=dtype, device=packed.device)
-    elif out.dtype != dtype or out.numel() != n or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {dtype} tensor of {n} elements, got {out.dtype} {tuple(out.shape)}")
+    elif out.dtype != dtype or out.numel() != n:
+        raise ValueError(f"out must be a {dtype} tensor of {n} elements, got {out.dtype} {tuple(out.shape)}")
+    elif row_strided and not row_strided_view_of(out, q):
+        raise ValueError(f"out must be contiguous, or a {tuple(q.shape)} view with unit column stride and rows "
+                         f"a multiple of blocksize {q.blocksize} long; got shape {tuple(out.shape)} stride "
+                         f"{out.stride()}")  # fmt: skip
     # the kernel indexes flat, dense arrays (all of these are already, except after unusual loading)
     if q.nested is not None:
         nest = q.nested
@@ -154,8 +173,18 @@ def dequantize_4bit(
     grid = (triton.cdiv(n_blocks, blocks),)
     _dequantize_4bit_kernel[grid](
         packed, absmax, nested_absmax, nested_table, offset, table, out, n, packed.numel(), n_blocks,
-        HALF_BLOCK=half_block, BLOCKS=blocks, DOUBLE_QUANT=q.nested is not None, SELECT_LOOKUP=lookup == "select",
+        out.shape[-1] // q.blocksize if row_strided else 1, out.stride(0) if row_strided else 0,
+        HALF_BLOCK=half_block, BLOCKS=blocks, ROW_STRIDED=row_strided,
+        ROW_ALIGN=math.gcd(out.stride(0), q.blocksize, 16) if row_strided else 1, DOUBLE_QUANT=q.nested is not None,
+        SELECT_LOOKUP=lookup == "select",
         EMULATE_ROUNDING=emulate_rounding(),
         num_warps=num_warps, enable_fp_fusion=False,
     )  # fmt: skip
     return out.view(q.shape)
+
+
+def row_strided_view_of(out: torch.Tensor, q: QuantizedTensor) -> bool:
+    """Whether the kernel's ROW_STRIDED store covers `out`: [rows, cols] of q's shape, unit column
+    stride, and whole quantization blocks per row (so no block's store straddles two rows)."""
+    return (out.dim() == 2 and tuple(out.shape) == tuple(q.shape) and out.stride(1) == 1
+            and out.stride(0) >= out.shape[1] and out.shape[1] % q.blocksize == 0)  # fmt: skip

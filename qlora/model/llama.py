@@ -41,7 +41,10 @@ Why it is shaped so.
   stream), and Dettmers' qlora.py (fp32 norms), without fp32 matmuls. None (the default) keeps the
   stream in the embeddings' dtype.
 - Gradient checkpointing: `model.gradient_checkpointing = True` makes each decoder layer run under
-  `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)` while training.
+  `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)` while training;
+  `model.checkpoint_context`, if set, is a context-manager factory entered around both the forward
+  and the recompute of each checkpointed layer (the training loop uses it to let LoRA layers keep
+  their dense weights from the recompute for the backward).
 - `KVCache` is preallocated per layer (`[B, n_kv, max_len, head_dim]`) and stores keys after RoPE;
   a cached forward takes the 2D padding mask over all `S = past + T` positions, like transformers.
 
@@ -55,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -362,7 +366,14 @@ class LlamaForCausalLM(nn.Module):
         # None: the residual stream is held in the embeddings' dtype (transformers' behaviour);
         # torch.float32: held and summed in fp32 while the layers compute in the embeddings' dtype.
         self.residual_dtype: torch.dtype | None = None
+        self.checkpoint_context: Callable[[], contextlib.AbstractContextManager] | None = None
         self.tie_weights()
+
+    def _checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """(forward, recompute) contexts for torch.utils.checkpoint: `checkpoint_context` around both."""
+        if self.checkpoint_context is None:
+            return contextlib.nullcontext(), contextlib.nullcontext()
+        return self.checkpoint_context(), self.checkpoint_context()
 
     @classmethod
     def from_config(
@@ -467,7 +478,8 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             mask, is_causal = masks[layer.self_attn.sliding_window]
             if use_checkpoint:
-                h = checkpoint(layer, h, cos, sin, mask, is_causal, None, compute_dtype, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, mask, is_causal, None, compute_dtype, use_reentrant=False,
+                               context_fn=self._checkpoint_contexts)  # fmt: skip
             else:
                 h = layer(h, cos, sin, mask, is_causal, kv_cache, compute_dtype)
         if kv_cache is not None:

@@ -34,6 +34,7 @@ from qlora.data.formats import load_dataset
 from qlora.data.packing import pack_examples
 from qlora.loading import load_model, read_model_config
 from qlora.lora import LoraSpec, mark_only_lora_trainable
+from qlora.lora_matmul import reusing_dense_weights
 from qlora.model.config import ModelConfig
 from qlora.optim import build_optimizer as make_optimizer
 from qlora.tokenizer import Tokenizer
@@ -158,6 +159,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
         load_adapter_weights(model, cfg.lora.init_from)  # a resume below overwrites them with the checkpoint's
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     model.residual_dtype = torch.float32 if cfg.model.residual_dtype == "float32" else None
+    model.checkpoint_context = reusing_dense_weights if cfg.model.reuse_dense_weights else None
     params = mark_only_lora_trainable(model)
     seed_everything(cfg.seed)  # the adapters' init drew from the RNG; the loop starts from a known state
     optimizer = build_optimizer(cfg, params, lr, device)

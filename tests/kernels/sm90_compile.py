@@ -41,15 +41,17 @@ def compile_stats(fn, signature: dict, constexprs: dict, divisible=(), **options
 def dequantize_cases():
     for out in ("bf16", "fp16", "fp32"):
         for double_quant in (True, False):
-            for select in (True, False):
+            for select, strided in ((True, False), (False, False), (False, True)):
                 sig = {"packed_ptr": "*u8", "absmax_ptr": "*u8" if double_quant else "*fp32",
                        "nested_absmax_ptr": "*fp32", "nested_table_ptr": "*fp32", "offset_ptr": "*fp32",
                        "table_ptr": "*fp32", "out_ptr": "*" + out, "n": "i32", "n_bytes": "i32", "n_blocks": "i32",
-                       "HALF_BLOCK": "constexpr", "BLOCKS": "constexpr", "DOUBLE_QUANT": "constexpr",
-                       "SELECT_LOOKUP": "constexpr", "EMULATE_ROUNDING": "constexpr"}  # fmt: skip
-                consts = {"HALF_BLOCK": 32, "BLOCKS": 128, "DOUBLE_QUANT": double_quant, "SELECT_LOOKUP": select,
-                          "EMULATE_ROUNDING": False}  # fmt: skip
-                name = f"dequantize {out} dq={double_quant} select={select}"
+                       "blocks_per_row": "i32", "out_row_stride": "i32", "HALF_BLOCK": "constexpr",
+                       "BLOCKS": "constexpr", "ROW_STRIDED": "constexpr", "ROW_ALIGN": "constexpr",
+                       "DOUBLE_QUANT": "constexpr", "SELECT_LOOKUP": "constexpr",
+                       "EMULATE_ROUNDING": "constexpr"}  # fmt: skip
+                consts = {"HALF_BLOCK": 32, "BLOCKS": 128, "ROW_STRIDED": strided, "ROW_ALIGN": 16 if strided else 1,
+                          "DOUBLE_QUANT": double_quant, "SELECT_LOOKUP": select, "EMULATE_ROUNDING": False}  # fmt: skip
+                name = f"dequantize {out} dq={double_quant} select={select} strided={strided}"
                 yield name, (dequantize._dequantize_4bit_kernel, sig, consts, ("n", "n_bytes", "n_blocks")), \
                     dict(num_warps=4, enable_fp_fusion=False)  # fmt: skip
 

@@ -72,6 +72,19 @@ def test_writes_into_a_given_buffer(device):
     assert torch.equal(bits(got), bits(q.dequantize(torch.bfloat16)))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("blocksize", [32, 64])
+def test_writes_into_the_left_columns_of_a_wider_matrix(blocksize, device):
+    """Rows strided apart (the LoRA forward appends the adapter's columns): the weight lands in the left
+    columns bit for bit, and not one element of the columns to its right is touched."""
+    q = qlora.quantize(randn((13, 3 * blocksize), torch.bfloat16, seed=3, device=device), "nf4", blocksize, True)
+    wide = torch.full((13, 3 * blocksize + 11), float("nan"), dtype=torch.bfloat16, device=device)
+    got = dequantize_4bit(q, torch.bfloat16, out=wide[:, : 3 * blocksize])
+    assert got.data_ptr() == wide.data_ptr() and got.stride() == wide.stride()
+    assert torch.equal(bits(wide[:, : 3 * blocksize]), bits(q.dequantize(torch.bfloat16)))
+    assert wide[:, 3 * blocksize :].isnan().all()
+
+
 def test_refuses_bad_arguments():
     q = qlora.quantize(randn((4, 64), torch.float32), "nf4", 64, False)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
@@ -80,8 +93,13 @@ def test_refuses_bad_arguments():
         dequantize_4bit(q, lookup="gather")
     with pytest.raises(ValueError, match="power of two"):
         dequantize_4bit(q, bytes_per_program=100)
-    with pytest.raises(ValueError, match="contiguous"):
+    with pytest.raises(ValueError, match="256 elements"):
         dequantize_4bit(q, torch.float32, out=torch.empty(5))
+    with pytest.raises(ValueError, match="multiple of blocksize 64"):  # a block would straddle two rows
+        q96 = qlora.quantize(randn((4, 96)), "nf4", 64, False)
+        dequantize_4bit(q96, torch.float32, out=torch.empty(4, 100)[:, :96])
+    with pytest.raises(ValueError, match="unit column stride"):
+        dequantize_4bit(q, torch.float32, out=torch.empty(64, 4).t())
 
 
 @pytest.mark.parametrize("device", DEVICES)

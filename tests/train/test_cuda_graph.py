@@ -4,42 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from train_fixtures import VOCAB, tiny_qlora_model
 
 from qlora.data.collate import collate
 from qlora.data.encode import EncodedExample
-from qlora.fused import use_fused_elementwise
-from qlora.lora import DEFAULT_TARGETS, LoraSpec, QuantSpec, lora_layers, mark_only_lora_trainable, replace_linears
-from qlora.model.config import ModelConfig
-from qlora.model.llama import LlamaForCausalLM
 from qlora.train.cuda_graph import CudaGraphStep, is_right_padded, pad_batch
 from qlora.train.loss import loss_sum, loss_sum_all_rows
-
-VOCAB = 61
-
-
-def tiny_qlora_model(device: str, dtype=torch.float32, quant: str | None = "nf4", dropout=0.0, seed=0):
-    """Two decoder layers, NF4 base, LoRA r=8 on every linear (B random so A gets gradients), checkpointing."""
-    cfg = ModelConfig.from_hf({"model_type": "llama", "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96,
-                                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                                 "rms_norm_eps": 1e-5, "max_position_embeddings": 128})  # fmt: skip
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(dtype)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    dense = {n: m.weight.detach().clone() for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in DEFAULT_TARGETS}  # fmt: skip
-    replace_linears(model, QuantSpec(quant, 64, True), LoraSpec(r=8, alpha=16.0, dropout=dropout), device="cpu",
-                    dtype=dtype)  # fmt: skip
-    for name, layer in lora_layers(model).items():
-        layer.set_base_weight(dense[name])
-        with torch.no_grad():
-            layer.lora_B.weight.normal_(0, 0.1)
-    use_fused_elementwise(model)
-    model.gradient_checkpointing = True
-    model.to(device).train()
-    return model, mark_only_lora_trainable(model)
 
 
 def right_padded_batch(seed=0) -> dict[str, torch.Tensor]:

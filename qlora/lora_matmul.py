@@ -1,0 +1,140 @@
+"""The LoRA layer's forward product, `x W^T + h B^T`, rounded to the compute dtype once.
+
+Why once: early in training (B starts at zero) the adapter's term `h B^T` is under half a bf16 step
+of `x W^T` in most elements. Rounding `x W^T` first and adding the term after returns `x W^T` there,
+which hides what the adapter has learned from the loss (docs/LOG.md, 2026-11-27: the same adapters
+scored 11.07 instead of 10.59 at 7B). Here h = scale * drop(x) A^T is already scaled, [N, r].
+
+Three ways to get one rounding, chosen by device and by the bytes each moves beyond a plain GEMM:
+
+- `add_product_rounding_once` on the CPU: the term first, then the base GEMM accumulates onto it
+  (`addmm_` rounds once there, measured).
+- The same on CUDA cannot rely on `addmm`: its bf16 path rounds the product before adding C
+  (measured on H200, torch 2.11, also with `allow_bf16_reduced_precision_reduction` off). So the
+  product is taken in float32 (`torch.mm(out_dtype=)`) and the term added in one pass: an [N, out]
+  float32 intermediate, ~8 extra bytes per output element.
+- `adapter_columns_matmul` on CUDA: one GEMM over the inner dimension extended by the adapter's r
+  columns, `[x | h] @ [W | B]^T`. The GEMM accumulates both parts in float32 and rounds once. It
+  costs a copy of x into the wider matrix (4 bytes per input element) and, for a dense base, of W
+  (a 4-bit base is dequantized straight into the wider weight, so that side is free).
+  `adapter_columns_pay` picks between the two CUDA paths (measured rule).
+
+Each function returns the product and the dense weight it multiplied (a view into the wider matrix
+for the adapter columns): under `reusing_dense_weights()` the LoRA layer saves that weight for its
+backward instead of dequantizing it again there (see `reusing_dense_weights`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+from qlora import ops
+from qlora.quant.tensor import QuantizedTensor
+
+_mm_to_float32 = True  # torch.mm(..., out_dtype=torch.float32) exists here (checked on first CUDA use)
+_COLUMN_ALIGNMENT = 8  # pad the extended inner dimension to 8 elements: 16-byte rows for bf16 GEMMs
+_reuse_depth = 0  # > 0 inside reusing_dense_weights(); process-wide: see there
+
+
+@contextlib.contextmanager
+def reusing_dense_weights() -> Iterator[None]:
+    """Inside, LoRA layers save the dense weight of their forward for their backward.
+
+    Only for a gradient checkpoint (the model's `checkpoint_context`, entered around both passes of
+    each checkpointed layer): its first forward discards what is saved (nothing is held), and its
+    recompute is followed at once by the layer's backward, so one decoder layer's weights are held
+    for that layer's backward only. Each 4-bit weight is then dequantized twice per step instead of
+    three times (forward, recompute, input gradient), for one layer's dense weights of memory (7B:
+    0.4 GB in bf16; 65B: 1.6 GB). Both passes must save alike: the checkpoint matches saved tensors
+    by position. Process-wide, not thread-local: CUDA runs the backward, and with it the recompute,
+    on autograd's device thread.
+    """
+    global _reuse_depth
+    _reuse_depth += 1
+    try:
+        yield
+    finally:
+        _reuse_depth -= 1
+
+
+def reuse_dense_weights() -> bool:
+    """Whether the LoRA layers running now should save their dense weight for backward."""
+    return _reuse_depth > 0
+
+
+def dense_weight(base: torch.Tensor | QuantizedTensor, dtype: torch.dtype, out: torch.Tensor | None = None):
+    """The base weight [out, in] in `dtype` (dequantized if 4-bit), written into `out` if given."""
+    if isinstance(base, QuantizedTensor):
+        return ops.dequantize(base, dtype, out=out)
+    return base.to(dtype) if out is None else out.copy_(base)
+
+
+def add_product_rounding_once(term: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T + term, rounded to term's dtype once; x [N, in], weight [out, in], term [N, out]
+    (overwritten on the CPU). On CUDA the product is taken in float32; see the module docstring."""
+    global _mm_to_float32
+    if term.is_cuda and term.dtype in (torch.bfloat16, torch.float16) and _mm_to_float32:
+        try:
+            product = torch.mm(x, weight.t(), out_dtype=torch.float32)  # [N, out], not rounded
+        except (TypeError, RuntimeError):  # torch without mm(out_dtype=): fall back, and say so once
+            _mm_to_float32 = False
+            warnings.warn("this torch has no torch.mm(out_dtype=): LoRA outputs are rounded twice on CUDA "
+                          "(small adapter updates are lost to rounding early in training); torch >= 2.8 "
+                          "avoids it", stacklevel=2)  # fmt: skip
+        else:
+            return torch.add(product, term, out=torch.empty_like(term))  # one pass: fp32 sum, one rounding
+    return term.addmm_(x, weight.t())
+
+
+def adapter_columns_matmul(
+    x: torch.Tensor, base: torch.Tensor | QuantizedTensor, h: torch.Tensor, lora_B: torch.Tensor
+) -> torch.Tensor:
+    """([x | h] @ [W | B]^T, W) : x W^T + h B^T in one GEMM, so rounded once; x [N, in], h [N, r],
+    B [out, r]. The inner dimension is padded with zero columns to a multiple of 8 (aligned rows)."""
+    n_tokens, n_in = x.shape
+    n_out, r = lora_B.shape
+    width = -(-(n_in + r) // _COLUMN_ALIGNMENT) * _COLUMN_ALIGNMENT
+    weight = torch.empty(n_out, width, dtype=x.dtype, device=x.device)  # [out, in + r + pad]
+    dense_weight(base, x.dtype, out=weight[:, :n_in])
+    weight[:, n_in : n_in + r].copy_(lora_B)
+    inputs = torch.empty(n_tokens, width, dtype=x.dtype, device=x.device)  # [N, in + r + pad]
+    inputs[:, :n_in].copy_(x)
+    inputs[:, n_in : n_in + r].copy_(h)
+    if width > n_in + r:
+        weight[:, n_in + r :].zero_()
+        inputs[:, n_in + r :].zero_()
+    return inputs @ weight.t(), weight[:, :n_in]  # [N, out], and W [out, in] as a view
+
+
+def adapter_columns_pay(x: torch.Tensor, base: torch.Tensor | QuantizedTensor, n_out: int) -> bool:
+    """Whether `adapter_columns_matmul` is faster than the float32-product path on CUDA.
+
+    Beyond a plain GEMM, the extended columns copy x (read + write: 4 bytes per [N, in] element) and
+    a dense W (4 per [out, in]); the float32 product writes and reads [N, out] in float32 (8 bytes per
+    element more than a bf16 product). Measured on an H200 (`bench/lora_forward.py`, 2026-11-27),
+    both run at about the same fraction of bandwidth and this rule picked the faster path for all five
+    4-bit shapes (7B q/k/v/o, gate/up, down; 8B gate/up, down); the copy does not save the term tensor
+    of the other path as a pure byte count would suggest.
+    """
+    n_tokens, n_in = x.shape
+    columns = 4 * n_tokens * n_in
+    if not isinstance(base, QuantizedTensor):
+        columns += 4 * n_out * n_in
+    return columns < 8 * n_tokens * n_out
+
+
+def base_plus_adapter(
+    x: torch.Tensor, base: torch.Tensor | QuantizedTensor, h: torch.Tensor, lora_B: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x W^T + h B^T rounded once to x's dtype, W in x's dtype), the cheapest way for this device
+    and shape; x [N, in], base W [out, in], h [N, r] (scale included), lora_B [out, r] (any float dtype)."""
+    n_out = lora_B.shape[0]
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and adapter_columns_pay(x, base, n_out):
+        return adapter_columns_matmul(x, base, h, lora_B)
+    term = h @ lora_B.to(x.dtype).t()  # [N, r] @ [r, out]
+    weight = dense_weight(base, x.dtype)
+    return add_product_rounding_once(term, x, weight), weight
