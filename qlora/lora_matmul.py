@@ -48,10 +48,10 @@ def reusing_dense_weights() -> Iterator[None]:
     each checkpointed layer): its first forward discards what is saved (nothing is held), and its
     recompute is followed at once by the layer's backward, so one decoder layer's weights are held
     for that layer's backward only. Each 4-bit weight is then dequantized twice per step instead of
-    three times (forward, recompute, input gradient), for one layer's dense weights of memory (7B:
-    0.4 GB in bf16; 65B: 1.6 GB). Both passes must save alike: the checkpoint matches saved tensors
-    by position. Process-wide, not thread-local: CUDA runs the backward, and with it the recompute,
-    on autograd's device thread.
+    three times (forward, recompute, input gradient), for one layer's dense weights of memory at most
+    (measured peak: 7B +0.3-0.4 GiB, 65B +1.2 GiB). Both passes must save alike: the checkpoint
+    matches saved tensors by position. Process-wide, not thread-local: CUDA runs the backward, and
+    with it the recompute, on autograd's device thread.
     """
     global _reuse_depth
     _reuse_depth += 1
