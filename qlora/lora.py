@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qlora import ops
 from qlora.lora_matmul import base_plus_adapter, dense_weight, reuse_dense_weights
 from qlora.quant.tensor import QuantizedTensor
 
@@ -78,19 +79,28 @@ class LoraSpec:
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """y = x W^T + b + scale * (xd A^T) B^T with W frozen and re-materialised in backward (see module doc)."""
+    """y = x W^T + b + scale * (xd A^T) B^T with W frozen and re-materialised in backward (see module doc).
+
+    Dropout arrives one of three ways: `x_dropped` computed outside (`nn.Dropout`; autograd carries
+    its gradient back to x); `seed` given, `x_dropped` None: fused into the adapter's kernels
+    (`qlora.ops.lora_dropout_*`, probability `dropout_p`), nothing dropped is materialised; neither:
+    no dropout, xd = x, and the adapter's input gradient is added into the base's in place.
+    """
 
     @staticmethod
-    def forward(ctx, x, x_dropped, lora_A, lora_B, bias, base, scale: float):
+    def forward(ctx, x, x_dropped, lora_A, lora_B, bias, base, scale: float, dropout_p: float = 0.0, seed=None):
         # x, x_dropped: [..., in]; lora_A: [r, in] or None; lora_B: [out, r] or None; base: [out, in]
         h = None
         if lora_A is None:
             weight = dense_weight(base, x.dtype)
             y = F.linear(x, weight, None if bias is None else bias.to(x.dtype))  # [..., out]
         else:
-            h = F.linear(x_dropped, lora_A.to(x.dtype))  # [..., in] @ [in, r] -> [..., r]
-            x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
-            y2, weight = base_plus_adapter(x2, base, h2 * scale, lora_B)  # [N, out], W [out, in]
+            x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+            if seed is not None:
+                h = ops.lora_dropout_project(x2, lora_A.to(x.dtype), seed, dropout_p)  # [N, r]
+            else:
+                h = F.linear(x2 if x_dropped is None else x_dropped.reshape(x2.shape), lora_A.to(x.dtype))
+            y2, weight = base_plus_adapter(x2, base, h * scale, lora_B)  # [N, out], W [out, in]
             if bias is not None:
                 y2.add_(bias.to(x.dtype))
             y = y2.view(*x.shape[:-1], -1)
@@ -99,14 +109,16 @@ class LoRALinearFunction(torch.autograd.Function):
         del weight
         ctx.base = base
         ctx.scale = scale
+        ctx.dropout_p = dropout_p
         ctx.has_adapter = lora_A is not None
         ctx.param_dtypes = (None, None) if lora_A is None else (lora_A.dtype, lora_B.dtype)
-        ctx.save_for_backward(x_dropped if lora_A is not None else None, h, lora_A, lora_B, kept_weight)
+        adapter_input = None if lora_A is None else (x if x_dropped is None else x_dropped)
+        ctx.save_for_backward(adapter_input, h, lora_A, lora_B, kept_weight, seed)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x_dropped, h, lora_A, lora_B, kept_weight = ctx.saved_tensors
+        adapter_input, h, lora_A, lora_B, kept_weight, seed = ctx.saved_tensors
         dtype = grad_y.dtype
         grad_x = grad_x_dropped = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
@@ -118,15 +130,22 @@ class LoRALinearFunction(torch.autograd.Function):
             scale = ctx.scale
             g2 = grad_y.reshape(-1, grad_y.shape[-1])  # [N, out]
             g_B = (g2 @ lora_B.to(dtype)).mul_(scale)  # [N, out] @ [out, r] -> [N, r], scaled
-            if ctx.needs_input_grad[1]:
-                grad_x_dropped = (g_B @ lora_A.to(dtype)).view(*grad_y.shape[:-1], -1)  # [N, r] @ [r, in]
+            x2 = adapter_input.reshape(-1, adapter_input.shape[-1])  # [N, in]: x, or the dropped x
+            a = lora_A.to(dtype)
+            if ctx.needs_input_grad[1]:  # dropout outside: its gradient goes back through nn.Dropout
+                grad_x_dropped = (g_B @ a).view(*grad_y.shape[:-1], -1)  # [N, r] @ [r, in]
+            elif grad_x is not None and seed is not None:
+                ops.lora_dropout_expand_add_(grad_x.view(-1, grad_x.shape[-1]), g_B, a, seed, ctx.dropout_p)
+            elif grad_x is not None:  # no dropout: xd = x, one gradient
+                grad_x.view(-1, grad_x.shape[-1]).addmm_(g_B, a)
             if ctx.needs_input_grad[3]:
-                h2 = h.reshape(-1, h.shape[-1])  # [N, r]
-                grad_B = (g2.t() @ h2).mul_(scale).to(ctx.param_dtypes[1])  # [out, N] @ [N, r]
+                grad_B = (g2.t() @ h).mul_(scale).to(ctx.param_dtypes[1])  # [out, N] @ [N, r]
             if ctx.needs_input_grad[2]:
-                x2 = x_dropped.reshape(-1, x_dropped.shape[-1])  # [N, in]
-                grad_A = (g_B.t() @ x2).to(ctx.param_dtypes[0])  # [r, N] @ [N, in]
-        return grad_x, grad_x_dropped, grad_A, grad_B, None, None, None
+                if seed is not None:
+                    grad_A = ops.lora_dropout_project_grad(g_B, x2, seed, ctx.dropout_p).to(ctx.param_dtypes[0])
+                else:
+                    grad_A = (g_B.t() @ x2).to(ctx.param_dtypes[0])  # [r, N] @ [N, in]
+        return grad_x, grad_x_dropped, grad_A, grad_B, None, None, None, None, None
 
 
 class LoRALinear(nn.Module):
@@ -213,10 +232,16 @@ class LoRALinear(nn.Module):
         if self.base is None:
             raise RuntimeError("this layer's base weight was never loaded")
         if self.r:
-            x_dropped = self.dropout(x)
-            return LoRALinearFunction.apply(x, x_dropped, self.lora_A.weight, self.lora_B.weight, self.bias,
-                                            self.base, self.scale)  # fmt: skip
-        return LoRALinearFunction.apply(x, x, None, None, self.bias, self.base, 0.0)
+            a, b = self.lora_A.weight, self.lora_B.weight
+            p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+            if p == 0.0:
+                return LoRALinearFunction.apply(x, None, a, b, self.bias, self.base, self.scale)
+            if ops.lora_dropout_fusable(x, self.r):
+                # one seed per call; a checkpoint's recompute restores the RNG state, so it draws the same
+                seed = torch.randint(2**62, (1,), device=x.device)
+                return LoRALinearFunction.apply(x, None, a, b, self.bias, self.base, self.scale, p, seed)
+            return LoRALinearFunction.apply(x, self.dropout(x), a, b, self.bias, self.base, self.scale)
+        return LoRALinearFunction.apply(x, None, None, None, self.bias, self.base, 0.0)
 
     def extra_repr(self) -> str:
         base = self.quant.quant_type or "dense"
