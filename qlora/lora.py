@@ -46,7 +46,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlora import ops
 from qlora.lora_matmul import base_plus_adapter, dense_weight, reuse_dense_weights
 from qlora.quant.tensor import QuantizedTensor
 
@@ -81,14 +80,13 @@ class LoraSpec:
 class LoRALinearFunction(torch.autograd.Function):
     """y = x W^T + b + scale * (xd A^T) B^T with W frozen and re-materialised in backward (see module doc).
 
-    Dropout arrives one of three ways: `x_dropped` computed outside (`nn.Dropout`; autograd carries
-    its gradient back to x); `seed` given, `x_dropped` None: fused into the adapter's kernels
-    (`qlora.ops.lora_dropout_*`, probability `dropout_p`), nothing dropped is materialised; neither:
-    no dropout, xd = x, and the adapter's input gradient is added into the base's in place.
+    `x_dropped` is the dropped input (`nn.Dropout`, applied by the layer; autograd carries its gradient
+    back to x), or None when there is no dropout: then xd = x, and the adapter's input gradient is added
+    into the base's in place instead of autograd summing two [N, in] gradients.
     """
 
     @staticmethod
-    def forward(ctx, x, x_dropped, lora_A, lora_B, bias, base, scale: float, dropout_p: float = 0.0, seed=None):
+    def forward(ctx, x, x_dropped, lora_A, lora_B, bias, base, scale: float):
         # x, x_dropped: [..., in]; lora_A: [r, in] or None; lora_B: [out, r] or None; base: [out, in]
         h = None
         if lora_A is None:
@@ -96,10 +94,7 @@ class LoRALinearFunction(torch.autograd.Function):
             y = F.linear(x, weight, None if bias is None else bias.to(x.dtype))  # [..., out]
         else:
             x2 = x.reshape(-1, x.shape[-1])  # [N, in]
-            if seed is not None:
-                h = ops.lora_dropout_project(x2, lora_A.to(x.dtype), seed, dropout_p)  # [N, r]
-            else:
-                h = F.linear(x2 if x_dropped is None else x_dropped.reshape(x2.shape), lora_A.to(x.dtype))
+            h = F.linear(x2 if x_dropped is None else x_dropped.reshape(x2.shape), lora_A.to(x.dtype))  # [N, r]
             y2, weight = base_plus_adapter(x2, base, h * scale, lora_B)  # [N, out], W [out, in]
             if bias is not None:
                 y2.add_(bias.to(x.dtype))
@@ -109,16 +104,15 @@ class LoRALinearFunction(torch.autograd.Function):
         del weight
         ctx.base = base
         ctx.scale = scale
-        ctx.dropout_p = dropout_p
         ctx.has_adapter = lora_A is not None
         ctx.param_dtypes = (None, None) if lora_A is None else (lora_A.dtype, lora_B.dtype)
         adapter_input = None if lora_A is None else (x if x_dropped is None else x_dropped)
-        ctx.save_for_backward(adapter_input, h, lora_A, lora_B, kept_weight, seed)
+        ctx.save_for_backward(adapter_input, h, lora_A, lora_B, kept_weight)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        adapter_input, h, lora_A, lora_B, kept_weight, seed = ctx.saved_tensors
+        adapter_input, h, lora_A, lora_B, kept_weight = ctx.saved_tensors
         dtype = grad_y.dtype
         grad_x = grad_x_dropped = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
@@ -134,18 +128,13 @@ class LoRALinearFunction(torch.autograd.Function):
             a = lora_A.to(dtype)
             if ctx.needs_input_grad[1]:  # dropout outside: its gradient goes back through nn.Dropout
                 grad_x_dropped = (g_B @ a).view(*grad_y.shape[:-1], -1)  # [N, r] @ [r, in]
-            elif grad_x is not None and seed is not None:
-                ops.lora_dropout_expand_add_(grad_x.view(-1, grad_x.shape[-1]), g_B, a, seed, ctx.dropout_p)
             elif grad_x is not None:  # no dropout: xd = x, one gradient
                 grad_x.view(-1, grad_x.shape[-1]).addmm_(g_B, a)
             if ctx.needs_input_grad[3]:
                 grad_B = (g2.t() @ h).mul_(scale).to(ctx.param_dtypes[1])  # [out, N] @ [N, r]
             if ctx.needs_input_grad[2]:
-                if seed is not None:
-                    grad_A = ops.lora_dropout_project_grad(g_B, x2, seed, ctx.dropout_p).to(ctx.param_dtypes[0])
-                else:
-                    grad_A = (g_B.t() @ x2).to(ctx.param_dtypes[0])  # [r, N] @ [N, in]
-        return grad_x, grad_x_dropped, grad_A, grad_B, None, None, None, None, None
+                grad_A = (g_B.t() @ x2).to(ctx.param_dtypes[0])  # [r, N] @ [N, in]
+        return grad_x, grad_x_dropped, grad_A, grad_B, None, None, None
 
 
 class LoRALinear(nn.Module):
@@ -234,13 +223,8 @@ class LoRALinear(nn.Module):
         if self.r:
             a, b = self.lora_A.weight, self.lora_B.weight
             p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
-            if p == 0.0:
-                return LoRALinearFunction.apply(x, None, a, b, self.bias, self.base, self.scale)
-            if ops.lora_dropout_fusable(x, self.r):
-                # one seed per call; a checkpoint's recompute restores the RNG state, so it draws the same
-                seed = torch.randint(2**62, (1,), device=x.device)
-                return LoRALinearFunction.apply(x, None, a, b, self.bias, self.base, self.scale, p, seed)
-            return LoRALinearFunction.apply(x, self.dropout(x), a, b, self.bias, self.base, self.scale)
+            x_dropped = self.dropout(x) if p > 0.0 else None
+            return LoRALinearFunction.apply(x, x_dropped, a, b, self.bias, self.base, self.scale)
         return LoRALinearFunction.apply(x, None, None, None, self.bias, self.base, 0.0)
 
     def extra_repr(self) -> str:

@@ -144,36 +144,3 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
 
         return fused(logits, labels, ignore_index)
     return F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=ignore_index)
-
-
-# --- LoRA dropout fused into the adapter's matmuls ------------------------------------------------
-# No twin: where these do not run, the layer applies `nn.Dropout` itself (the plain path). The
-# kernels' own tests compare them with `qlora.kernels.lora_dropout`'s twins, given the same mask.
-def lora_dropout_fusable(x: torch.Tensor, rank: int) -> bool:
-    """Whether a LoRA layer with input x ([..., in]) and rank `rank` runs its dropout fused (Triton, 16-bit)."""
-    if x.dtype not in (torch.bfloat16, torch.float16) or implementation_for(x.device) != "triton":
-        return False
-    from qlora.kernels.lora_dropout import fits
-
-    return fits(x.numel() // x.shape[-1], x.shape[-1], rank)
-
-
-def lora_dropout_project(x: torch.Tensor, lora_A: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """drop(x) A^T, [N, r]; the keep mask is a function of `seed` and the element's position."""
-    from qlora.kernels.lora_dropout import dropout_project
-
-    return dropout_project(x, lora_A, seed, p)
-
-
-def lora_dropout_project_grad(g_b: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """gB^T drop(x), [r, in] float32, with the mask of the same seed."""
-    from qlora.kernels.lora_dropout import dropout_project_grad
-
-    return dropout_project_grad(g_b, x, seed, p)
-
-
-def lora_dropout_expand_add_(grad_x, g_b, lora_A, seed, p) -> torch.Tensor:
-    """grad_x += drop'(gB A) in place, with the mask of the same seed."""
-    from qlora.kernels.lora_dropout import dropout_expand_add_
-
-    return dropout_expand_add_(grad_x, g_b, lora_A, seed, p)

@@ -19,7 +19,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from qlora.kernels import cross_entropy, dequantize, lora_dropout, rms_norm, rotary, swiglu
+from qlora.kernels import cross_entropy, dequantize, rms_norm, rotary, swiglu
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -54,28 +54,6 @@ def dequantize_cases():
                 name = f"dequantize {out} dq={double_quant} select={select} strided={strided}"
                 yield name, (dequantize._dequantize_4bit_kernel, sig, consts, ("n", "n_bytes", "n_blocks")), \
                     dict(num_warps=4, enable_fp_fusion=False)  # fmt: skip
-
-
-def lora_dropout_cases():
-    common = {"n_rows": "i32", "n_in": "i32", "rank": "i32", "p": "fp32", "scale": "fp32", "R": "constexpr",
-              "BLOCK_M": "constexpr", "EMULATE": "constexpr"}  # fmt: skip
-    yield "lora_dropout keep_mask", (lora_dropout._keep_mask_kernel,
-        {"seed_ptr": "*i64", "out_ptr": "*i8", "n": "i32", "p": "fp32", "BLOCK": "constexpr"}, {"BLOCK": 1024},
-        ("n",)), dict(num_warps=4)  # fmt: skip
-    yield "lora_dropout project", (lora_dropout._project_kernel,
-        {"x_ptr": "*bf16", "a_ptr": "*bf16", "part_ptr": "*fp32", "seed_ptr": "*i64", **common,
-         "BLOCK_K": "constexpr", "K_BLOCKS": "constexpr"},
-        {"R": 64, "BLOCK_M": 64, "BLOCK_K": 64, "K_BLOCKS": 8, "EMULATE": False}, ("n_in",)), \
-        dict(num_warps=4)  # fmt: skip
-    yield "lora_dropout project_grad", (lora_dropout._project_grad_kernel,
-        {"g_ptr": "*bf16", "x_ptr": "*bf16", "part_ptr": "*fp32", "seed_ptr": "*i64", **common,
-         "BLOCK_N": "constexpr", "M_BLOCKS": "constexpr"},
-        {"R": 64, "BLOCK_M": 64, "BLOCK_N": 64, "M_BLOCKS": 8, "EMULATE": False}, ("n_in",)), \
-        dict(num_warps=4)  # fmt: skip
-    yield "lora_dropout expand_add", (lora_dropout._expand_add_kernel,
-        {"g_ptr": "*bf16", "a_ptr": "*bf16", "dx_ptr": "*bf16", "seed_ptr": "*i64", **common,
-         "BLOCK_N": "constexpr"},
-        {"R": 64, "BLOCK_M": 64, "BLOCK_N": 64, "EMULATE": False}, ("n_in",)), dict(num_warps=4)  # fmt: skip
 
 
 def elementwise_cases():
@@ -120,8 +98,7 @@ def elementwise_cases():
 
 def main() -> None:
     results = {}
-    cases = [*dequantize_cases(), *elementwise_cases(), *lora_dropout_cases()]
-    for name, (fn, sig, consts, divisible), options in cases:
+    for name, (fn, sig, consts, divisible), options in [*dequantize_cases(), *elementwise_cases()]:
         try:
             results[name] = compile_stats(fn, sig, consts, divisible, **options)
         except Exception as e:  # report every failure, not only the first
