@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlora.lora_matmul import base_plus_adapter, dense_weight, reuse_dense_weights
+from qlora.lora_matmul import base_plus_adapter, dense_weight, dense_with_columns, reuse_dense_weights
 from qlora.quant.tensor import QuantizedTensor
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -86,7 +86,7 @@ class LoRALinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, x_dropped, lora_A, lora_B, bias, base, scale: float):
+    def forward(ctx, x, x_dropped, lora_A, lora_B, bias, base, scale: float, wide=None):
         # x, x_dropped: [..., in]; lora_A: [r, in] or None; lora_B: [out, r] or None; base: [out, in]
         h = None
         if lora_A is None:
@@ -95,7 +95,7 @@ class LoRALinearFunction(torch.autograd.Function):
         else:
             x2 = x.reshape(-1, x.shape[-1])  # [N, in]
             h = F.linear(x2 if x_dropped is None else x_dropped.reshape(x2.shape), lora_A.to(x.dtype))  # [N, r]
-            y2, weight = base_plus_adapter(x2, base, h * scale, lora_B)  # [N, out], W [out, in]
+            y2, weight = base_plus_adapter(x2, base, h * scale, lora_B, wide)  # [N, out], W [out, in]
             if bias is not None:
                 y2.add_(bias.to(x.dtype))
             y = y2.view(*x.shape[:-1], -1)
@@ -134,7 +134,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 grad_B = (g2.t() @ h).mul_(scale).to(ctx.param_dtypes[1])  # [out, N] @ [N, r]
             if ctx.needs_input_grad[2]:
                 grad_A = (g_B.t() @ x2).to(ctx.param_dtypes[0])  # [r, N] @ [N, in]
-        return grad_x, grad_x_dropped, grad_A, grad_B, None, None, None
+        return grad_x, grad_x_dropped, grad_A, grad_B, None, None, None, None
 
 
 class LoRALinear(nn.Module):
@@ -161,6 +161,9 @@ class LoRALinear(nn.Module):
         self.quant = quant
         self.compute_dtype = dtype
         self.base: torch.Tensor | QuantizedTensor | None = None
+        # a dense base with an adapter lives in the left columns of this [out, in + r + pad] matrix, so the
+        # forward's adapter columns need no copy of W (qlora.lora_matmul.dense_with_columns)
+        self._base_columns: torch.Tensor | None = None
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) if bias \
             else None  # fmt: skip
         self.r = lora.r if lora is not None else 0
@@ -180,7 +183,11 @@ class LoRALinear(nn.Module):
             raise ValueError(f"weight of shape {tuple(weight.shape)} given to a linear layer of shape "
                              f"({self.out_features}, {self.in_features})")  # fmt: skip
         weight = weight.detach().to(self.compute_dtype)
-        if self.quant.quant_type is None:
+        self._base_columns = None
+        if self.quant.quant_type is None and self.r:
+            self._base_columns = dense_with_columns(weight, self.r)
+            self.base = self._base_columns[:, : self.in_features]
+        elif self.quant.quant_type is None:
             self.base = weight
         else:
             self.base = QuantizedTensor.quantize(weight, self.quant.quant_type, self.quant.blocksize,
@@ -191,7 +198,7 @@ class LoRALinear(nn.Module):
         if tuple(q.shape) != (self.out_features, self.in_features):
             raise ValueError(f"quantized weight of shape {tuple(q.shape)} given to a linear layer of shape "
                              f"({self.out_features}, {self.in_features})")  # fmt: skip
-        self.base = q
+        self.base, self._base_columns = q, None
 
     def dense_base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         if self.base is None:
@@ -205,9 +212,20 @@ class LoRALinear(nn.Module):
             moved = fn(self.base.packed)
             if moved.device != self.base.device:
                 self.base = self.base.to(moved.device)
+        elif self._wide_base() is not None:
+            self._base_columns = fn(self._base_columns)
+            self.base = self._base_columns[:, : self.in_features]
         elif self.base is not None:
             self.base = fn(self.base)
         return self
+
+    def _wide_base(self) -> torch.Tensor | None:
+        """The wider storage of the dense base, if `base` still is its left columns (a caller may have
+        replaced `base` since)."""
+        wide = self._base_columns
+        if wide is None or not isinstance(self.base, torch.Tensor) or self.base.data_ptr() != wide.data_ptr():
+            return None
+        return wide
 
     # --- the adapter ------------------------------------------------------------------------
     @torch.no_grad()
@@ -224,7 +242,7 @@ class LoRALinear(nn.Module):
             a, b = self.lora_A.weight, self.lora_B.weight
             p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
             x_dropped = self.dropout(x) if p > 0.0 else None
-            return LoRALinearFunction.apply(x, x_dropped, a, b, self.bias, self.base, self.scale)
+            return LoRALinearFunction.apply(x, x_dropped, a, b, self.bias, self.base, self.scale, self._wide_base())
         return LoRALinearFunction.apply(x, None, None, None, self.bias, self.base, 0.0)
 
     def extra_repr(self) -> str:

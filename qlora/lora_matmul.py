@@ -90,51 +90,77 @@ def add_product_rounding_once(term: torch.Tensor, x: torch.Tensor, weight: torch
     return term.addmm_(x, weight.t())
 
 
+def columns_width(n_in: int, rank: int) -> int:
+    """The extended inner dimension: in + r, padded with zero columns to a multiple of 8 (aligned rows)."""
+    return -(-(n_in + rank) // _COLUMN_ALIGNMENT) * _COLUMN_ALIGNMENT
+
+
+def dense_with_columns(weight: torch.Tensor, rank: int) -> torch.Tensor:
+    """A dense base weight [out, in] stored inside [out, columns_width] with the spare columns zeroed;
+    `wide[:, :in]` is the weight. A LoRA layer keeps its dense base so, and the adapter columns then
+    need no copy of W (`adapter_columns_matmul(..., wide=)`)."""
+    n_out, n_in = weight.shape
+    wide = torch.zeros(n_out, columns_width(n_in, rank), dtype=weight.dtype, device=weight.device)
+    wide[:, :n_in].copy_(weight)
+    return wide
+
+
 def adapter_columns_matmul(
-    x: torch.Tensor, base: torch.Tensor | QuantizedTensor, h: torch.Tensor, lora_B: torch.Tensor
-) -> torch.Tensor:
+    x: torch.Tensor, base: torch.Tensor | QuantizedTensor, h: torch.Tensor, lora_B: torch.Tensor,
+    wide: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """([x | h] @ [W | B]^T, W) : x W^T + h B^T in one GEMM, so rounded once; x [N, in], h [N, r],
-    B [out, r]. The inner dimension is padded with zero columns to a multiple of 8 (aligned rows)."""
+    B [out, r]. `wide`: the dense base's own wider storage (`dense_with_columns`, base = wide[:, :in]):
+    B is written into its spare columns instead of building the wider weight."""
     n_tokens, n_in = x.shape
     n_out, r = lora_B.shape
-    width = -(-(n_in + r) // _COLUMN_ALIGNMENT) * _COLUMN_ALIGNMENT
-    weight = torch.empty(n_out, width, dtype=x.dtype, device=x.device)  # [out, in + r + pad]
-    dense_weight(base, x.dtype, out=weight[:, :n_in])
+    width = columns_width(n_in, r)
+    if wide is not None:
+        weight = wide  # its padding columns are zero from the start
+    else:
+        weight = torch.empty(n_out, width, dtype=x.dtype, device=x.device)  # [out, in + r + pad]
+        dense_weight(base, x.dtype, out=weight[:, :n_in])
+        weight[:, n_in + r :].zero_()
     weight[:, n_in : n_in + r].copy_(lora_B)
     inputs = torch.empty(n_tokens, width, dtype=x.dtype, device=x.device)  # [N, in + r + pad]
     inputs[:, :n_in].copy_(x)
     inputs[:, n_in : n_in + r].copy_(h)
-    if width > n_in + r:
-        weight[:, n_in + r :].zero_()
-        inputs[:, n_in + r :].zero_()
+    inputs[:, n_in + r :].zero_()
     return inputs @ weight.t(), weight[:, :n_in]  # [N, out], and W [out, in] as a view
 
 
-def adapter_columns_pay(x: torch.Tensor, base: torch.Tensor | QuantizedTensor, n_out: int) -> bool:
+def adapter_columns_pay(
+    x: torch.Tensor, base: torch.Tensor | QuantizedTensor, n_out: int, has_columns: bool = False
+) -> bool:
     """Whether `adapter_columns_matmul` is faster than the float32-product path on CUDA.
 
     Beyond a plain GEMM, the extended columns copy x (read + write: 4 bytes per [N, in] element) and
-    a dense W (4 per [out, in]); the float32 product writes and reads [N, out] in float32 (8 bytes per
-    element more than a bf16 product). Measured on an H200 (`bench/lora_forward.py`, 2026-11-27),
-    both run at about the same fraction of bandwidth and this rule picked the faster path for all five
-    4-bit shapes (7B q/k/v/o, gate/up, down; 8B gate/up, down); the copy does not save the term tensor
-    of the other path as a pure byte count would suggest.
+    a dense W (4 per [out, in], unless it is stored with its columns: `has_columns`); the float32
+    product writes and reads [N, out] in float32 (8 bytes per element more than a bf16 product).
+    Measured on an H200 (`bench/lora_forward.py`, 2026-11-27), both run at about the same fraction of
+    bandwidth and this rule picked the faster path for all five 4-bit shapes (7B q/k/v/o, gate/up,
+    down; 8B gate/up, down); the copy does not save the term tensor of the other path, as a pure byte
+    count would suggest.
     """
     n_tokens, n_in = x.shape
     columns = 4 * n_tokens * n_in
-    if not isinstance(base, QuantizedTensor):
+    if not isinstance(base, QuantizedTensor) and not has_columns:
         columns += 4 * n_out * n_in
     return columns < 8 * n_tokens * n_out
 
 
 def base_plus_adapter(
-    x: torch.Tensor, base: torch.Tensor | QuantizedTensor, h: torch.Tensor, lora_B: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, base: torch.Tensor | QuantizedTensor, h: torch.Tensor, lora_B: torch.Tensor,
+    wide: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(x W^T + h B^T rounded once to x's dtype, W in x's dtype), the cheapest way for this device
-    and shape; x [N, in], base W [out, in], h [N, r] (scale included), lora_B [out, r] (any float dtype)."""
+    and shape; x [N, in], base W [out, in], h [N, r] (scale included), lora_B [out, r] (any float dtype);
+    `wide`: a dense base's storage with its adapter columns (`dense_with_columns`), if it has one."""
     n_out = lora_B.shape[0]
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and adapter_columns_pay(x, base, n_out):
-        return adapter_columns_matmul(x, base, h, lora_B)
+    wide = wide if wide is not None and wide.dtype == x.dtype else None
+    fast = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+    if fast and adapter_columns_pay(x, base, n_out, has_columns=wide is not None):
+        return adapter_columns_matmul(x, base, h, lora_B, wide)
     term = h @ lora_B.to(x.dtype).t()  # [N, r] @ [r, out]
     weight = dense_weight(base, x.dtype)
     return add_product_rounding_once(term, x, weight), weight

@@ -11,6 +11,8 @@ from qlora.lora_matmul import (
     adapter_columns_pay,
     add_product_rounding_once,
     base_plus_adapter,
+    columns_width,
+    dense_with_columns,
 )
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -95,3 +97,36 @@ def test_adapter_columns_are_chosen_where_they_were_measured_faster():
     assert not pay(2048, 11008, 4096) and not pay(8192, 14336, 4096)
     dense = torch.empty(4096, 4096, device="meta")
     assert not pay(16, 4096, 4096, dense) and pay(8192, 4096, 11008, dense)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("r", [8, 13], ids=["r8", "r13-padded"])
+def test_adapter_columns_in_a_dense_base_own_storage(r, device):
+    """A dense base kept inside its wider matrix: B goes into the spare columns, W and the zero padding stay."""
+    x, _, w_bf16, h, b = operands(100, 192, 72, r, device)
+    wide = dense_with_columns(w_bf16, r)
+    assert wide.shape == (72, columns_width(192, r)) and not wide[:, 192:].any()
+    base, term = exact(x, w_bf16, h, b)
+    got, weight = adapter_columns_matmul(x, wide[:, :192], h, b, wide=wide)
+    assert weight.data_ptr() == wide.data_ptr() and torch.equal(weight, w_bf16)
+    assert torch.equal(wide[:, 192 : 192 + r], b.bfloat16()) and not wide[:, 192 + r :].any()
+    assert (got == (base + term).bfloat16()).float().mean() > 0.99
+    dense = torch.empty(2048, 4096, device="meta")
+    assert adapter_columns_pay(dense, torch.empty(4096, 4096, device="meta"), 4096, has_columns=True)
+
+
+def test_lora_layer_keeps_a_dense_base_in_its_columns_storage():
+    from qlora.lora import LoRALinear, LoraSpec, QuantSpec
+
+    layer = LoRALinear(96, 40, quant=QuantSpec(None), lora=LoraSpec(r=8), dtype=torch.bfloat16, device="cpu")
+    w = torch.randn(40, 96)
+    layer.set_base_weight(w)
+    assert torch.equal(layer.base, w.bfloat16()) and layer._wide_base() is not None
+    layer.to(torch.float32)  # casts and moves keep the base a view of its storage
+    assert layer.base.dtype == torch.float32 and layer._wide_base() is not None
+    assert torch.equal(layer.base, w.bfloat16().float())
+    layer.base = layer.base.clone()  # a caller replacing the base: the stale storage is not used
+    assert layer._wide_base() is None
+    plain = LoRALinear(96, 40, quant=QuantSpec(None), lora=None, dtype=torch.bfloat16, device="cpu")
+    plain.set_base_weight(w)
+    assert plain._wide_base() is None and plain.base.is_contiguous()
