@@ -87,7 +87,8 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_dropped, lora_A, lora_B, bias, base, scale: float, wide=None):
-        # x, x_dropped: [..., in]; lora_A: [r, in] or None; lora_B: [out, r] or None; base: [out, in]
+        # x, x_dropped: [..., in]; lora_A: [r, in] or None; lora_B: [out, r] or None; base: [out, in];
+        # wide: a dense base's [out, in + r + pad] storage with room for the adapter columns, or None
         h = None
         if lora_A is None:
             weight = dense_weight(base, x.dtype)
