@@ -15,9 +15,10 @@ Three ways to get one rounding, chosen by device and by the bytes each moves bey
   float32 intermediate, ~8 extra bytes per output element.
 - `adapter_columns_matmul` on CUDA: one GEMM over the inner dimension extended by the adapter's r
   columns, `[x | h] @ [W | B]^T`. The GEMM accumulates both parts in float32 and rounds once. It
-  costs a copy of x into the wider matrix (4 bytes per input element) and, for a dense base, of W
-  (a 4-bit base is dequantized straight into the wider weight, so that side is free).
-  `adapter_columns_pay` picks between the two CUDA paths (measured rule).
+  costs a copy of x into the wider matrix (4 bytes per input element); W costs nothing more: a
+  4-bit base is dequantized straight into the wider weight, and a LoRA layer's dense base is stored
+  inside one (`dense_with_columns`). `adapter_columns_pay` picks between the two CUDA paths
+  (measured rule).
 
 Each function returns the product and the dense weight it multiplied (a view into the wider matrix
 for the adapter columns): under `reusing_dense_weights()` the LoRA layer saves that weight for its
