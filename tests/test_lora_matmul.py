@@ -87,7 +87,8 @@ def test_whichever_path_is_chosen_rounds_once(n_in, n_out, device):
 def test_adapter_columns_are_chosen_where_they_were_measured_faster():
     """bench/lora_forward.py on an H200: the columns were faster for 7B q/k/v/o (in 4096, out 4096) and
     gate/up (4096 -> 11008) and 8B gate/up (4096 -> 14336); the float32 product for 7B down
-    (11008 -> 4096) and 8B down (14336 -> 4096). A dense base pays for copying W too."""
+    (11008 -> 4096) and 8B down (14336 -> 4096). A dense base pays for copying W too, unless it is
+    stored with its columns."""
     quantized = qlora.quantize(torch.randn(64, 64), "nf4", 64, True)  # only its type matters here
 
     def pay(tokens, n_in, n_out, base=quantized):
@@ -97,6 +98,9 @@ def test_adapter_columns_are_chosen_where_they_were_measured_faster():
     assert not pay(2048, 11008, 4096) and not pay(8192, 14336, 4096)
     dense = torch.empty(4096, 4096, device="meta")
     assert not pay(16, 4096, 4096, dense) and pay(8192, 4096, 11008, dense)
+    assert not pay(2048, 4096, 4096, dense)  # copying W as well as x: the float32 product is cheaper
+    # a dense base stored with its columns (`dense_with_columns`) copies no W: the quantized rule applies
+    assert adapter_columns_pay(torch.empty(2048, 4096, device="meta"), dense, 4096, has_columns=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -111,8 +115,6 @@ def test_adapter_columns_in_a_dense_base_own_storage(r, device):
     assert weight.data_ptr() == wide.data_ptr() and torch.equal(weight, w_bf16)
     assert torch.equal(wide[:, 192 : 192 + r], b.bfloat16()) and not wide[:, 192 + r :].any()
     assert (got == (base + term).bfloat16()).float().mean() > 0.99
-    dense = torch.empty(2048, 4096, device="meta")
-    assert adapter_columns_pay(dense, torch.empty(4096, 4096, device="meta"), 4096, has_columns=True)
 
 
 def test_lora_layer_keeps_a_dense_base_in_its_columns_storage():
