@@ -11,8 +11,8 @@ ROWS=${ROWS:-tests t7b t7b_always t7b_eager t8b t65b t65b_noreuse}
 wanted() { [[ " $ROWS " == *" $1 "* ]]; }
 run() { local name=$1 limit=$2; shift 2; wanted "$name" || return 0; timeout "$limit" python -m bench.train_throughput "$@" --out "$OUT/$name.jsonl" \
     > "$OUT/$name.log" 2>&1; echo "== $name (exit $?)"; grep '^|' "$OUT/$name.log" | tail -n +3; }
-wanted tests && timeout 240 python -m pytest -q -p no:cacheprovider tests/train/test_cuda_graph.py tests/optim/test_optim_gpu.py \
-    tests/test_lora.py tests/test_lora_matmul.py tests/kernels/test_dequantize.py tests/kernels/test_cross_entropy.py 2>&1 | tail -2
+wanted tests && timeout 300 python -m pytest -q -p no:cacheprovider tests/train/test_cuda_graph.py tests/optim/test_optim_gpu.py \
+    tests/test_lora.py tests/test_lora_matmul.py tests/test_fused.py tests/train/test_weight_reuse.py tests/kernels 2>&1 | tail -2
 run t7b 300 --reference "$REFERENCE" --workloads 7b:qlora:4x512,1x2048,1x512 7b:lora16:4x512 --steps 10 --warmup 3 \
     --cuda-graph
 run t7b_always 90 --workloads 7b:qlora:4x512,1x2048 --steps 10 --warmup 3 --cuda-graph --page-policy always

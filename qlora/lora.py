@@ -12,14 +12,14 @@ save the dense W for the backward pass: 2 bytes per parameter in bf16, four time
 weight, for every layer at once. The function saves only the small things and dequantizes W again
 in backward. With g = dL/dy [N, out], xd = drop(x) [N, in], h = xd A^T [N, r]:
 
-    dL/dx  = g W                       (through the base; W dequantized again)
-    dL/dxd = scale * (g B) A           (through the adapter; autograd carries it through dropout)
+    dL/dx  = g W + keep / (1 - p) * scale * (g B) A     (base, W dequantized again; adapter, through
+                                                         the dropout's mask `keep`, in one kernel)
     dL/dB  = scale * g^T h             [out, r]
     dL/dA  = scale * (g B)^T xd        [r, in]
     W and b are frozen: no gradient.
 
-Saved for backward: xd, h, A, B and a reference to the packed weight (never a dequantized copy;
-a test hooks saved tensors to prove it), except inside `qlora.lora_matmul.reusing_dense_weights()`
+Saved for backward: xd, the dropout's mask, h, A, B and a reference to the packed weight (never a
+dequantized copy; a test hooks saved tensors to prove it), except inside `qlora.lora_matmul.reusing_dense_weights()`
 (around a gradient checkpoint's two passes: the first discards what is saved, the recompute's backward
 follows at once), where the forward's dense W is saved so that it is not dequantized a third time.
 
@@ -46,7 +46,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlora.lora_matmul import base_plus_adapter, dense_weight, dense_with_columns, reuse_dense_weights
+from qlora import ops
+from qlora.kernels.spare_columns import whole_rows
+from qlora.lora_matmul import (
+    base_plus_adapter,
+    columns_width,
+    dense_weight,
+    dense_with_columns,
+    reuse_dense_weights,
+)
 from qlora.quant.tensor import QuantizedTensor
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -80,23 +88,34 @@ class LoraSpec:
 class LoRALinearFunction(torch.autograd.Function):
     """y = x W^T + b + scale * (xd A^T) B^T with W frozen and re-materialised in backward (see module doc).
 
-    `x_dropped` is the dropped input (`nn.Dropout`, applied by the layer; autograd carries its gradient
-    back to x), or None when there is no dropout: then xd = x, and the adapter's input gradient is added
-    into the base's in place instead of autograd summing two [N, in] gradients.
+    The function applies the adapter's dropout itself (`torch.native_dropout`, the op `nn.Dropout`
+    runs, so the same draws) to keep its mask: the adapter's input gradient is then added into the
+    base's through the mask in one pass (`ops.add_masked_lowrank_`), where autograd through
+    `nn.Dropout` would write the [N, in] product, mask it into another tensor and sum the two
+    gradients (13 bytes per input element instead of 5). Without dropout it is one `addmm_`.
     """
 
     @staticmethod
-    def forward(ctx, x, x_dropped, lora_A, lora_B, bias, base, scale: float, wide=None):
-        # x, x_dropped: [..., in]; lora_A: [r, in] or None; lora_B: [out, r] or None; base: [out, in];
-        # wide: a dense base's [out, in + r + pad] storage with room for the adapter columns, or None
-        h = None
+    def forward(ctx, x, lora_A, lora_B, bias, base, scale: float, wide=None, dropout: float = 0.0):
+        # x: [..., in]; lora_A: [r, in] or None; lora_B: [out, r] or None; base: [out, in];
+        # wide: a dense base's [out, in + r + pad] storage with room for the adapter columns, or None;
+        # dropout: the adapter's dropout probability (0 outside training)
+        h = keep = None
         if lora_A is None:
             weight = dense_weight(base, x.dtype)
             y = F.linear(x, weight, None if bias is None else bias.to(x.dtype))  # [..., out]
         else:
             x2 = x.reshape(-1, x.shape[-1])  # [N, in]
-            h = F.linear(x2 if x_dropped is None else x_dropped.reshape(x2.shape), lora_A.to(x.dtype))  # [N, r]
-            y2, weight = base_plus_adapter(x2, base, h * scale, lora_B, wide)  # [N, out], W [out, in]
+            # x's producer may have stored it inside a wider matrix, for the adapter columns (`qlora.fused`)
+            x_rows = whole_rows(x)  # [N, in + r + pad] or None
+            x_dropped, keep = x2, None
+            if dropout > 0.0:  # torch.native_dropout is what nn.Dropout runs (the same draws); it returns the mask
+                if x_rows is not None:  # over the whole (contiguous) rows: a strided x takes a slow, other kernel
+                    x_dropped, keep = (t[:, : x2.shape[1]] for t in torch.native_dropout(x_rows, dropout, True))
+                else:
+                    x_dropped, keep = torch.native_dropout(x2, dropout, True)
+            h = F.linear(x_dropped, lora_A.to(x.dtype))  # [N, r]
+            y2, weight = base_plus_adapter(x2, base, h, lora_B, wide, x_rows, scale)  # [N, out], W [out, in]
             if bias is not None:
                 y2.add_(bias.to(x.dtype))
             y = y2.view(*x.shape[:-1], -1)
@@ -105,17 +124,19 @@ class LoRALinearFunction(torch.autograd.Function):
         del weight
         ctx.base = base
         ctx.scale = scale
+        ctx.dropout = dropout
         ctx.has_adapter = lora_A is not None
         ctx.param_dtypes = (None, None) if lora_A is None else (lora_A.dtype, lora_B.dtype)
-        adapter_input = None if lora_A is None else (x if x_dropped is None else x_dropped)
-        ctx.save_for_backward(adapter_input, h, lora_A, lora_B, kept_weight)
+        adapter_input = None if lora_A is None else x_dropped
+        ctx.save_for_backward(adapter_input, keep if ctx.needs_input_grad[0] else None, h, lora_A, lora_B,
+                              kept_weight)  # fmt: skip
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        adapter_input, h, lora_A, lora_B, kept_weight = ctx.saved_tensors
+        adapter_input, keep, h, lora_A, lora_B, kept_weight = ctx.saved_tensors
         dtype = grad_y.dtype
-        grad_x = grad_x_dropped = grad_A = grad_B = None
+        grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
             weight = dense_weight(ctx.base, dtype) if kept_weight is None else kept_weight.to(dtype)
             grad_x = grad_y @ weight  # [..., out] @ [out, in] -> [..., in]
@@ -125,17 +146,19 @@ class LoRALinearFunction(torch.autograd.Function):
             scale = ctx.scale
             g2 = grad_y.reshape(-1, grad_y.shape[-1])  # [N, out]
             g_B = (g2 @ lora_B.to(dtype)).mul_(scale)  # [N, out] @ [out, r] -> [N, r], scaled
-            x2 = adapter_input.reshape(-1, adapter_input.shape[-1])  # [N, in]: x, or the dropped x
+            x2 = adapter_input  # [N, in]: x, or the dropped x
             a = lora_A.to(dtype)
-            if ctx.needs_input_grad[1]:  # dropout outside: its gradient goes back through nn.Dropout
-                grad_x_dropped = (g_B @ a).view(*grad_y.shape[:-1], -1)  # [N, r] @ [r, in]
-            elif grad_x is not None:  # no dropout: xd = x, one gradient
-                grad_x.view(-1, grad_x.shape[-1]).addmm_(g_B, a)
-            if ctx.needs_input_grad[3]:
-                grad_B = (g2.t() @ h).mul_(scale).to(ctx.param_dtypes[1])  # [out, N] @ [N, r]
+            if grad_x is not None:  # the adapter's input gradient, added into the base's in place
+                grad_x2 = grad_x.view(-1, grad_x.shape[-1])
+                if keep is None:
+                    grad_x2.addmm_(g_B, a)
+                else:  # through the dropout: keep / (1 - p) * (g_B A), without an [N, in] product tensor
+                    ops.add_masked_lowrank_(grad_x2, g_B, a, keep, 1.0 / (1.0 - ctx.dropout))
             if ctx.needs_input_grad[2]:
+                grad_B = (g2.t() @ h).mul_(scale).to(ctx.param_dtypes[1])  # [out, N] @ [N, r]
+            if ctx.needs_input_grad[1]:
                 grad_A = (g_B.t() @ x2).to(ctx.param_dtypes[0])  # [r, N] @ [N, in]
-        return grad_x, grad_x_dropped, grad_A, grad_B, None, None, None, None
+        return grad_x, grad_A, grad_B, None, None, None, None, None
 
 
 class LoRALinear(nn.Module):
@@ -236,15 +259,25 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B.weight)
 
+    def input_row_width(self, device: torch.device, dtype: torch.dtype) -> int | None:
+        """How wide the rows of the matrix holding this layer's input should be, for an input on `device`
+        in `dtype`: `in + r + pad` on CUDA in 16-bit, where the forward puts the adapter's h into the
+        spare columns and multiplies `[x | h]` in one GEMM without copying x
+        (`qlora.lora_matmul.adapter_columns_matmul`); None where it would not (no adapter, the CPU).
+        Producers that know their reader ask it (`qlora.fused`); layers that share one input (q, k, v)
+        take turns with the same spare columns."""
+        if not self.r or torch.device(device).type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+            return None
+        return columns_width(self.in_features, self.r)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.base is None:
             raise RuntimeError("this layer's base weight was never loaded")
         if self.r:
             a, b = self.lora_A.weight, self.lora_B.weight
             p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
-            x_dropped = self.dropout(x) if p > 0.0 else None
-            return LoRALinearFunction.apply(x, x_dropped, a, b, self.bias, self.base, self.scale, self._wide_base())
-        return LoRALinearFunction.apply(x, None, None, None, self.bias, self.base, 0.0)
+            return LoRALinearFunction.apply(x, a, b, self.bias, self.base, self.scale, self._wide_base(), p)
+        return LoRALinearFunction.apply(x, None, None, self.bias, self.base, 0.0)
 
     def extra_repr(self) -> str:
         base = self.quant.quant_type or "dense"

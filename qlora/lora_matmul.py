@@ -1,9 +1,9 @@
-"""The LoRA layer's forward product, `x W^T + h B^T`, rounded to the compute dtype once.
+"""The LoRA layer's forward product, `x W^T + scale h B^T`, rounded to the compute dtype once.
 
 Why once: early in training (B starts at zero) the adapter's term `h B^T` is under half a bf16 step
 of `x W^T` in most elements. Rounding `x W^T` first and adding the term after returns `x W^T` there,
 which hides what the adapter has learned from the loss (docs/LOG.md, 2026-11-27: the same adapters
-scored 11.07 instead of 10.59 at 7B). Here h = scale * drop(x) A^T is already scaled, [N, r].
+scored 11.07 instead of 10.59 at 7B). Here h = drop(x) A^T, [N, r].
 
 Three ways to get one rounding, chosen by device and by the bytes each moves beyond a plain GEMM:
 
@@ -14,11 +14,13 @@ Three ways to get one rounding, chosen by device and by the bytes each moves bey
   product is taken in float32 (`torch.mm(out_dtype=)`) and the term added in one pass: an [N, out]
   float32 intermediate, ~8 extra bytes per output element.
 - `adapter_columns_matmul` on CUDA: one GEMM over the inner dimension extended by the adapter's r
-  columns, `[x | h] @ [W | B]^T`. The GEMM accumulates both parts in float32 and rounds once. It
-  costs a copy of x into the wider matrix (4 bytes per input element); W costs nothing more: a
-  4-bit base is dequantized straight into the wider weight, and a LoRA layer's dense base is stored
-  inside one (`dense_with_columns`). `adapter_columns_pay` picks between the two CUDA paths
-  (measured rule).
+  columns, `[x | h] @ [W | scale B]^T`. The GEMM accumulates both parts in float32 and rounds once.
+  It costs a copy of x into the wider matrix (4 bytes per input element), unless x's producer
+  stored it there (`qlora.kernels.spare_columns`: the decoder's norms and SwiGLU do, for the
+  q/k/v, gate/up and down projections); W costs nothing more: a 4-bit base is dequantized straight
+  into the wider weight, and a LoRA layer's dense base is stored inside one (`dense_with_columns`).
+  B (scaled) and h go into the spare columns by one small kernel each (`ops.copy_into_columns_`).
+  `adapter_columns_pay` picks between the two CUDA paths (measured rule).
 
 Each function returns the product and the dense weight it multiplied (a view into the wider matrix
 for the adapter columns): under `reusing_dense_weights()` the LoRA layer saves that weight for its
@@ -109,11 +111,14 @@ def dense_with_columns(weight: torch.Tensor, rank: int) -> torch.Tensor:
 
 def adapter_columns_matmul(
     x: torch.Tensor, base: torch.Tensor | QuantizedTensor, h: torch.Tensor, lora_B: torch.Tensor,
-    wide: torch.Tensor | None = None,
+    wide: torch.Tensor | None = None, x_rows: torch.Tensor | None = None, scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """([x | h] @ [W | B]^T, W) : x W^T + h B^T in one GEMM, so rounded once; x [N, in], h [N, r],
-    B [out, r]. `wide`: the dense base's own wider storage (`dense_with_columns`, base = wide[:, :in]):
-    B is written into its spare columns instead of building the wider weight."""
+    """([x | h] @ [W | scale B]^T, W) : x W^T + scale h B^T in one GEMM, so rounded once; x [N, in],
+    h [N, r], B [out, r] (the scale goes into the copy of B, not over h). `wide`: the dense base's own
+    wider storage (`dense_with_columns`, base = wide[:, :in]): B is written into its spare columns
+    instead of building the wider weight. `x_rows`: the
+    [N, in + r + pad] matrix whose left columns x is (`qlora.kernels.spare_columns`), if a producer
+    stored it so: h goes into its spare columns, and x is not copied."""
     n_tokens, n_in = x.shape
     n_out, r = lora_B.shape
     width = columns_width(n_in, r)
@@ -122,22 +127,27 @@ def adapter_columns_matmul(
     else:
         weight = torch.empty(n_out, width, dtype=x.dtype, device=x.device)  # [out, in + r + pad]
         dense_weight(base, x.dtype, out=weight[:, :n_in])
-        weight[:, n_in + r :].zero_()
-    weight[:, n_in : n_in + r].copy_(lora_B)
-    # one concatenation, not copies into column slices: torch copies into a strided destination
-    # element by element, at half the speed (measured on an H100: 19 against 9 us at 2048 x 4096)
-    padded_h = h if width == n_in + r else F.pad(h, (0, width - n_in - r))
-    inputs = torch.cat((x, padded_h), dim=1)  # [N, in + r + pad]
+    ops.copy_into_columns_(weight[:, n_in:], lora_B, scale)  # scale B, then zero padding columns
+    if x_rows is not None and x_rows.shape == (n_tokens, width):
+        inputs = x_rows
+        ops.copy_into_columns_(inputs[:, n_in:], h)  # [N, r + pad]: small; x's own columns are untouched
+    else:
+        # one concatenation, not copies into column slices: torch copies into a strided destination
+        # element by element, at half the speed (measured on an H100: 19 against 9 us at 2048 x 4096)
+        padded_h = h if width == n_in + r else F.pad(h, (0, width - n_in - r))
+        inputs = torch.cat((x, padded_h), dim=1)  # [N, in + r + pad]
     return inputs @ weight.t(), weight[:, :n_in]  # [N, out], and W [out, in] as a view
 
 
 def adapter_columns_pay(
-    x: torch.Tensor, base: torch.Tensor | QuantizedTensor, n_out: int, has_columns: bool = False
-) -> bool:
+    x: torch.Tensor, base: torch.Tensor | QuantizedTensor, n_out: int, has_columns: bool = False,
+    x_has_columns: bool = False,
+) -> bool:  # fmt: skip
     """Whether `adapter_columns_matmul` is faster than the float32-product path on CUDA.
 
     Beyond a plain GEMM, the extended columns copy x (read + write: 4 bytes per [N, in] element) and
-    a dense W (4 per [out, in], unless it is stored with its columns: `has_columns`); the float32
+    a dense W (4 per [out, in], unless it is stored with its columns: `has_columns`; x costs nothing
+    when a producer stored it inside the wider matrix: `x_has_columns`); the float32
     product writes and reads [N, out] in float32 (8 bytes per element more than a bf16 product).
     Measured on an H200 (`bench/lora_forward.py`, 2026-11-27), both run at about the same fraction of
     bandwidth and this rule picked the faster path for all five 4-bit shapes (7B q/k/v/o, gate/up,
@@ -145,7 +155,7 @@ def adapter_columns_pay(
     count would suggest.
     """
     n_tokens, n_in = x.shape
-    columns = 4 * n_tokens * n_in
+    columns = 0 if x_has_columns else 4 * n_tokens * n_in
     if not isinstance(base, QuantizedTensor) and not has_columns:
         columns += 4 * n_out * n_in
     return columns < 8 * n_tokens * n_out
@@ -153,16 +163,20 @@ def adapter_columns_pay(
 
 def base_plus_adapter(
     x: torch.Tensor, base: torch.Tensor | QuantizedTensor, h: torch.Tensor, lora_B: torch.Tensor,
-    wide: torch.Tensor | None = None,
+    wide: torch.Tensor | None = None, x_rows: torch.Tensor | None = None, scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(x W^T + h B^T rounded once to x's dtype, W in x's dtype), the cheapest way for this device
-    and shape; x [N, in], base W [out, in], h [N, r] (scale included), lora_B [out, r] (any float dtype);
-    `wide`: a dense base's storage with its adapter columns (`dense_with_columns`), if it has one."""
+    """(x W^T + scale h B^T rounded once to x's dtype, W in x's dtype), the cheapest way for this device
+    and shape; x [N, in], base W [out, in], h [N, r], lora_B [out, r] (any float dtype);
+    `wide`: a dense base's storage with its adapter columns (`dense_with_columns`), if it has one;
+    `x_rows`: the wider matrix x was stored in by its producer (`qlora.kernels.spare_columns`), if any."""
     n_out = lora_B.shape[0]
     wide = wide if wide is not None and wide.dtype == x.dtype else None
     fast = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-    if fast and adapter_columns_pay(x, base, n_out, has_columns=wide is not None):
-        return adapter_columns_matmul(x, base, h, lora_B, wide)
-    term = h @ lora_B.to(x.dtype).t()  # [N, r] @ [r, out]
+    x_rows = x_rows if x_rows is not None and x_rows.shape[1] == columns_width(x.shape[1], lora_B.shape[1]) \
+        else None  # fmt: skip
+    x_has_columns = x_rows is not None
+    if fast and adapter_columns_pay(x, base, n_out, has_columns=wide is not None, x_has_columns=x_has_columns):
+        return adapter_columns_matmul(x, base, h, lora_B, wide, x_rows, scale)
+    term = (h * scale if scale != 1.0 else h) @ lora_B.to(x.dtype).t()  # [N, r] @ [r, out]
     weight = dense_weight(base, x.dtype)
     return add_product_rounding_once(term, x, weight), weight

@@ -102,25 +102,33 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype, out: torch.Tensor | None 
 # Where a kernel does not cover the inputs (mixed dtypes, e.g. float32 cos/sin with bfloat16
 # activations under autocast; rows wider than the RMSNorm kernel holds in registers) the twin runs:
 # it promotes dtypes exactly as the model's formula does, so results never depend on the choice.
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None,
+    row_width: int | None = None,
+) -> torch.Tensor:  # fmt: skip
     """transformers' LlamaRMSNorm: normalise in float32, cast back to x's dtype, then scale by weight;
-    rounded once more to `out_dtype` if given (a float32 residual stream feeding bf16 matmuls)."""
+    rounded once more to `out_dtype` if given (a float32 residual stream feeding bf16 matmuls).
+    `row_width`: a hint, as for `swiglu` (the kernel stores the result inside wider rows; the twin ignores it)."""
     if implementation_for(x.device) == "triton" and x.shape[-1] <= RMS_NORM_MAX_HIDDEN:
         from qlora.kernels.rms_norm import rms_norm as fused
 
-        return fused(x, weight, eps, out_dtype)
+        return fused(x, weight, eps, out_dtype, row_width)
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     y = weight * h.to(x.dtype)
     return y if out_dtype is None else y.to(out_dtype)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up (the Llama MLP's activation)."""
+def swiglu(gate: torch.Tensor, up: torch.Tensor, row_width: int | None = None) -> torch.Tensor:
+    """silu(gate) * up (the Llama MLP's activation).
+
+    `row_width`, a hint: the kernel stores the result as the left columns of a [..., row_width] matrix,
+    so that a LoRA consumer can put its adapter columns beside it without copying it
+    (`LoRALinear.input_row_width`). The twin ignores it (a copy would cost what it saves)."""
     if implementation_for(gate.device) == "triton" and gate.shape == up.shape and gate.dtype == up.dtype:
         from qlora.kernels.swiglu import swiglu as fused
 
-        return fused(gate, up)
+        return fused(gate, up, row_width)
     return F.silu(gate) * up
 
 
@@ -144,3 +152,30 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
 
         return fused(logits, labels, ignore_index)
     return F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=ignore_index)
+
+
+# --- the LoRA adapter's input gradient through its dropout ----------------------------------------
+def add_masked_lowrank_(
+    out: torch.Tensor, g: torch.Tensor, a: torch.Tensor, keep: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """out [N, in] += scale * keep * (g [N, r] @ a [r, in]), in place (keep: the dropout's bool mask, or
+    its float multipliers with scale 1). The kernel never writes the [N, in] product."""
+    if implementation_for(out.device) == "triton" and out.is_floating_point() and out.stride(-1) == 1:
+        from qlora.kernels.masked_lowrank import add_masked_lowrank_ as fused
+
+        return fused(out, g, a, keep, scale)
+    return out.addcmul_(g @ a, keep, value=scale)
+
+
+# --- the adapter's columns beside a wider matrix's left part -------------------------------------
+def copy_into_columns_(dst: torch.Tensor, src: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """dst [R, C]: its first c columns = scale * src [R, c] (rounded once), the rest zero; dst is
+    typically the spare columns of a wider matrix (B beside W, h beside x)."""
+    if implementation_for(dst.device) == "triton" and dst.stride(-1) == 1 and dst.is_floating_point():
+        from qlora.kernels.columns_copy import copy_into_columns_ as fused
+
+        return fused(dst, src, scale)
+    n = src.shape[1]
+    dst[:, :n].copy_(src if scale == 1.0 else src.to(torch.float32) * scale)
+    dst[:, n:].zero_()
+    return dst

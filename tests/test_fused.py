@@ -29,7 +29,7 @@ def test_swap_keeps_parameters_and_logits_on_the_twins():
     before = {k: v for k, v in model.state_dict().items()}
     want = model(ids)
     replaced = use_fused_elementwise(model)
-    assert len(replaced) == 2 * (2 + 1 + 1) + 1  # per layer: 2 norms, act, rotary; plus the final norm
+    assert len(replaced) == 2 * (2 + 1 + 1 + 1) + 1  # per layer: 2 norms, act, rotary, MLP; plus the final norm
     assert isinstance(model.model.norm, FusedRMSNorm)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(before[k] is after[k] or torch.equal(before[k], after[k])
@@ -57,3 +57,23 @@ def test_swapped_model_through_the_kernels_matches_and_trains():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want_grads[n], rtol=1e-3, atol=1e-5, msg=n)
+
+
+def test_decoder_norms_learn_their_readers_and_ask_them_for_a_row_width():
+    """Each decoder layer's two norms ask the projections that read them (q/k/v, gate/up) how wide to
+    store their output; on the CPU they answer None (plain rows); the final norm asks nobody."""
+    from qlora.fused import FusedMLP
+    from qlora.lora import LoraSpec, QuantSpec, replace_linears
+
+    model = tiny_model()
+    replace_linears(model, QuantSpec(None), LoraSpec(r=4), device="cpu", dtype=torch.float32)
+    use_fused_elementwise(model)
+    for layer in model.model.layers:
+        assert isinstance(layer.mlp, FusedMLP)
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            assert norm.row_width_for is not None
+            assert norm.row_width_for(torch.device("cpu"), torch.bfloat16) is None
+            assert norm.row_width_for(torch.device("cuda"), torch.bfloat16) == 32 + 4 + 4  # in + r, padded to 8
+    assert model.model.norm.row_width_for is None
+    names = [n for n, _ in model.named_modules()]
+    assert len(names) == len(set(names)) and not any(".row_width_for" in n for n in names)  # no second parent

@@ -132,3 +132,109 @@ def test_lora_layer_keeps_a_dense_base_in_its_columns_storage():
     plain = LoRALinear(96, 40, quant=QuantSpec(None), lora=None, dtype=torch.bfloat16, device="cpu")
     plain.set_base_weight(w)
     assert plain._wide_base() is None and plain.base.is_contiguous()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("r", [8, 13], ids=["r8", "r13-padded"])
+def test_adapter_columns_in_the_producer_matrix_equal_the_concatenation(r, device):
+    """x stored by its producer as the left columns of [N, in + r + pad] (`left_columns`): h goes into the
+    spare columns, and the product is the concatenation's, bit for bit; x's own elements are unchanged."""
+    from qlora.kernels.spare_columns import left_columns, whole_rows
+
+    x, q, _, h, b = operands(50, 128, 40, r, device)
+    wide = torch.full((50, columns_width(128, r)), float("nan"), dtype=x.dtype, device=device)  # stale data
+    stored = left_columns(wide, 128)
+    stored.copy_(x)
+    rows = whole_rows(stored)
+    assert rows is not None and rows.data_ptr() == wide.data_ptr() and rows.shape == wide.shape
+    want, _ = adapter_columns_matmul(x, q, h, b)
+    got, _ = adapter_columns_matmul(stored, q, h, b, x_rows=rows)
+    assert torch.equal(got, want)
+    assert torch.equal(wide[:, 128 : 128 + r], h)  # h was written beside x, not concatenated
+    assert torch.equal(stored, x)
+
+
+def test_only_a_marked_tensor_gives_its_whole_rows():
+    """A strided column slice of someone's matrix is never taken for a producer's wide rows: writing
+    the 'spare' columns would overwrite its neighbours' data."""
+    from qlora.kernels.spare_columns import left_columns, whole_rows
+
+    data = torch.randn(6, 10)
+    assert whole_rows(data[:, :7]) is None
+    marked = left_columns(torch.zeros(2, 3, 10), 7)
+    assert whole_rows(marked).shape == (6, 10)
+    assert marked._base is None  # not an autograd view of the wider matrix (see spare_columns)
+    with pytest.raises(ValueError, match="contiguous"):
+        left_columns(data.t(), 4)
+
+
+@pytest.mark.gpu
+def test_swiglu_stored_for_a_lora_down_projection_changes_nothing():
+    """The MLP's SwiGLU output stored in down_proj's wider rows (`input_row_width`): the same output and
+    gradients, bit for bit, as with a concatenated copy; and h lands in the producer's spare columns."""
+    from qlora.kernels.spare_columns import whole_rows
+
+    layer, gate, up = _down_projection(dropout=0.0)
+    width = layer.input_row_width(gate.device, gate.dtype)
+    assert width == columns_width(96, 8) and layer.input_row_width("cpu", gate.dtype) is None
+    results = []
+    for row_width in (None, width):
+        act, y, grads = _run_down_projection(layer, gate, up, row_width)
+        results.append((y, *grads))
+        if row_width is not None:
+            assert whole_rows(act) is not None and torch.count_nonzero(whole_rows(act)[:, 96:104]) > 0
+    for want, got in zip(*results, strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_dropout_over_the_producer_rows_matches_autograd_with_its_mask():
+    """With dropout, the mask is drawn over the producer's whole rows (one contiguous kernel) and only
+    its left columns are used: output and gradients equal autograd through the formula with that mask."""
+    layer, gate, up = _down_projection(dropout=0.3)
+    masks = []
+
+    def pack(t):
+        if t.dtype == torch.bool:
+            masks.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        act, y, grads = _run_down_projection(layer, gate, up, layer.input_row_width(gate.device, gate.dtype))
+    (keep,) = masks
+    assert keep.shape == (21, 96) and keep.stride() == (columns_width(96, 8), 1)
+    g, u = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
+    A = layer.lora_A.weight.detach().clone().requires_grad_(True)
+    B = layer.lora_B.weight.detach().clone().requires_grad_(True)
+    x = (F.silu(g.float()).bfloat16().float() * u.float()).reshape(-1, 96)
+    w = layer.dense_base_weight(torch.float32)
+    want = x @ w.t() + layer.scale * ((x * keep / 0.7) @ A.t()) @ B.t()
+    want.backward(torch.ones_like(want))
+    # bf16 roundings (SwiGLU's output, the dropped x, g B) against float32: 3% of each tensor's scale
+    torch.testing.assert_close(y.float().reshape(-1, 64), want, rtol=3e-2, atol=3e-2 * float(want.abs().max()))
+    for got, ref in zip(grads, (g.grad, u.grad, A.grad, B.grad), strict=True):
+        torch.testing.assert_close(got.float(), ref.float(), rtol=3e-2, atol=3e-2 * float(ref.abs().max()))
+
+
+def _down_projection(dropout):
+    from qlora.lora import LoRALinear, LoraSpec, QuantSpec
+
+    torch.manual_seed(0)
+    layer = LoRALinear(96, 64, quant=QuantSpec("nf4", 64, True), lora=LoraSpec(r=8, dropout=dropout),
+                       device="cuda").train()  # fmt: skip
+    layer.set_base_weight(torch.randn(64, 96, device="cuda") / 10)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.1)
+    gate = torch.randn(3, 7, 96, device="cuda", dtype=torch.bfloat16)
+    up = torch.randn(3, 7, 96, device="cuda", dtype=torch.bfloat16)
+    return layer, gate, up
+
+
+def _run_down_projection(layer, gate, up, row_width):
+    g, u = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
+    layer.zero_grad()
+    torch.manual_seed(1)
+    act = ops.swiglu(g, u, row_width)
+    y = layer(act)
+    y.backward(torch.ones_like(y))
+    return act, y, (g.grad, u.grad, layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone())

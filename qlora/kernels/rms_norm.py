@@ -28,10 +28,12 @@ import triton.language as tl
 
 from qlora.kernels import RMS_NORM_MAX_HIDDEN as MAX_HIDDEN
 from qlora.kernels.rounding import emulate_rounding, round_to
+from qlora.kernels.spare_columns import left_columns
 
 
 @triton.jit
-def _rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, D, eps, BLOCK_D: tl.constexpr, EMULATE: tl.constexpr):
+def _rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, D, y_row_stride, eps, BLOCK_D: tl.constexpr,
+                             EMULATE: tl.constexpr):  # fmt: skip
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32  # float64: for gradcheck
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -40,7 +42,7 @@ def _rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, D, eps, BLOCK_D: tl.
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
     h = round_to(x * rstd, x_ptr.dtype.element_ty, EMULATE).to(ACC)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(ACC)
-    tl.store(y_ptr + row * D + cols, round_to(w * h, y_ptr.dtype.element_ty, EMULATE), mask=ok)
+    tl.store(y_ptr + row * y_row_stride + cols, round_to(w * h, y_ptr.dtype.element_ty, EMULATE), mask=ok)
     tl.store(rstd_ptr + row, rstd)
 
 
@@ -84,7 +86,8 @@ class RMSNormFunction(torch.autograd.Function):
     """y = weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype) over the last dimension."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None,
+                row_width: int | None = None) -> torch.Tensor:  # fmt: skip
         D = x.shape[-1]
         if weight.shape != (D,):
             raise ValueError(f"RMSNorm weight of shape {tuple(weight.shape)} for inputs of last dimension {D}")
@@ -92,14 +95,19 @@ class RMSNormFunction(torch.autograd.Function):
             raise ValueError(f"fused RMSNorm holds a row in registers: hidden size {D} > {MAX_HIDDEN}")
         x2 = x.reshape(-1, D).contiguous()  # [rows, D]
         out_dtype = out_dtype or torch.promote_types(weight.dtype, x.dtype)
-        y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
+        if row_width is not None and row_width < D:
+            raise ValueError(f"rms_norm: row_width {row_width} is narrower than the rows ({D})")
+        # row_width: y is the left columns of a [rows, row_width] matrix whose spare columns its consumer fills
+        wide = torch.empty(x2.shape[0], row_width or D, dtype=out_dtype, device=x.device)
         rstd = torch.empty(x2.shape[0], dtype=_accumulator(x.dtype), device=x.device)
         block, warps = _launch_shape(D)
-        _rms_norm_forward_kernel[(x2.shape[0],)](x2, weight, y, rstd, D, eps, BLOCK_D=block,
+        _rms_norm_forward_kernel[(x2.shape[0],)](x2, weight, wide, rstd, D, wide.shape[1], eps, BLOCK_D=block,
                                                  EMULATE=emulate_rounding(), num_warps=warps)  # fmt: skip
         ctx.save_for_backward(x2, weight, rstd)
         ctx.x_shape = x.shape
-        return y.view(x.shape)
+        if wide.shape[1] == D:
+            return wide.view(x.shape)
+        return left_columns(wide.view(*x.shape[:-1], wide.shape[1]), D)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -117,7 +125,7 @@ class RMSNormFunction(torch.autograd.Function):
                                                ROWS_PER_PROGRAM=rows_per_program, BLOCK_D=block, WANT_DW=want_dw,
                                                EMULATE=emulate_rounding(), num_warps=warps)  # fmt: skip
         dw = dw_partial.sum(0).to(weight.dtype) if want_dw else None
-        return dx.view(ctx.x_shape), dw, None, None
+        return dx.view(ctx.x_shape), dw, None, None, None
 
 
 def _sm_count(device: torch.device) -> int:
@@ -126,6 +134,9 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Fused RMSNorm over the last dimension of `x` (see the module docstring for the exact formula)."""
-    return RMSNormFunction.apply(x, weight, eps, out_dtype)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None,
+             row_width: int | None = None) -> torch.Tensor:  # fmt: skip
+    """Fused RMSNorm over the last dimension of `x` (see the module docstring for the exact formula).
+    `row_width`: store the result as the left columns of a [..., row_width] matrix (for the adapter
+    columns of the LoRA projections that read it; `qlora.kernels.spare_columns`)."""
+    return RMSNormFunction.apply(x, weight, eps, out_dtype, row_width)

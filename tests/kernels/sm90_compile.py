@@ -19,7 +19,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from qlora.kernels import cross_entropy, dequantize, rms_norm, rotary, swiglu
+from qlora.kernels import columns_copy, cross_entropy, dequantize, masked_lowrank, rms_norm, rotary, swiglu
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -34,6 +34,7 @@ def compile_stats(fn, signature: dict, constexprs: dict, divisible=(), **options
         "vector_loads": len(re.findall(r"ld\.global\.v[24]\.", ptx)),
         "vector_stores": len(re.findall(r"st\.global\.v[24]\.", ptx)),
         "fma": len(re.findall(r"\bfma\.", ptx)),
+        "mma": len(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)\.", ptx)),
         "cubin_bytes": len(kernel.asm["cubin"]),
     }
 
@@ -60,8 +61,9 @@ def elementwise_cases():
     for dt in ("bf16", "fp32", "fp64"):  # fp64: the gradcheck tests run it on the GPU
         p = "*" + dt
         yield f"rms_norm forward {dt}", (rms_norm._rms_norm_forward_kernel,
-            {"x_ptr": p, "w_ptr": p, "y_ptr": p, "rstd_ptr": "*fp32", "D": "i32", "eps": "fp32",
-             "BLOCK_D": "constexpr", "EMULATE": "constexpr"}, {"BLOCK_D": 4096, "EMULATE": False}, ("D",)), \
+            {"x_ptr": p, "w_ptr": p, "y_ptr": p, "rstd_ptr": "*fp32", "D": "i32", "y_row_stride": "i32", "eps": "fp32",
+             "BLOCK_D": "constexpr", "EMULATE": "constexpr"}, {"BLOCK_D": 4096, "EMULATE": False},
+            ("D", "y_row_stride")), \
             dict(num_warps=16)  # fmt: skip
         yield f"rms_norm backward {dt}", (rms_norm._rms_norm_backward_kernel,
             {"dy_ptr": p, "x_ptr": p, "w_ptr": p, "rstd_ptr": "*fp32", "dx_ptr": p, "dw_partial_ptr": "*fp32",
@@ -69,9 +71,12 @@ def elementwise_cases():
              "WANT_DW": "constexpr", "EMULATE": "constexpr"},
             {"ROWS_PER_PROGRAM": 4, "BLOCK_D": 4096, "WANT_DW": True, "EMULATE": False}, ("D",)), \
             dict(num_warps=16)  # fmt: skip
-        yield f"swiglu forward {dt}", (swiglu._swiglu_forward_kernel,
-            {"g_ptr": p, "u_ptr": p, "y_ptr": p, "n": "i32", "BLOCK": "constexpr", "EMULATE": "constexpr"},
-            {"BLOCK": 2048, "EMULATE": False}, ("n",)), dict(num_warps=8)  # fmt: skip
+        for strided in (False, True) if dt == "bf16" else (False,):
+            yield f"swiglu forward {dt}" + (" row-strided" if strided else ""), (swiglu._swiglu_forward_kernel,
+                {"g_ptr": p, "u_ptr": p, "y_ptr": p, "n": "i32", "d": "i32", "y_row_stride": "i32",
+                 "BLOCK": "constexpr", "ROW_STRIDED": "constexpr", "EMULATE": "constexpr"},
+                {"BLOCK": swiglu.ROW_BLOCK if strided else swiglu.BLOCK, "ROW_STRIDED": strided, "EMULATE": False},
+                ("n", "d", "y_row_stride")), dict(num_warps=8)  # fmt: skip
         yield f"swiglu backward {dt}", (swiglu._swiglu_backward_kernel,
             {"dy_ptr": p, "g_ptr": p, "u_ptr": p, "dg_ptr": p, "du_ptr": p, "n": "i32", "BLOCK": "constexpr",
              "EMULATE": "constexpr"}, {"BLOCK": 2048, "EMULATE": False}, ("n",)), dict(num_warps=8)  # fmt: skip
@@ -96,9 +101,35 @@ def elementwise_cases():
             dict(num_warps=8)  # fmt: skip
 
 
+def masked_lowrank_cases():
+    for dt in ("bf16", "fp32"):
+        p = "*" + dt
+        sig = {"out_ptr": p, "g_ptr": p, "a_ptr": p, "keep_ptr": "*u8", "n_rows": "i32", "n_cols": "i32",
+               "scale": "fp32", "stride_out": "i32", "stride_g": "i32", "stride_a": "i32", "stride_keep": "i32",
+               "RANK": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_R": "constexpr",
+               "EMULATE": "constexpr"}  # fmt: skip
+        consts = {"RANK": 64, "BLOCK_M": masked_lowrank.BLOCK_M, "BLOCK_N": masked_lowrank.BLOCK_N, "BLOCK_R": 64,
+                  "EMULATE": False}  # fmt: skip
+        yield f"masked_lowrank {dt}", (masked_lowrank._masked_lowrank_add_kernel, sig, consts,
+                                       ("n_cols", "stride_out", "stride_g", "stride_a", "stride_keep")), \
+            dict(num_warps=masked_lowrank.NUM_WARPS)  # fmt: skip
+
+
+def columns_copy_cases():
+    for src in ("fp32", "bf16"):
+        sig = {"dst_ptr": "*bf16", "src_ptr": "*" + src, "n_rows": "i32", "n_src_cols": "i32", "n_dst_cols": "i32",
+               "dst_row_stride": "i32", "src_row_stride": "i32", "scale": "fp32", "BLOCK_ROWS": "constexpr",
+               "BLOCK_COLS": "constexpr", "EMULATE": "constexpr"}  # fmt: skip
+        consts = {"BLOCK_ROWS": columns_copy.BLOCK_ROWS, "BLOCK_COLS": 64, "EMULATE": False}
+        yield f"columns_copy {src} -> bf16", (columns_copy._columns_copy_kernel, sig, consts,
+                                              ("n_src_cols", "n_dst_cols", "dst_row_stride", "src_row_stride")), \
+            dict(num_warps=columns_copy.NUM_WARPS)  # fmt: skip
+
+
 def main() -> None:
     results = {}
-    for name, (fn, sig, consts, divisible), options in [*dequantize_cases(), *elementwise_cases()]:
+    for name, (fn, sig, consts, divisible), options in [*dequantize_cases(), *elementwise_cases(),
+                                                        *masked_lowrank_cases(), *columns_copy_cases()]:  # fmt: skip
         try:
             results[name] = compile_stats(fn, sig, consts, divisible, **options)
         except Exception as e:  # report every failure, not only the first

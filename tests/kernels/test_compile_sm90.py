@@ -25,7 +25,9 @@ def compiled() -> dict:
 def test_every_kernel_compiles(compiled):
     failed = {name: r["error"] for name, r in compiled.items() if "error" in r}
     assert not failed, failed
-    assert len(compiled) == 18 + 3 * 8  # dequantize: 3 dtypes x 2 double-quant x 3 (lookup, row stride)
+    # elementwise 18 (+1 row-strided SwiGLU); dequantize: 3 dtypes x 2 double-quant x 3 (lookup, row stride);
+    # masked low-rank 2; columns copy 2
+    assert len(compiled) == 19 + 3 * 8 + 2 + 2
     assert all(r["cubin_bytes"] > 0 for r in compiled.values())
 
 
@@ -46,3 +48,9 @@ def test_elementwise_kernels_use_vector_memory_access(compiled):
             assert r["vector_loads"] > 0, (name, r)
         if name.startswith("rotary"):
             assert r["fma"] == 0, (name, r)  # bit-exact to torch's separate multiply and add
+
+
+@pytest.mark.slow
+def test_masked_lowrank_multiplies_on_tensor_cores(compiled):
+    assert compiled["masked_lowrank bf16"]["mma"] > 0  # float32 stays off them (IEEE, not TF32): fma
+    assert compiled["masked_lowrank fp32"]["mma"] == 0 and compiled["masked_lowrank fp32"]["fma"] > 0

@@ -44,3 +44,23 @@ def test_cross_entropy(device):
     logits = randn((3, 20), f64, seed=1, device=device, scale=2.0).requires_grad_(True)
     labels = torch.tensor([4, -100, 19], device=device)
     assert torch.autograd.gradcheck(lambda z: cross_entropy_sum(z, labels, block_v=16), (logits,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_input_gradient_through_dropout(device):
+    """The LoRA layer's backward with the masked low-rank kernel (`ops.add_masked_lowrank_`) forced:
+    dL/dx through the dropout's mask is the derivative of the forward (same draws on every call)."""
+    from qlora import ops
+    from qlora.lora import LoRALinearFunction
+
+    x = randn((2, 5, 7), f64, seed=1, device=device).requires_grad_(True)
+    A = randn((3, 7), f64, seed=2, device=device).requires_grad_(True)
+    B = randn((6, 3), f64, seed=3, device=device).requires_grad_(True)
+    W, b = randn((6, 7), f64, seed=4, device=device), randn(6, f64, seed=5, device=device)
+
+    def seeded(*args):
+        torch.manual_seed(5)
+        return LoRALinearFunction.apply(*args, b, W, 0.75, None, 0.4)
+
+    with ops.use_implementation("triton"):
+        assert torch.autograd.gradcheck(seeded, (x, A, B))

@@ -86,3 +86,23 @@ def test_a_wrong_eps_is_detected(device):
 def test_refuses_a_weight_of_the_wrong_size():
     with pytest.raises(ValueError, match="last dimension 8"):
         rms_norm(torch.ones(2, 8), torch.ones(9), 1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(3, 37), (2, 5, 64)], ids=str)
+def test_row_strided_output_equals_the_contiguous_one(shape, device):
+    """`row_width`: the result stored as the left columns of wider rows (for the adapter columns of the
+    projections that read it); the same values and gradients, and the rows found back by `whole_rows`."""
+    from qlora.kernels.spare_columns import whole_rows
+
+    module, x, dy = twin_and_fused(shape, torch.bfloat16, torch.bfloat16, device)
+    width = shape[-1] + 8
+    want = rms_norm(x, module.weight, module.eps)
+    got = rms_norm(x, module.weight, module.eps, None, width)
+    assert got.shape == want.shape and got.stride()[-2:] == (width, 1) and torch.equal(got, want)
+    assert torch.equal(whole_rows(got)[:, : shape[-1]], want.reshape(-1, shape[-1]))
+    for g, w in zip(torch.autograd.grad(got, (x, module.weight), dy),
+                    torch.autograd.grad(want, (x, module.weight), dy), strict=True):  # fmt: skip
+        assert torch.equal(g, w)
+    with pytest.raises(ValueError, match="narrower"):
+        rms_norm(x, module.weight, module.eps, None, shape[-1] - 1)
