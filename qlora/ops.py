@@ -170,8 +170,15 @@ def add_masked_lowrank_(
 # --- the adapter's columns beside a wider matrix's left part -------------------------------------
 def copy_into_columns_(dst: torch.Tensor, src: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """dst [R, C]: its first c columns = scale * src [R, c] (rounded once), the rest zero; dst is
-    typically the spare columns of a wider matrix (B beside W, h beside x)."""
-    if implementation_for(dst.device) == "triton" and dst.stride(-1) == 1 and dst.is_floating_point():
+    typically the spare columns of a wider matrix (B beside W, h beside x).
+
+    The kernel runs only while a CUDA graph is being captured (every training step on CUDA replays
+    one), where its launch is paid once: it saves ~3 us of GPU time a copy, while Triton's Python
+    launcher costs ~70 us of host time a call, and an eager step is host-bound (docs/LOG.md, fourth
+    session). Kernel and twin agree bit for bit, so a step computes the same either way."""
+    if dst.stride(-1) == 1 and dst.is_floating_point() and implementation_for(dst.device) == "triton" and (
+        requested_implementation() == "triton" or dst.device.type != "cuda" or torch.cuda.is_current_stream_capturing()
+    ):  # fmt: skip
         from qlora.kernels.columns_copy import copy_into_columns_ as fused
 
         return fused(dst, src, scale)

@@ -121,3 +121,25 @@ def test_inputs_a_kernel_does_not_cover_run_the_twin():
         rotated, activated = ops.apply_rotary(x, cos, sin), ops.swiglu(gate, up)
     assert rotated.dtype == torch.float32 and torch.equal(rotated, apply_rotary(x, cos, sin))
     assert activated.dtype == torch.float32 and torch.equal(activated, F.silu(gate) * up)
+
+
+@pytest.mark.gpu
+def test_columns_copy_kernel_runs_inside_a_graph_capture_and_the_twin_eagerly(monkeypatch):
+    """The adapter columns' copy: torch's twin in an eager step (host-bound: a Triton launch costs ~70 us
+    of host time), the kernel while a CUDA graph is captured; the same bits either way."""
+    import qlora.kernels.columns_copy as columns_copy
+
+    real, calls = columns_copy.copy_into_columns_, []
+    monkeypatch.setattr(columns_copy, "copy_into_columns_", lambda *a: calls.append(1) or real(*a))
+    src = torch.randn(64, 8, device="cuda")
+    eager = torch.full((64, 80), float("nan"), dtype=torch.bfloat16, device="cuda")
+    ops.copy_into_columns_(eager[:, 70:], src, 0.3)
+    assert not calls
+    captured = torch.full_like(eager, float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.copy_into_columns_(captured[:, 70:], src, 0.3)
+    assert len(calls) == 1
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured[:, 70:], eager[:, 70:]) and torch.count_nonzero(eager[:, 78:]) == 0
