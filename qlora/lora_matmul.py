@@ -116,9 +116,9 @@ def adapter_columns_matmul(
     """([x | h] @ [W | scale B]^T, W) : x W^T + scale h B^T in one GEMM, so rounded once; x [N, in],
     h [N, r], B [out, r] (the scale goes into the copy of B, not over h). `wide`: the dense base's own
     wider storage (`dense_with_columns`, base = wide[:, :in]): B is written into its spare columns
-    instead of building the wider weight. `x_rows`: the
-    [N, in + r + pad] matrix whose left columns x is (`qlora.kernels.spare_columns`), if a producer
-    stored it so: h goes into its spare columns, and x is not copied."""
+    instead of building the wider weight. `x_rows`: the [N, in + r + pad] matrix whose left columns x
+    is (`qlora.kernels.spare_columns`), if a producer stored it so: h goes into its spare columns, and
+    x is not copied (a matrix of another width is ignored)."""
     n_tokens, n_in = x.shape
     n_out, r = lora_B.shape
     width = columns_width(n_in, r)
@@ -172,9 +172,7 @@ def base_plus_adapter(
     n_out = lora_B.shape[0]
     wide = wide if wide is not None and wide.dtype == x.dtype else None
     fast = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-    x_rows = x_rows if x_rows is not None and x_rows.shape[1] == columns_width(x.shape[1], lora_B.shape[1]) \
-        else None  # fmt: skip
-    x_has_columns = x_rows is not None
+    x_has_columns = x_rows is not None and x_rows.shape == (x.shape[0], columns_width(x.shape[1], lora_B.shape[1]))
     if fast and adapter_columns_pay(x, base, n_out, has_columns=wide is not None, x_has_columns=x_has_columns):
         return adapter_columns_matmul(x, base, h, lora_B, wide, x_rows, scale)
     term = (h * scale if scale != 1.0 else h) @ lora_B.to(x.dtype).t()  # [N, r] @ [r, out]

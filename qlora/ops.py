@@ -176,9 +176,8 @@ def copy_into_columns_(dst: torch.Tensor, src: torch.Tensor, scale: float = 1.0)
     one), where its launch is paid once: it saves ~3 us of GPU time a copy, while Triton's Python
     launcher costs ~70 us of host time a call, and an eager step is host-bound (docs/LOG.md, fourth
     session). Kernel and twin agree bit for bit, so a step computes the same either way."""
-    if dst.stride(-1) == 1 and dst.is_floating_point() and implementation_for(dst.device) == "triton" and (
-        requested_implementation() == "triton" or dst.device.type != "cuda" or torch.cuda.is_current_stream_capturing()
-    ):  # fmt: skip
+    if dst.stride(-1) == 1 and dst.is_floating_point() and implementation_for(dst.device) == "triton" and \
+            (requested_implementation() == "triton" or torch.cuda.is_current_stream_capturing()):  # fmt: skip
         from qlora.kernels.columns_copy import copy_into_columns_ as fused
 
         return fused(dst, src, scale)
