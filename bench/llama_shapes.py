@@ -25,6 +25,7 @@ from qlora.fused import use_fused_elementwise
 from qlora.lora import LoRALinear, LoraSpec, QuantSpec, mark_only_lora_trainable, replace_linears
 from qlora.model.config import ModelConfig
 from qlora.model.llama import LlamaForCausalLM
+from qlora.optim.in_backward import StepInBackward
 from qlora.train.cuda_graph import CudaGraphStep
 from qlora.train.loss import loss_sum
 
@@ -160,8 +161,11 @@ def train_step(
     batch: dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer,
     graph_step: CudaGraphStep | None = None,
+    stepper: StepInBackward | None = None,
 ) -> float:
     """One optimizer step on one micro-batch (mean loss over its targets); returns the loss.
+
+    With `stepper` (`qlora.optim.in_backward`) the update runs inside backward (and inside the graph).
 
     With `graph_step` the forward and backward replay a CUDA graph (`qlora.train.cuda_graph`).
     The loss is read back only after the optimizer step is queued, so the host never waits for the
@@ -172,8 +176,12 @@ def train_step(
     else:
         total, n = loss_sum(model, batch)
         loss = total / n
-        loss.backward()
-    optimizer.step()
+        if stepper is not None:
+            stepper.prepare()
+            stepper.backward(loss)
+        else:
+            loss.backward()
+    optimizer.step()  # with a stepper: nothing left to do (no gradient is held)
     if graph_step is not None:
         graph_step.zero_grad()  # in place: the graph owns the .grad buffers
     else:
@@ -187,12 +195,13 @@ def timed_steps(
     optimizer: torch.optim.Optimizer,
     n: int,
     graph_step: CudaGraphStep | None = None,
+    stepper: StepInBackward | None = None,
 ) -> Iterator[tuple[float, float]]:
     """(loss, seconds) of `n` optimizer steps cycling through `batches`, CUDA-synchronised around each whole step
     (forward, backward, optimizer step, zero_grad), as the reference script times its steps."""
     for i in range(n):
         torch.cuda.synchronize()
         started = time.perf_counter()
-        loss = train_step(model, batches[i % len(batches)], optimizer, graph_step)
+        loss = train_step(model, batches[i % len(batches)], optimizer, graph_step, stepper)
         torch.cuda.synchronize()
         yield loss, time.perf_counter() - started

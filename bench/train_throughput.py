@@ -39,6 +39,7 @@ from bench.device_memory import DeviceMemorySampler, context_bytes
 from bench.llama_shapes import BENCH_LORA, SHAPES, GiB, build_model, flops_per_token, reference_batches, timed_steps
 from qlora.lora_matmul import reusing_dense_weights
 from qlora.optim import build_optimizer
+from qlora.optim.in_backward import StepInBackward, backward_order_groups
 from qlora.train.cuda_graph import CudaGraphStep
 
 
@@ -64,16 +65,17 @@ def run_ours(shape: str, mode: str, pairs, args) -> list[dict]:
     model_gib = torch.cuda.memory_allocated() / GiB
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(args.optim, params, lr=2e-4, weight_decay=0.0, page_policy=args.page_policy)
+    stepper = StepInBackward(optimizer, backward_order_groups(model)) if args.step_in_backward else None
     records = []
     for b, seq in pairs:
         batches = reference_batches(s, b, seq, device, args.seed)  # the very tokens the reference trains on
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        graph_step = CudaGraphStep(model, params) if args.cuda_graph else None  # one per shape: its own pool
+        graph_step = CudaGraphStep(model, params, stepper=stepper) if args.cuda_graph else None  # own pool per shape
         times, losses, error = [], [], None
         try:
             for i, (loss, seconds) in enumerate(timed_steps(model, batches, optimizer, args.warmup + args.steps,
-                                                                 graph_step)):
+                                                                 graph_step, stepper)):
                 losses.append(loss)
                 if i >= args.warmup:
                     times.append(seconds)
@@ -84,7 +86,8 @@ def run_ours(shape: str, mode: str, pairs, args) -> list[dict]:
         rec = {"tool": "qlora", "shape": shape, "mode": mode, "batch": b, "seq": seq, "optimizer": args.optim,
                "cuda_graph": bool(args.cuda_graph), "page_policy": getattr(optimizer, "page_policy", None),
                "lora_dtype": args.lora_dtype, "residual_dtype": args.residual_dtype,
-               "reuse_dense_weights": args.reuse_dense_weights,
+               "reuse_dense_weights": args.reuse_dense_weights, "step_in_backward": bool(args.step_in_backward),
+               "optimizer_staging_GiB": round(stepper.staging_bytes / GiB, 3) if stepper else None,
                "build_s": round(build_s, 1), "model_GiB": round(model_gib, 2),
                "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                "peak_alloc_GiB": round(torch.cuda.max_memory_allocated() / GiB, 3),
@@ -97,7 +100,9 @@ def run_ours(shape: str, mode: str, pairs, args) -> list[dict]:
         print(json.dumps(rec), flush=True)
         records.append(rec)
         del graph_step
-    del model, optimizer
+    if stepper is not None:
+        stepper.remove()
+    del model, optimizer, stepper
     torch.cuda.empty_cache()
     return records
 
@@ -160,6 +165,9 @@ def main() -> int:
                     help="keep each layer's dequantized weights from the recompute for its backward "
                          "(model.reuse_dense_weights, on by default as in qlora train)")
     ap.add_argument("--page-policy", default="auto", choices=["auto", "always"], help="paged optimizers' policy")
+    ap.add_argument("--step-in-backward", action="store_true",
+                    help="update each layer's adapters during backward, states paged through three slots "
+                         "(optim.step_in_backward; qlora.optim.in_backward)")
     ap.add_argument("--peak-flops", type=float, default=989e12, help="H100 SXM dense bf16 (the reference's)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()

@@ -185,3 +185,28 @@ def copy_into_columns_(dst: torch.Tensor, src: torch.Tensor, scale: float = 1.0)
     dst[:, :n].copy_(src if scale == 1.0 else src.to(torch.float32) * scale)
     dst[:, n:].zero_()
     return dst
+
+
+# --- one AdamW step whose numbers live in device memory (graph-capturable) --------------------------
+def adamw_step_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                coefficients: torch.Tensor) -> None:  # fmt: skip
+    """AdamW in place on p and its float32 moments (all of p's shape and contiguous), the step's numbers
+    taken from `coefficients` (float32 [8] on p's device, `qlora.optim.adamw.adamw_coefficients`).
+
+    Twin: the kernel's formula with torch ops on the row's 0-d tensors (no host read, so it can be
+    captured as well); a row whose `apply` is 0 changes nothing."""
+    if implementation_for(p.device) == "triton":
+        from qlora.kernels.adamw import adamw_step_ as fused
+
+        return fused(p, grad, exp_avg, exp_avg_sq, coefficients)
+    decay, weight, beta2, one_minus_beta2, sqrt_bc2, eps, neg_step_size, apply = coefficients.unbind()
+    g = grad.view(p.shape).float()
+    m, v = exp_avg.view(p.shape), exp_avg_sq.view(p.shape)
+    w = p.float() * decay
+    m_new = torch.where(weight < 0.5, m + weight * (g - m), g - (g - m) * (1 - weight))  # torch.lerp
+    v_new = v * beta2 + one_minus_beta2 * (g * g)
+    w = w + neg_step_size * (m_new / (v_new.sqrt() / sqrt_bc2 + eps))
+    keep = apply != 0
+    m.copy_(torch.where(keep, m_new, m))
+    v.copy_(torch.where(keep, v_new, v))
+    p.copy_(torch.where(keep, w.to(p.dtype), p))

@@ -65,3 +65,19 @@ def adamw_update_many_(
         if w is not p:
             p.copy_(w)
 
+
+
+# One AdamW step's numbers as a row of float32 values that a GPU kernel reads from device memory (so a
+# CUDA graph that captured the kernel picks up each step's learning rate and bias corrections when
+# the row is rewritten before the replay). Each value is rounded to float32 once from the double the
+# multi-tensor path above computes, which is what torch does with those python scalars.
+COEFFICIENT_NAMES = ("decay", "lerp_weight", "beta2", "one_minus_beta2", "sqrt_bias_correction2", "eps",
+                     "neg_step_size", "apply")  # fmt: skip
+
+
+def adamw_coefficients(step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                       apply: bool = True) -> list[float]:  # fmt: skip
+    """The row (`COEFFICIENT_NAMES` order) for 1-based `step`; `apply=False` makes the update write nothing
+    (a dry run: the kernels run, e.g. to compile before a graph capture, and change no tensor)."""
+    return [1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, (1 - beta2**step) ** 0.5, eps,
+            -lr / (1 - beta1**step), 1.0 if apply else 0.0]  # fmt: skip

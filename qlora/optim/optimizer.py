@@ -133,6 +133,7 @@ class QAdamW(torch.optim.Optimizer):
         self.page_policy = page_policy
         self._resident: dict[torch.device, bool] = {}  # "auto": the decision per device, once made
         self._pagers: dict[torch.device, StagedPager] = {}
+        self._in_backward = None  # a StepInBackward that updates these parameters during backward, if any
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
 
@@ -198,6 +199,8 @@ class QAdamW(torch.optim.Optimizer):
     def _synchronize(self) -> None:
         for pager in self._pagers.values():
             pager.synchronize()
+        if self._in_backward is not None:
+            self._in_backward.synchronize()
 
     def _init_state(self, p: torch.Tensor) -> dict:
         if self._is_8bit(p):
@@ -268,6 +271,9 @@ class QAdamW(torch.optim.Optimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
+        if self._in_backward is not None:
+            raise RuntimeError("load the optimizer's state before building its StepInBackward (which holds the "
+                               "state tensors, and a captured CUDA graph their addresses); or call its remove() first")
         self._synchronize()
         saved_groups = state_dict["param_groups"]
         # torch checks the group structure and restores the hyper-parameters; the state we place ourselves

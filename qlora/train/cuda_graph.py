@@ -98,9 +98,13 @@ class CudaGraphStep:
         max_graphs: captured shapes kept at once (least recently used dropped first). Graphs share one
             memory pool, so more graphs cost little memory; a dropped shape that comes back is captured
             again (two warm-up runs and a capture: about three steps' time).
+        stepper: a `qlora.optim.in_backward.StepInBackward` over `params`: the optimizer's update is then
+            part of the graph (run from backward hooks), gradients are transient (no static `.grad`
+            buffers: each lives in the graph's pool until its layer is updated), `scale` must be the
+            whole step's, and each replay is one optimizer step. Warm-up runs are dry (update nothing).
     """
 
-    def __init__(self, model, params: Sequence[torch.nn.Parameter], max_graphs: int = 64):
+    def __init__(self, model, params: Sequence[torch.nn.Parameter], max_graphs: int = 64, stepper=None):
         if not params:
             raise ValueError("CudaGraphStep needs at least one trainable parameter")
         device = params[0].device
@@ -111,7 +115,12 @@ class CudaGraphStep:
         self.graphs: OrderedDict[tuple[int, int], _Graph] = OrderedDict()
         self.captures = 0
         self._pool = torch.cuda.graph_pool_handle()
+        self.stepper = stepper
         self._grads: list[torch.Tensor] = []
+        if stepper is not None:
+            if {id(p) for p in stepper.params} != {id(p) for p in self.params}:
+                raise ValueError("CudaGraphStep: the stepper must update exactly the trainable parameters")
+            return
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -119,6 +128,8 @@ class CudaGraphStep:
 
     # -- gradients ---------------------------------------------------------------------------------
     def _check_grads(self) -> None:
+        if self.stepper is not None:
+            return  # no gradient outlives a replay
         for i, (p, g) in enumerate(zip(self.params, self._grads, strict=True)):
             if p.grad is None:  # set_to_none=True: None means zero
                 g.zero_()
@@ -132,6 +143,8 @@ class CudaGraphStep:
 
     @torch.no_grad()
     def zero_grad(self) -> None:
+        if self.stepper is not None:
+            return  # the updates already dropped every gradient
         self._check_grads()
         torch._foreach_zero_(self._grads)
 
@@ -156,6 +169,9 @@ class CudaGraphStep:
 
     def _run(self, g: _Graph, warmup: bool = False) -> torch.Tensor:
         total = loss_sum_all_rows(self.model, g.input_ids, g.labels)
+        if self.stepper is not None:  # every gradient is used and dropped by its layer's update (dry when warming up)
+            self.stepper.backward(total * g.scale)
+            return total.detach()
         # A warm-up run computes every gradient (the same kernels) but accumulates only the first parameter's,
         # so the gradients gathered so far need no copy (a full copy is 3 GiB for a 65B model's adapters).
         (total * g.scale).backward(inputs=self.params[:1] if warmup else None)
@@ -165,10 +181,13 @@ class CudaGraphStep:
         dev = self.device
         g = _Graph(input_ids.to(dev, copy=True), labels.to(dev, copy=True),
                    torch.zeros((), dtype=torch.float32, device=dev))  # fmt: skip
-        first_grad = self._grads[0].clone()  # what the warm-up runs add to; restored even if the capture fails
+        stepper = self.stepper
+        first_grad = self._grads[0].clone() if stepper is None else None  # what warm-ups add to; restored below
         rng = torch.cuda.get_rng_state(dev)  # warm-up dropout draws are given back: capturing draws nothing
         try:
             side = torch.cuda.Stream(dev)
+            if stepper is not None:
+                stepper.prepare(dry=True)  # the updates run (kernels compile) but store nothing
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
                 for _ in range(WARMUP_RUNS):
@@ -180,7 +199,8 @@ class CudaGraphStep:
         finally:
             for p, grad in zip(self.params, self._grads, strict=True):
                 p.grad = grad  # capture must not have swapped any .grad; put ours back if it did
-            self._grads[0].copy_(first_grad)
+            if first_grad is not None:
+                self._grads[0].copy_(first_grad)
         self.captures += 1
         return g
 
@@ -200,5 +220,7 @@ class CudaGraphStep:
         g.input_ids.copy_(input_ids, non_blocking=True)
         g.labels.copy_(labels, non_blocking=True)
         g.scale.fill_(scale)
+        if self.stepper is not None:
+            self.stepper.prepare()  # this replay is one optimizer step: its coefficient rows
         g.graph.replay()
         return g.loss.clone()
