@@ -38,6 +38,7 @@ import torch
 from bench.device_memory import DeviceMemorySampler, context_bytes
 from bench.llama_shapes import BENCH_LORA, SHAPES, GiB, build_model, flops_per_token, reference_batches, timed_steps
 from qlora.lora_matmul import reusing_dense_weights
+from qlora.model.offload import CheckpointOffload
 from qlora.optim import build_optimizer
 from qlora.optim.in_backward import StepInBackward, backward_order_groups
 from qlora.train.cuda_graph import CudaGraphStep
@@ -60,6 +61,7 @@ def run_ours(shape: str, mode: str, pairs, args) -> list[dict]:
     model = build_model(s, "nf4" if mode == "qlora" else None, device, seed=args.seed, lora=lora)
     model.residual_dtype = torch.float32 if args.residual_dtype == "float32" else None
     model.checkpoint_context = reusing_dense_weights if args.reuse_dense_weights else None
+    model.checkpoint_offload = CheckpointOffload(device) if args.offload_checkpoints else None
     torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
     model_gib = torch.cuda.memory_allocated() / GiB
@@ -87,6 +89,7 @@ def run_ours(shape: str, mode: str, pairs, args) -> list[dict]:
                "cuda_graph": bool(args.cuda_graph), "page_policy": getattr(optimizer, "page_policy", None),
                "lora_dtype": args.lora_dtype, "residual_dtype": args.residual_dtype,
                "reuse_dense_weights": args.reuse_dense_weights, "step_in_backward": bool(args.step_in_backward),
+               "offload_checkpoints": bool(args.offload_checkpoints),
                "optimizer_staging_GiB": round(stepper.staging_bytes / GiB, 3) if stepper else None,
                "build_s": round(build_s, 1), "model_GiB": round(model_gib, 2),
                "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
@@ -168,6 +171,9 @@ def main() -> int:
     ap.add_argument("--step-in-backward", action="store_true",
                     help="update each layer's adapters during backward, states paged through three slots "
                          "(optim.step_in_backward; qlora.optim.in_backward)")
+    ap.add_argument("--offload-checkpoints", action="store_true",
+                    help="keep the checkpointed layer inputs in pinned host memory between forward and backward "
+                         "(model.offload_checkpoints; qlora.model.offload)")
     ap.add_argument("--peak-flops", type=float, default=989e12, help="H100 SXM dense bf16 (the reference's)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()

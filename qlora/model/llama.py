@@ -44,7 +44,9 @@ Why it is shaped so.
   `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)` while training;
   `model.checkpoint_context`, if set, is a context-manager factory entered around both the forward
   and the recompute of each checkpointed layer (the training loop uses it to let LoRA layers keep
-  their dense weights from the recompute for the backward).
+  their dense weights from the recompute for the backward). `model.checkpoint_offload`, if set
+  (`qlora.model.offload.CheckpointOffload`, CUDA), keeps the checkpointed layer inputs in pinned
+  host memory between forward and backward.
 - `KVCache` is preallocated per layer (`[B, n_kv, max_len, head_dim]`) and stores keys after RoPE;
   a cached forward takes the 2D padding mask over all `S = past + T` positions, like transformers.
 
@@ -57,6 +59,7 @@ whole batch even if the loss ignores that position. `build_attention_mask` ORs e
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable
 
@@ -354,6 +357,15 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(cfg)
 
 
+@contextlib.contextmanager
+def _entered_in_turn(factories: list[Callable[[], contextlib.AbstractContextManager]]):
+    """One context that makes and enters each factory's context in turn (and leaves them in reverse)."""
+    with contextlib.ExitStack() as stack:
+        for make in factories:
+            stack.enter_context(make())
+        yield
+
+
 class LlamaForCausalLM(nn.Module):
     """Decoder + lm_head. `forward` gives logits [B, T, V]; `hidden_states` gives [B, T, H]."""
 
@@ -367,13 +379,21 @@ class LlamaForCausalLM(nn.Module):
         # torch.float32: held and summed in fp32 while the layers compute in the embeddings' dtype.
         self.residual_dtype: torch.dtype | None = None
         self.checkpoint_context: Callable[[], contextlib.AbstractContextManager] | None = None
+        # A `qlora.model.offload.CheckpointOffload`: the checkpointed layer inputs wait in host memory.
+        self.checkpoint_offload = None
         self.tie_weights()
 
-    def _checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        """(forward, recompute) contexts for torch.utils.checkpoint: `checkpoint_context` around both."""
-        if self.checkpoint_context is None:
-            return contextlib.nullcontext(), contextlib.nullcontext()
-        return self.checkpoint_context(), self.checkpoint_context()
+    def _checkpoint_contexts(
+        self, layer: int
+    ) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """(forward, recompute) contexts for torch.utils.checkpoint of decoder layer `layer`:
+        `checkpoint_context` around both, and the offload's recompute context around the recompute.
+        Each is made and entered only when torch enters it."""
+        forward = [self.checkpoint_context] if self.checkpoint_context is not None else []
+        recompute = list(forward)
+        if self.checkpoint_offload is not None:
+            recompute.append(functools.partial(self.checkpoint_offload.recompute, layer))
+        return _entered_in_turn(forward), _entered_in_turn(recompute)
 
     @classmethod
     def from_config(
@@ -475,13 +495,22 @@ class LlamaForCausalLM(nn.Module):
             for window in {layer.self_attn.sliding_window for layer in self.model.layers}
         }
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
-        for layer in self.model.layers:
+        offload = self.checkpoint_offload if use_checkpoint and h.is_cuda else None
+        if offload is not None:
+            offload.start_forward()
+        last = len(self.model.layers) - 1
+        for i, layer in enumerate(self.model.layers):
             mask, is_causal = masks[layer.self_attn.sliding_window]
             if use_checkpoint:
+                h_in = h
                 h = checkpoint(layer, h, cos, sin, mask, is_causal, None, compute_dtype, use_reentrant=False,
-                               context_fn=self._checkpoint_contexts)  # fmt: skip
+                               context_fn=functools.partial(self._checkpoint_contexts, i))  # fmt: skip
+                if offload is not None and i != last:  # backward needs the last input first: it stays
+                    offload.offload(i, h_in)
             else:
                 h = layer(h, cos, sin, mask, is_causal, kv_cache, compute_dtype)
+        if offload is not None:
+            offload.finish_forward()
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.model.norm(h, compute_dtype)

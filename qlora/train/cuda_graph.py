@@ -197,9 +197,9 @@ class CudaGraphStep:
             with torch.cuda.graph(g.graph, pool=self._pool):  # recorded, not run: no gradient changes here
                 g.loss = self._run(g)
         finally:
-            for p, grad in zip(self.params, self._grads, strict=True):
-                p.grad = grad  # capture must not have swapped any .grad; put ours back if it did
             if first_grad is not None:
+                for p, grad in zip(self.params, self._grads, strict=True):
+                    p.grad = grad  # capture must not have swapped any .grad; put ours back if it did
                 self._grads[0].copy_(first_grad)
         self.captures += 1
         return g

@@ -169,10 +169,13 @@ def test_paged_pipeline_on_cuda_matches_the_optimizer_step(dtype):
         stepper.prepare()
         stepper.backward(model(data(step)).float().square().mean())
         assert all(p.grad is None for p in model.parameters())
+    # float32: rounding of contracted multiply-adds; bf16: a parameter may round to the neighbouring value (1 unit)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 1e-3}
     for a, b in zip(model.parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, b, **tol)
     opt.state_dict()  # synchronises: the pages hold the last write-back
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):
         assert opt.state[p]["exp_avg"].is_pinned() and not opt.state[p]["exp_avg"].is_cuda
         want = ref_opt.state[q]["exp_avg_sq"].cpu()
-        torch.testing.assert_close(opt.state[p]["exp_avg_sq"], want, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"], want, rtol=1e-3 if dtype == torch.float32 else 3e-2,
+                                   atol=1e-9)  # fmt: skip
