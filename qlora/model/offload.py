@@ -90,7 +90,7 @@ class CheckpointOffload:
 
     # -- backward ----------------------------------------------------------------------------------
     def _load(self, layer: int) -> None:
-        if layer not in self._held or layer in self._loaded:
+        if layer not in self._held or layer in self._loaded:  # not offloaded, or already on its way
             return
         h, host = self._held[layer]
         compute = torch.cuda.current_stream(self.device)
@@ -107,6 +107,7 @@ class CheckpointOffload:
         """Entered around layer `layer`'s recompute: its input is back on the GPU, the one below is on its way."""
         if layer in self._held:
             self._load(layer)  # normally already queued by the layer above
-            torch.cuda.current_stream(self.device).wait_event(self._loaded[layer])
+            torch.cuda.current_stream(self.device).wait_event(self._loaded.pop(layer))
+            del self._held[layer]  # the checkpoint holds the input until its backward is done: then it is freed
         self._load(layer - 1)
         yield

@@ -55,6 +55,22 @@ def test_offload_gives_the_same_loss_and_gradients_and_less_memory():
     assert plain_peak - offload_peak >= 3 * per_layer_input, (plain_peak, offload_peak)
 
 
+def test_forward_leaves_only_the_last_layer_input_on_the_gpu():
+    model, ids = model_and_batch()
+    held = []
+    for offload in (None, CheckpointOffload(torch.device("cuda"))):
+        model.checkpoint_offload = offload
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        loss = loss_sum_all_rows(model, ids, ids)
+        torch.cuda.synchronize()
+        held.append(torch.cuda.memory_allocated() - before)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    per_layer_input = 2 * 1024 * HIDDEN * 2
+    assert held[0] - held[1] == (LAYERS - 1) * per_layer_input, held
+
+
 def test_backward_reads_the_host_copies():
     """Negative control: zeroing the host copies between forward and backward changes the gradients."""
     model, ids = model_and_batch()
