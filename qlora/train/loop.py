@@ -36,7 +36,10 @@ from qlora.loading import load_model, read_model_config
 from qlora.lora import LoraSpec, mark_only_lora_trainable
 from qlora.lora_matmul import reusing_dense_weights
 from qlora.model.config import ModelConfig
+from qlora.model.offload import CheckpointOffload
+from qlora.optim import QAdamW
 from qlora.optim import build_optimizer as make_optimizer
+from qlora.optim.in_backward import StepInBackward, backward_order_groups
 from qlora.tokenizer import Tokenizer
 from qlora.train.checkpoint import (
     capture_rng_state,
@@ -160,6 +163,10 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     model.residual_dtype = torch.float32 if cfg.model.residual_dtype == "float32" else None
     model.checkpoint_context = reusing_dense_weights if cfg.model.reuse_dense_weights else None
+    if cfg.model.offload_checkpoints and device.type == "cuda":
+        model.checkpoint_offload = CheckpointOffload(device)
+    elif cfg.model.offload_checkpoints:
+        log.info("model.offload_checkpoints: nothing to offload on %s; ignored", device)
     params = mark_only_lora_trainable(model)
     seed_everything(cfg.seed)  # the adapters' init drew from the RNG; the loop starts from a known state
     optimizer = build_optimizer(cfg, params, lr, device)
@@ -186,12 +193,18 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
         start_step = int(state["trainer.json"]["step"])
         log.info("resumed from %s at step %d", latest, start_step)
 
+    stepper = None
+    if cfg.optim.step_in_backward:  # built after a resume: it holds the optimizer's state tensors from here on
+        if not isinstance(optimizer, QAdamW):
+            raise ConfigError(f"optim.step_in_backward needs optim.name paged_adamw_32bit; this run's optimizer is "
+                              f"{type(optimizer).__name__} (the default on {device.type})")  # fmt: skip
+        stepper = StepInBackward(optimizer, backward_order_groups(model))
     graphs = None
     if cfg.train.cuda_graphs and device.type == "cuda":
         if scaler.is_enabled():
             log.info("cuda_graphs: off for float16 compute (its loss scale changes between steps); training eagerly")
         else:
-            graphs = CudaGraphStep(model, params)
+            graphs = CudaGraphStep(model, params, stepper=stepper)
 
     logger = MetricsLogger(output, resume_step=start_step if cfg.train.resume else None)
     bar = ProgressBar(cfg.train.max_steps, initial=start_step, enabled=progress, device=device)
@@ -229,10 +242,17 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
                     graphs = None
             if s is None:
                 s, _ = loss_sum(model, _to(batch, device))
-                scaler.scale(s / max(step_tokens, 1)).backward()
+                if stepper is not None:  # the update runs inside this backward, layer by layer
+                    stepper.prepare()
+                    stepper.backward(s / max(step_tokens, 1))
+                else:
+                    scaler.scale(s / max(step_tokens, 1)).backward()
             total += s.detach()
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+        # With the update in backward no gradient is left here: no norm to report (logged as null). max_grad_norm 0
+        # means no clipping: the norm is still measured (an infinite bound scales by exactly 1).
+        grad_norm = None if stepper is not None else \
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm or float("inf"))  # fmt: skip
         lr = optimizer.param_groups[0]["lr"]
         scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
         scaler.update()
@@ -247,7 +267,8 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
         tokens_per_s = seen_tokens / elapsed
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             record = logger.log_train(step, loss=loss_value, lr=lr, tokens_per_s=tokens_per_s,
-                                      grad_norm=float(grad_norm), target_tokens=step_tokens)  # fmt: skip
+                                      grad_norm=None if grad_norm is None else float(grad_norm),
+                                      target_tokens=step_tokens)  # fmt: skip
             if not bar.enabled:
                 log.info(summarize(record))
         bar.update(step, loss=loss_value, lr=lr, tokens_per_s=tokens_per_s)

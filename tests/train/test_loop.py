@@ -128,3 +128,52 @@ def test_float32_residual_stream_trains_a_bfloat16_model(tmp_path):
         runs[residual] = train(cfg, progress=False)
     assert runs["float32"].final_loss == pytest.approx(runs["compute"].final_loss, rel=2e-2)
     assert train_losses(tmp_path / "float32") != train_losses(tmp_path / "compute")
+
+
+def test_update_in_backward_trains_like_the_step_after_backward(tmp_path):
+    """optim.step_in_backward (CPU: states resident, the twin's update): the same losses and adapter as the plain
+    optimizer step, a null grad_norm in the log, and an exact resume from its checkpoint. (The plain run has
+    max_grad_norm 0, "no clipping": before this test the loop clipped to norm 0 and zeroed every gradient.)"""
+    from safetensors.torch import load_file
+
+    def config(name, **train_overrides):
+        cfg = tiny_config(tmp_path / name, max_steps=4, grad_accum=1, **train_overrides)
+        cfg.optim.name, cfg.optim.max_grad_norm = "paged_adamw_32bit", 0.0
+        return cfg
+
+    plain = train(config("plain"), progress=False)
+    cfg = config("in_backward")
+    cfg.optim.step_in_backward = True
+    fused = train(cfg, progress=False)
+    assert train_losses(tmp_path / "in_backward") == pytest.approx(train_losses(tmp_path / "plain"), rel=1e-5)
+    assert fused.final_loss == pytest.approx(plain.final_loss, rel=1e-5)
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("in_backward", "plain"))
+    for key in b:  # one lr step is ~1e-3 here; rounding differences of the two update codes stay far below
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
+    records = [r for r in read_metrics(tmp_path / "in_backward" / "metrics.jsonl") if r["kind"] == "train"]
+    assert all(r["grad_norm"] is None for r in records)
+
+    split = config("split", save_every=2)
+    split.optim.step_in_backward = True
+    split.train.max_steps = 2
+    train(split, progress=False)
+    split.train.max_steps, split.train.resume = 4, True
+    train(split, progress=False)
+    assert train_losses(tmp_path / "split") == pytest.approx(train_losses(tmp_path / "in_backward"), rel=1e-6)
+
+
+def test_update_in_backward_refuses_what_it_cannot_do(tmp_path):
+    from qlora.config import ConfigError
+
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(ConfigError, match=r"step_in_backward needs train.grad_accum 1 \(got 2.*max_grad_norm 0"):
+        cfg.optim.step_in_backward = True
+        cfg.validate()
+    cfg = tiny_config(tmp_path, grad_accum=1)
+    cfg.optim.max_grad_norm, cfg.optim.step_in_backward = 0.0, True
+    with pytest.raises(ConfigError, match="paged_adamw_32bit; this run's optimizer is TorchAdamW"):
+        train(cfg, progress=False)  # the CPU's default optimizer is torch's AdamW
+    cfg = tiny_config(tmp_path)
+    cfg.model.gradient_checkpointing, cfg.model.offload_checkpoints = False, True
+    with pytest.raises(ConfigError, match="offload_checkpoints .* needs model.gradient_checkpointing"):
+        cfg.validate()
