@@ -18,8 +18,10 @@ Both sides: LoRA r=64, alpha=16, dropout 0.05 on all seven block linears, NF4 + 
 no gradient clipping, random tokens with labels = inputs. Ours optionally replays forward+backward as
 CUDA graphs (`--cuda-graph`, as `qlora train` does by default) and takes the paged optimizer's page
 policy (`--page-policy auto|always`), the adapters' dtype (`--lora-dtype`), the residual stream's
-(`--residual-dtype`) and weight reuse in backward (`--reuse-dense-weights`). Both sides train on
-the same token batches (`reference_batches`).
+(`--residual-dtype`), weight reuse in backward (`--reuse-dense-weights`), the update inside backward
+(`--step-in-backward`, `optim.step_in_backward`) and the checkpoints in host memory
+(`--offload-checkpoints`, `model.offload_checkpoints`). Both sides train on the same token batches
+(`reference_batches`).
 """
 
 from __future__ import annotations
@@ -85,8 +87,9 @@ def run_ours(shape: str, mode: str, pairs, args) -> list[dict]:
             error = "OOM: " + str(e).split("\n")[0][:200]
             optimizer.zero_grad(set_to_none=True)
         total, no_recompute = flops_per_token(s, seq, 64)
+        policy = "in backward (paged)" if stepper else getattr(optimizer, "page_policy", None)
         rec = {"tool": "qlora", "shape": shape, "mode": mode, "batch": b, "seq": seq, "optimizer": args.optim,
-               "cuda_graph": bool(args.cuda_graph), "page_policy": getattr(optimizer, "page_policy", None),
+               "cuda_graph": bool(args.cuda_graph), "page_policy": policy,
                "lora_dtype": args.lora_dtype, "residual_dtype": args.residual_dtype,
                "reuse_dense_weights": args.reuse_dense_weights, "step_in_backward": bool(args.step_in_backward),
                "offload_checkpoints": bool(args.offload_checkpoints),
