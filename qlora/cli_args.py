@@ -33,10 +33,9 @@ from qlora.config import (
     Option,
     TrainConfig,
     config_options,
-    load_config_file,
-    merge_config_dicts,
     unwrap_optional,
 )
+from qlora.config_files import load_config_file, merge_config_dicts
 
 CONFIG_DEST = "config"
 

@@ -37,13 +37,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
-import re
 import types
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
@@ -61,12 +58,6 @@ from qlora.config_checks import (
     unit_interval_closed,
     unit_interval_open,
 )
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: no stdlib TOML reader, and we add no dependency for it.
-    tomllib = None
-
 
 # The QLoRA paper's hyperparameters change with model size (format-spec 5.2: the Guanaco scripts use
 # lr 2e-4 / dropout 0.1 for 7B and 13B... except 13B's 0.05 dropout; 1e-4 / 0.05 for 33B and 65B).
@@ -506,7 +497,7 @@ class TrainConfig(_Section):
 
         Unknown keys are errors naming `source`. Types and values are checked by the dataclasses,
         whose errors name the flag and the key, as do those for a missing required field. (A
-        file's types were already checked, naming the file, by `load_config_file`.)
+        file's types were already checked, naming the file, by `qlora.config_files.load_config_file`.)
         """
         check_tree(d, source=source, check_types=False)
         kwargs: dict[str, Any] = {}
@@ -521,10 +512,6 @@ class TrainConfig(_Section):
                 kwargs[opt.key] = d[opt.key]
         _require_present(cls, kwargs, prefix="")
         return cls(**kwargs)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> TrainConfig:
-        return cls.from_dict(load_config_file(path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dict (lists copied); `from_dict(to_dict())` gives an equal config."""
@@ -756,78 +743,3 @@ def _suggest(key: str, options: Mapping[str, Option]) -> str:
     if close:
         return f"; did you mean {close[0]!r}?"
     return "; valid keys: " + ", ".join(leaves)
-
-
-class _StrictYamlLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 floats (`2e-4` is a float) and an error on duplicated keys."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, Any] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None,
-                    None,
-                    f"duplicated key {key!r} (first at line {seen[key].line + 1})",
-                    key_node.start_mark,
-                )
-            seen[key] = key_node.start_mark
-        return super().construct_mapping(node, deep=deep)
-
-
-_StrictYamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-            |[-+]?(?:[0-9][0-9_]*)[eE][-+]?[0-9]+
-            |\.[0-9_]+(?:[eE][-+]?[0-9]+)?)$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a .toml, .yaml/.yml or .json config file into a checked (possibly partial) nested dict."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
-    if suffix == ".toml":
-        if tomllib is None:
-            raise ConfigError(
-                f"{path}: reading TOML needs Python 3.11+ (stdlib tomllib); use a .yaml config file instead"
-            )
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML: {e}") from e
-    elif suffix in (".yaml", ".yml"):
-        try:
-            data = yaml.load(text, Loader=_StrictYamlLoader)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from e
-        data = {} if data is None else data
-    elif suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: invalid JSON: {e}") from e
-    else:
-        raise ConfigError(f"{path}: unsupported config file type {suffix!r}; use .toml, .yaml, .yml or .json")
-    check_tree(data, source=str(path))
-    return data
-
-
-def merge_config_dicts(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """`override` wins key by key, one level into sections (the tree is two levels deep)."""
-    out: dict[str, Any] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in base.items()}
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key].update(value)
-        else:
-            out[key] = dict(value) if isinstance(value, Mapping) else value
-    return out

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from qlora import config as config_mod
+from qlora import config_files
 from qlora.config import (
     OPTIMIZER_NAMES,
     ConfigError,
@@ -18,8 +18,8 @@ from qlora.config import (
     ModelSection,
     TrainConfig,
     config_options,
-    load_config_file,
 )
+from qlora.config_files import load_config_file, read_config
 
 REQUIRED = {"model": {"path": "models/tiny"}, "data": {"path": "data/train.jsonl"}, "output": "runs/x"}
 
@@ -214,7 +214,7 @@ train:
 def test_load_toml_and_yaml(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)
-    cfg = TrainConfig.from_file(path)
+    cfg = read_config(path)
     assert cfg.lora.r == 8 and cfg.lora.alpha == 16.0 and cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
     assert (cfg.train.max_steps, cfg.train.lr_schedule, cfg.model.compute_dtype) == (20, "cosine", "float32")
@@ -258,7 +258,7 @@ def test_toml_errors_name_the_file(tmp_path):
 def test_toml_without_tomllib_says_what_to_do(tmp_path, monkeypatch):
     path = tmp_path / "c.toml"
     path.write_text(TOML)
-    monkeypatch.setattr(config_mod, "tomllib", None)
+    monkeypatch.setattr(config_files, "tomllib", None)
     with pytest.raises(ConfigError, match=r"needs Python 3.11\+.*use a .yaml config file"):
         load_config_file(path)
 
@@ -287,7 +287,7 @@ def test_resolved_yaml_round_trips(tmp_path):
     cfg = _non_default_config()
     path = tmp_path / "config.yaml"
     path.write_text(cfg.to_yaml())
-    again = TrainConfig.from_file(path)
+    again = read_config(path)
     assert again == cfg
     assert again != _cfg()  # equality is not vacuous
 
@@ -300,7 +300,7 @@ def test_dict_and_json_round_trip(tmp_path):
     assert cfg.lora.target_modules == ["q_proj"]
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg.to_dict()))
-    assert TrainConfig.from_file(path) == cfg
+    assert read_config(path) == cfg
 
 
 def test_sections_are_dataclasses_with_kw_only_fields():

@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "qlora"
 FLOOR = {
     "config_checks": 0,
     "config": 0,
+    "config_files": 0,
     "quant": 1,
     "kernels": 2,
     "ops": 3,
