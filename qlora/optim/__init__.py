@@ -8,7 +8,8 @@
 All follow torch's AdamW maths and weight-decay order (decay before the Adam step), save and load
 their state through torch's `state_dict` conventions, and report where their state lives with
 `memory_report()`. See `optimizer.py` (the class), `adamw.py` (the update), `state8bit.py`
-(8-bit moments), `paging.py` (pinned host pages), `report.py` (memory report).
+(8-bit moments), `paging.py` (pinned host pages), `report.py` (memory report), `in_backward.py`
+(a 32-bit QAdamW's update run per layer during backward, its states streamed through three slots).
 """
 
 from __future__ import annotations

@@ -29,6 +29,10 @@ pages the states out, for good, once peak + margin reaches the limit. What `auto
 what managed memory does: give memory back in the middle of a forward pass. A run whose first
 steps are short and whose later batches are much longer is safer with `"always"`.
 
+`qlora.optim.in_backward.StepInBackward` can instead run a 32-bit QAdamW's update per layer inside
+backward (same state tensors and state dict; its large states are paged whatever the policy, and
+cross the host link while backward computes). While one is attached, `load_state_dict` refuses.
+
 Resident 32-bit states are updated all at once (`adamw_update_many_`,
 torch's multi-tensor ops: ~8 launches instead of ~8 per tensor); paged and 8-bit states one
 parameter at a time, around their copies.
