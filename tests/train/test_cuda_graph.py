@@ -112,14 +112,17 @@ def test_replays_with_the_update_in_backward_follow_eager_training():
     ref_opt = build_optimizer("paged_adamw_32bit", ref_params, lr=1e-2, weight_decay=0.1, page_min_numel=1 << 62)
     opt = build_optimizer("paged_adamw_32bit", params, lr=1e-2, weight_decay=0.1, page_policy="always",
                           page_min_numel=1)  # fmt: skip
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)) for o in (ref_opt, opt)]
     stepper = StepInBackward(opt, backward_order_groups(model))
     assert len(stepper.groups) == 2 and stepper.slots  # two decoder layers, paged
     step = CudaGraphStep(model, params, stepper=stepper)
-    for i in range(4):
+    for i in range(4):  # a new learning rate each step: the captured update reads it from its coefficient rows
         want = _eager(ref, ref_params, batch, 0.25)
         ref_opt.step()
         ref_opt.zero_grad(set_to_none=True)
         got = step.forward_backward(batch, 0.25)
+        for schedule in schedules:
+            schedule.step()
         torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3, msg=f"loss of step {i}")
         assert all(p.grad is None for p in params)
     assert step.captures == 1
