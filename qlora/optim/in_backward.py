@@ -108,6 +108,10 @@ class StepInBackward:
             state = optimizer.state[p]
             if not state:
                 state.update(optimizer._init_state(p))
+        # Step counts: the optimizer's 0-d tensors (its state dict's), counted here in python too, all at once
+        self._step_tensors = [optimizer.state[p]["step"] for p in self.params]
+        self._steps = [int(t.item()) for t in self._step_tensors]
+        self._group_index = torch.tensor(self._param_group, dtype=torch.long)
         n_rows = len(self.params)
         self._coef_host = torch.zeros(n_rows, len(COEFFICIENT_NAMES), dtype=torch.float32, pin_memory=self._cuda)
         self._coef = torch.zeros(n_rows, len(COEFFICIENT_NAMES), dtype=torch.float32, device=self.device)
@@ -154,22 +158,26 @@ class StepInBackward:
     def prepare(self, dry: bool = False) -> None:
         """Host side, before each backward (or graph replay): count the step and write each parameter's
         coefficient row. `dry=True` counts nothing and makes the updates write nothing (warm-up runs)."""
-        rows, cache = [], {}
-        for p, index in zip(self.params, self._param_group, strict=True):
-            state = self.optimizer.state[p]
-            if not dry:
-                state["step"] += 1
-            step = max(int(state["step"].item()), 1)
-            key = (index, step)
-            if key not in cache:
-                group = self.optimizer.param_groups[index]
-                beta1, beta2 = group["betas"]
-                cache[key] = adamw_coefficients(step, float(group["lr"]), beta1, beta2, group["eps"],
-                                                group["weight_decay"], apply=not dry)  # fmt: skip
-            rows.append(cache[key])
+        if not dry:
+            torch._foreach_add_(self._step_tensors, 1.0)
+            self._steps = [n + 1 for n in self._steps]
+
+        def row(index: int, step: int) -> list[float]:
+            group = self.optimizer.param_groups[index]
+            beta1, beta2 = group["betas"]
+            return adamw_coefficients(max(step, 1), float(group["lr"]), beta1, beta2, group["eps"],
+                                      group["weight_decay"], apply=not dry)  # fmt: skip
+
+        if len(set(self._steps)) == 1:  # the usual case: one row per parameter group, gathered
+            table = torch.tensor([row(i, self._steps[0]) for i in range(len(self.optimizer.param_groups))],
+                                 dtype=torch.float32)  # fmt: skip
+            rows = table[self._group_index]
+        else:
+            rows = torch.tensor([row(i, n) for i, n in zip(self._param_group, self._steps, strict=True)],
+                                dtype=torch.float32)  # fmt: skip
         if self._coef_copied is not None:
             self._coef_copied.synchronize()  # the host rows may still be in flight to the device
-        self._coef_host.copy_(torch.tensor(rows, dtype=torch.float32))
+        self._coef_host.copy_(rows)
         self._coef.copy_(self._coef_host, non_blocking=self._cuda)
         if self._cuda:
             self._coef_copied = torch.cuda.Event()

@@ -179,3 +179,27 @@ def test_paged_pipeline_on_cuda_matches_the_optimizer_step(dtype):
         want = ref_opt.state[q]["exp_avg_sq"].cpu()
         torch.testing.assert_close(opt.state[p]["exp_avg_sq"], want, rtol=1e-3 if dtype == torch.float32 else 3e-2,
                                    atol=1e-9)  # fmt: skip
+
+
+def test_parameters_at_different_step_counts_get_their_own_bias_corrections():
+    """A resumed state where one parameter has taken more steps than the others (e.g. it was unused for a while):
+    each row uses that parameter's own count, as the optimizer's step does."""
+    models, optimizers = [], []
+    for _ in range(2):
+        model = deep_model()
+        opt = build_optimizer("paged_adamw_32bit", model.parameters(), lr=1e-2)
+        for i, p in enumerate(model.parameters()):
+            opt.state[p].update(opt._init_state(p))
+            opt.state[p]["step"] += 5 if i == 0 else 2
+            opt.state[p]["exp_avg"].fill_(0.01)
+            opt.state[p]["exp_avg_sq"].fill_(1e-4)
+        models.append(model)
+        optimizers.append(opt)
+    stepper = StepInBackward(optimizers[1], backward_order_groups(models[1]))
+    loss_of(models[0], 0, torch.float32).backward()
+    optimizers[0].step()
+    stepper.prepare()
+    stepper.backward(loss_of(models[1], 0, torch.float32))
+    for a, b in zip(models[1].parameters(), models[0].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert [float(optimizers[1].state[p]["step"]) for p in models[1].parameters()][:2] == [6.0, 3.0]
