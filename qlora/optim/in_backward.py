@@ -73,7 +73,8 @@ class StepInBackward:
 
     Args:
         optimizer: the `QAdamW` (optim_bits=32) whose parameters, hyper-parameters and states are used.
-            Its large CUDA states are paged (as page policy "always"), the others stay where they are.
+            Its large CUDA states are paged (as with page policy "always"; unless an earlier `step()` under
+            "auto" already made them resident), the others stay where they are.
         groups: a partition of the optimizer's parameters, in the order backward completes them
             (`backward_order_groups(model)`).
     """
