@@ -12,6 +12,8 @@ read back to the host), the loss scaled by a static factor (1 / tokens of the wh
 step: token-weighted accumulation, as the eager loop does), and its backward, which *adds* into
 each trainable parameter's `.grad`. The optimizer step, gradient clipping and zeroing stay eager:
 they touch 448 tensors, not 10,000 ops, and the paged optimizer moves pages on its own streams.
+With a `StepInBackward` (`stepper=`), the optimizer's update is captured too, layer by layer inside
+backward, and no gradient outlives a replay.
 
 Rules the capture imposes, and how this module keeps them:
 
