@@ -7,10 +7,11 @@ here they come from a row of float32 coefficients in device memory (`adamw_coeff
 before each replay. One launch per parameter instead of ~8 multi-tensor passes: 22 bytes per bf16
 parameter (2 + 2 + 4 + 4 read, 2 + 4 + 4 written) instead of ~100.
 
-The arithmetic is torch's AdamW op for op (decay first; lerp's two-sided formula; addcmul; sqrt and
-the division by sqrt(1 - beta2^t) correctly rounded), so it agrees with the multi-tensor path to a
-rounding (the compiler may contract a multiply and an add into one fma; tests allow 2 ulp-scale
-differences). A row whose `apply` is 0 stores nothing.
+The arithmetic is torch's CUDA multi-tensor AdamW op for op (decay first; lerp's two-sided formula;
+`v * b2 + (1 - b2) * (g * g)`; sqrt and the division by sqrt(1 - beta2^t) correctly rounded), so it
+agrees with the multi-tensor path to a rounding: the compiler may contract a multiply and an add into
+one fma, and torch's CPU addcmul multiplies in another order (tests allow ulp-scale differences). A
+row whose `apply` is 0 stores nothing.
 
 Twin: `qlora.ops.adamw_step_` with the same row (torch ops on 0-d tensors, capturable too).
 """

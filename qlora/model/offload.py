@@ -20,8 +20,14 @@ How, per decoder layer i (all in stream order, so it runs eagerly and inside a c
 
 The storage copies do not touch autograd's version counters. The last layer's input stays on the
 GPU (backward needs it first). A layer input that does not own its whole storage (a view) is left
-where it is. Host buffers are kept per (layer, shape, dtype) and reused, so a captured graph's
-copies keep their addresses; they cost host memory only.
+where it is.
+
+Host memory. Each layer has pinned buffers of power-of-two sizes; an input is copied into the
+smallest that holds it. None is ever freed, because a captured graph may copy into any of them, and
+a run of varied lengths still keeps at most a few per layer: less than 4x the largest input's bytes.
+
+Contract: one forward, then its backward (or none: a forward whose backward never runs is dropped by
+the next forward, which first waits for every copy still in flight).
 """
 
 from __future__ import annotations
@@ -39,24 +45,33 @@ class CheckpointOffload:
         self.device = device
         self._out = torch.cuda.Stream(device)
         self._in = torch.cuda.Stream(device)
-        self._host: dict[tuple, torch.Tensor] = {}
-        self._held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (its input on the GPU, host copy)
+        self._host: dict[int, list[torch.UntypedStorage]] = {}  # layer -> pinned buffers, ascending sizes
+        self._held: dict[int, tuple[torch.Tensor, torch.UntypedStorage]] = {}  # layer -> (its input, host bytes)
         self._copied: dict[int, torch.cuda.Event] = {}
         self._loaded: dict[int, torch.cuda.Event] = {}
         self._to_free: int | None = None
 
     @property
     def host_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._host.values())
+        return sum(buffer.nbytes() for buffers in self._host.values() for buffer in buffers)
 
-    def _buffer(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        key = (layer, tuple(h.shape), h.dtype)
-        if key not in self._host:
-            self._host[key] = torch.empty(h.shape, dtype=h.dtype, pin_memory=True)
-        return self._host[key]
+    def _buffer(self, layer: int, nbytes: int) -> torch.UntypedStorage:
+        """`nbytes` of pinned host memory for `layer`: the front of its smallest buffer that holds them."""
+        buffers = self._host.setdefault(layer, [])
+        for buffer in buffers:
+            if buffer.nbytes() >= nbytes:
+                return buffer[0:nbytes]  # a storage slice: the same memory
+        buffer = torch.empty(1 << (nbytes - 1).bit_length(), dtype=torch.uint8, pin_memory=True).untyped_storage()
+        buffers.append(buffer)
+        buffers.sort(key=lambda b: b.nbytes())
+        return buffer[0:nbytes]
 
     # -- forward -----------------------------------------------------------------------------------
     def start_forward(self) -> None:
+        if not torch.cuda.is_current_stream_capturing():  # (a capture starts from a synchronised device)
+            compute = torch.cuda.current_stream(self.device)  # copies of a forward whose backward never ran
+            compute.wait_stream(self._out)
+            compute.wait_stream(self._in)
         self._held.clear()
         self._copied.clear()
         self._loaded.clear()
@@ -69,10 +84,10 @@ class CheckpointOffload:
         if not h.is_cuda or h.storage_offset() != 0 or storage.nbytes() != h.numel() * h.element_size():
             return  # a view or a CPU tensor: left in place
         compute = torch.cuda.current_stream(self.device)
-        host = self._buffer(layer, h)
+        host = self._buffer(layer, storage.nbytes())
         self._out.wait_stream(compute)
         with torch.cuda.stream(self._out):
-            host.untyped_storage().copy_(storage, non_blocking=True)
+            host.copy_(storage, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record(self._out)
         self._held[layer], self._copied[layer], self._to_free = (h, host), copied, layer
@@ -94,10 +109,10 @@ class CheckpointOffload:
             return
         h, host = self._held[layer]
         compute = torch.cuda.current_stream(self.device)
-        h.untyped_storage().resize_(host.numel() * host.element_size())  # allocated in compute-stream order
+        h.untyped_storage().resize_(host.nbytes())  # allocated in compute-stream order
         self._in.wait_stream(compute)
         with torch.cuda.stream(self._in):
-            h.untyped_storage().copy_(host.untyped_storage(), non_blocking=True)
+            h.untyped_storage().copy_(host, non_blocking=True)
             loaded = torch.cuda.Event()
             loaded.record(self._in)
         self._loaded[layer] = loaded

@@ -14,7 +14,8 @@ The pipeline, over groups 0..G-1 in the order backward completes them and three 
     compute:     backward of group k | wait loaded(k), update(k), free its gradients | backward of k+1
     d2h stream:                                          wait updated(k), D2H(k), record written(k)
 
-Slot k % 3 holds group k; H2D(k+2) refills the slot that group k-1 used, after its write-back, so
+Slot k % 3 holds group k; H2D(k+2) refills the slot that group k-1 used, after its write-back (the
+slot's last write-back, however many groups back: groups with nothing paged use no slot), so
 the two directions of the link run at once and each copy has a whole layer's backward to finish.
 Every step is in stream order with events, so the same code runs eagerly and inside a captured
 CUDA graph (`qlora.train.cuda_graph`: the copies, events and kernels become graph nodes). The
@@ -126,7 +127,7 @@ class StepInBackward:
         self._h2d = torch.cuda.Stream(self.device) if self.slots else None
         self._d2h = torch.cuda.Stream(self.device) if self.slots else None
         self._loaded: list = []
-        self._written: list = []
+        self._slot_written: list = [None] * SLOTS  # per slot: the event of its last write-back this backward
         self._remaining: list[int] = []
         self._next = 0
         self._active = False
@@ -210,7 +211,7 @@ class StepInBackward:
             self._h2d.wait_stream(compute)
             self._d2h.wait_stream(compute)
             self._loaded = [None] * len(self.groups)
-            self._written = [None] * len(self.groups)
+            self._slot_written = [None] * SLOTS
             for k in range(min(SLOTS - 1, len(self.groups))):
                 self._prefetch(k)
 
@@ -225,9 +226,9 @@ class StepInBackward:
         if not self._pages[k]:
             return
         with torch.cuda.stream(self._h2d):
-            previous = k - SLOTS  # the group that used this slot last: its write-back must be done
-            if previous >= 0 and self._written[previous] is not None:
-                self._h2d.wait_event(self._written[previous])
+            written = self._slot_written[k % SLOTS]  # the slot's last user (any number of groups back) is written back
+            if written is not None:
+                self._h2d.wait_event(written)
             for p, pages in self._pages[k]:
                 for name, page in pages.items():
                     self._views[k][id(p)][name].copy_(page, non_blocking=True)
@@ -268,8 +269,9 @@ class StepInBackward:
                 for p, pages in paged:
                     for name, page in pages.items():
                         page.copy_(views[id(p)][name], non_blocking=True)
-                self._written[k] = torch.cuda.Event()
-                self._written[k].record(self._d2h)
+                written = torch.cuda.Event()
+                written.record(self._d2h)
+                self._slot_written[k % SLOTS] = written
         if self.slots and k + SLOTS - 1 < len(self.groups):
             self._prefetch(k + SLOTS - 1)
 

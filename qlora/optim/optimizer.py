@@ -315,7 +315,8 @@ class QAdamW(torch.optim.Optimizer):
 
     def staging_bytes(self) -> int:
         """GPU bytes held by the paging slots (0 when nothing is paged)."""
-        return sum(pager.staging_bytes for pager in self._pagers.values())
+        slots = self._in_backward.staging_bytes if self._in_backward is not None else 0
+        return slots + sum(pager.staging_bytes for pager in self._pagers.values())
 
     def memory_report(self) -> dict[str, int]:
         """Bytes of optimizer state by location: gpu_bytes, pinned_host_bytes, cpu_bytes, gpu_staging_bytes."""

@@ -199,6 +199,9 @@ class CudaGraphStep:
             with torch.cuda.graph(g.graph, pool=self._pool):  # recorded, not run: no gradient changes here
                 g.loss = self._run(g)
         finally:
+            if stepper is not None:  # a capture that failed inside backward leaves graph-pool gradients behind
+                for p in self.params:
+                    p.grad = None
             if first_grad is not None:
                 for p, grad in zip(self.params, self._grads, strict=True):
                     p.grad = grad  # capture must not have swapped any .grad; put ours back if it did

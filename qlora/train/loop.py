@@ -37,7 +37,6 @@ from qlora.lora import LoraSpec, mark_only_lora_trainable
 from qlora.lora_matmul import reusing_dense_weights
 from qlora.model.config import ModelConfig
 from qlora.model.offload import CheckpointOffload
-from qlora.optim import QAdamW
 from qlora.optim import build_optimizer as make_optimizer
 from qlora.optim.in_backward import StepInBackward, backward_order_groups
 from qlora.tokenizer import Tokenizer
@@ -95,11 +94,16 @@ def lora_spec(cfg: TrainConfig, dropout: float) -> LoraSpec:
                     targets=tuple(cfg.lora.target_modules), param_dtype=_DTYPES[cfg.lora.param_dtype])  # fmt: skip
 
 
+def default_optimizer(device: torch.device) -> str:
+    """The optimizer when `optim.name` is unset: the paper's paged AdamW on CUDA, torch's AdamW elsewhere."""
+    return "paged_adamw_32bit" if device.type == "cuda" else "adamw"
+
+
 def build_optimizer(
     cfg: TrainConfig, params: list[torch.nn.Parameter], lr: float, device: torch.device
 ) -> torch.optim.Optimizer:
     o = cfg.optim
-    name = o.name or ("paged_adamw_32bit" if device.type == "cuda" else "adamw")
+    name = o.name or default_optimizer(device)
     return make_optimizer(name, params, lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
                           page_policy=o.page_policy)  # fmt: skip
 
@@ -145,6 +149,10 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
+    optimizer_name = cfg.optim.name or default_optimizer(device)
+    if cfg.optim.step_in_backward and optimizer_name != "paged_adamw_32bit":
+        raise ConfigError(f"optim.step_in_backward needs optim.name paged_adamw_32bit; this run's optimizer is "
+                          f"{optimizer_name!r} (optim.name, or the default on {device.type})")  # fmt: skip
     dtype = _DTYPES[cfg.model.compute_dtype]
     seed_everything(cfg.seed)
 
@@ -193,12 +201,8 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
         start_step = int(state["trainer.json"]["step"])
         log.info("resumed from %s at step %d", latest, start_step)
 
-    stepper = None
-    if cfg.optim.step_in_backward:  # built after a resume: it holds the optimizer's state tensors from here on
-        if not isinstance(optimizer, QAdamW):
-            raise ConfigError(f"optim.step_in_backward needs optim.name paged_adamw_32bit; this run's optimizer is "
-                              f"{type(optimizer).__name__} (the default on {device.type})")  # fmt: skip
-        stepper = StepInBackward(optimizer, backward_order_groups(model))
+    # Built after a resume: it holds the optimizer's state tensors from here on (checked above: a 32-bit QAdamW)
+    stepper = StepInBackward(optimizer, backward_order_groups(model)) if cfg.optim.step_in_backward else None
     graphs = None
     if cfg.train.cuda_graphs and device.type == "cuda":
         if scaler.is_enabled():
@@ -249,7 +253,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
                     scaler.scale(s / max(step_tokens, 1)).backward()
             total += s.detach()
         scaler.unscale_(optimizer)
-        # With the update in backward no gradient is left here: no norm to report (logged as null). max_grad_norm 0
+        # With the update in backward no gradient is left here: no norm to report (not logged). max_grad_norm 0
         # means no clipping: the norm is still measured (an infinite bound scales by exactly 1).
         grad_norm = None if stepper is not None else \
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm or float("inf"))  # fmt: skip
@@ -266,8 +270,8 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
         seen_tokens = sum(count_tokens(b) for b in micro)
         tokens_per_s = seen_tokens / elapsed
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            record = logger.log_train(step, loss=loss_value, lr=lr, tokens_per_s=tokens_per_s,
-                                      grad_norm=None if grad_norm is None else float(grad_norm),
+            norm = {} if grad_norm is None else {"grad_norm": float(grad_norm)}  # none left to measure in backward
+            record = logger.log_train(step, loss=loss_value, lr=lr, tokens_per_s=tokens_per_s, **norm,
                                       target_tokens=step_tokens)  # fmt: skip
             if not bar.enabled:
                 log.info(summarize(record))

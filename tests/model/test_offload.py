@@ -99,3 +99,16 @@ def test_offload_inside_a_cuda_graph_equals_the_eager_step():
         for n, p in model.named_parameters():
             if p.requires_grad:
                 torch.testing.assert_close(p.grad, want[n], rtol=2e-2, atol=1e-3)
+
+
+def test_varied_lengths_keep_a_bounded_set_of_host_buffers():
+    """Eager steps of many lengths reuse each layer's power-of-two buffers: host memory stays under 4x the
+    longest batch's inputs instead of growing with every new length."""
+    model, _ = model_and_batch(seq=1024)
+    model.checkpoint_offload = offload = CheckpointOffload(torch.device("cuda"))
+    for seq in (1024, 300, 700, 512, 129, 1000, 64):
+        ids = torch.randint(0, VOCAB, (2, seq), generator=torch.Generator().manual_seed(seq)).cuda()
+        loss_sum_all_rows(model, ids, ids).backward()
+        model.zero_grad(set_to_none=True)
+    longest = (LAYERS - 1) * 2 * 1024 * HIDDEN * 2
+    assert offload.host_bytes < 4 * longest

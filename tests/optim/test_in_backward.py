@@ -1,5 +1,6 @@
-"""`StepInBackward` (CPU): the same AdamW steps as the optimizer's own `step()`, run from backward hooks, and
-the errors for what it cannot do. The paged pipeline and the CUDA graph run in test_in_backward_gpu.py."""
+"""`StepInBackward`: the same AdamW steps as the optimizer's own `step()`, run from backward hooks, and the errors
+for what it cannot do (CPU); the paged pipeline on CUDA (gpu-marked, below). Inside a CUDA graph:
+tests/train/test_cuda_graph.py."""
 
 from __future__ import annotations
 
@@ -203,3 +204,33 @@ def test_parameters_at_different_step_counts_get_their_own_bias_corrections():
     for a, b in zip(models[1].parameters(), models[0].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert [float(optimizers[1].state[p]["step"]) for p in models[1].parameters()][:2] == [6.0, 3.0]
+
+
+@pytest.mark.gpu
+def test_groups_with_nothing_paged_between_paged_ones_on_cuda():
+    """Eight groups, only some paged (page_min_numel between the layers' sizes): a slot's next user may be many
+    groups after its last one, and must still wait for that one's write-back."""
+    sizes = [23, 300, 7, 400, 5, 350, 9, 280, 3]  # weights: 6900, 2100, 2800, 2000, 1750, 3150, 2520, 840
+
+    def build():
+        torch.manual_seed(0)
+        layers = []
+        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+            layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
+        return torch.nn.Sequential(*layers).to("cuda")
+
+    ref, model = build(), build()
+    ref_opt = build_optimizer("paged_adamw_32bit", ref.parameters(), lr=1e-2, page_min_numel=1 << 62)
+    opt = build_optimizer("paged_adamw_32bit", model.parameters(), lr=1e-2, page_policy="always", page_min_numel=2500)
+    stepper = StepInBackward(opt, backward_order_groups(model))
+    paged = [bool(items) for items in stepper._pages]
+    assert paged == [False, True, True, False, False, True, False, True]
+    for step in range(4):
+        x = torch.randn(8, sizes[0], generator=torch.Generator().manual_seed(step)).cuda()
+        ref(x).square().mean().backward()
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        stepper.prepare()
+        stepper.backward(model(x).square().mean())
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
