@@ -203,7 +203,7 @@ def adamw_step_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_
     g = grad.view(p.shape).float()
     m, v = exp_avg.view(p.shape), exp_avg_sq.view(p.shape)
     w = p.float() * decay
-    m_new = torch.where(weight < 0.5, m + weight * (g - m), g - (g - m) * (1 - weight))  # torch.lerp
+    m_new = torch.lerp(m, g, weight)
     v_new = v * beta2 + one_minus_beta2 * (g * g)
     w = w + neg_step_size * (m_new / (v_new.sqrt() / sqrt_bc2 + eps))
     keep = apply != 0

@@ -46,7 +46,7 @@ import torch
 from qlora import ops
 from qlora.optim.adamw import COEFFICIENT_NAMES, adamw_coefficients
 from qlora.optim.optimizer import QAdamW
-from qlora.optim.paging import staged_bytes
+from qlora.optim.paging import slot_views, staged_bytes
 
 SLOTS = 3  # groups in flight: one being updated, one arriving, one being written back
 _LAYER = re.compile(r"(?:^|\.)layers\.\d+\.")
@@ -143,13 +143,11 @@ class StepInBackward:
 
     @staticmethod
     def _slot_views(slot: torch.Tensor, items) -> dict[int, dict[str, torch.Tensor]]:
+        """Each parameter's pages as views of `slot`, one after another."""
         views, offset = {}, 0
         for p, pages in items:
-            views[id(p)] = {}
-            for name, page in pages.items():
-                n = page.numel() * page.element_size()
-                views[id(p)][name] = slot[offset : offset + n].view(page.dtype).view(page.shape)
-                offset += staged_bytes({name: page})
+            views[id(p)] = slot_views(slot, pages, offset)
+            offset += staged_bytes(pages)
         return views
 
     @property

@@ -69,6 +69,16 @@ def staged_bytes(pages: dict[str, torch.Tensor]) -> int:
     return sum(_aligned(t.numel() * t.element_size()) for t in pages.values())
 
 
+def slot_views(slot: torch.Tensor, pages: dict[str, torch.Tensor], offset: int = 0) -> dict[str, torch.Tensor]:
+    """GPU views of a uint8 `slot` shaped like `pages`, laid out from byte `offset` as `staged_bytes` counts."""
+    views = {}
+    for name, page in pages.items():
+        nbytes = page.numel() * page.element_size()
+        views[name] = slot[offset : offset + nbytes].view(page.dtype).view(page.shape)
+        offset += _aligned(nbytes)
+    return views
+
+
 class StagedPager:
     """Two GPU staging slots and one copy stream that page host states in and out around updates."""
 
@@ -88,14 +98,6 @@ class StagedPager:
         self.synchronize()  # the old slots may still be read by a pending copy
         self.slots = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
 
-    def _views(self, slot: torch.Tensor, pages: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        views, offset = {}, 0
-        for name, page in pages.items():
-            nbytes = page.numel() * page.element_size()
-            views[name] = slot[offset : offset + nbytes].view(page.dtype).view(page.shape)
-            offset += _aligned(nbytes)
-        return views
-
     def run(
         self,
         items: Sequence[tuple[object, dict[str, torch.Tensor]]],
@@ -112,7 +114,7 @@ class StagedPager:
 
         def prefetch(i: int) -> tuple[dict[str, torch.Tensor], torch.cuda.Event]:
             with torch.cuda.stream(side):
-                views = self._views(self.slots[i % 2], items[i][1])
+                views = slot_views(self.slots[i % 2], items[i][1])
                 for name, page in items[i][1].items():
                     views[name].copy_(page, non_blocking=True)
                 loaded = torch.cuda.Event()
