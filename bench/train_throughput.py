@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -38,7 +39,17 @@ import time
 import torch
 
 from bench.device_memory import DeviceMemorySampler, context_bytes
-from bench.llama_shapes import BENCH_LORA, SHAPES, GiB, build_model, flops_per_token, reference_batches, timed_steps
+from bench.llama_shapes import (
+    BENCH_LORA,
+    SHAPES,
+    GiB,
+    build_model,
+    flops_per_token,
+    reference_batches,
+    timed_steps,
+    train_step,
+)
+from bench.profile_step import top_kernels
 from qlora.lora_matmul import reusing_dense_weights
 from qlora.model.offload import CheckpointOffload
 from qlora.optim import build_optimizer
@@ -103,6 +114,9 @@ def run_ours(shape: str, mode: str, pairs, args) -> list[dict]:
             rec.update({"step_s_median": round(med, 4), "tokens_per_s": round(b * seq / med, 1),
                         "mfu": round(total * b * seq / med / args.peak_flops, 4),
                         "mfu_no_recompute": round(no_recompute * b * seq / med / args.peak_flops, 4)})  # fmt: skip
+        if args.profile_kernels and error is None:
+            one_step = functools.partial(train_step, model, batches[0], optimizer, graph_step, stepper)
+            rec["top_kernels"] = top_kernels(one_step, args.profile_kernels)
         print(json.dumps(rec), flush=True)
         records.append(rec)
         del graph_step
@@ -177,6 +191,8 @@ def main() -> int:
     ap.add_argument("--offload-checkpoints", action="store_true",
                     help="keep the checkpointed layer inputs in pinned host memory between forward and backward "
                          "(model.offload_checkpoints; qlora.model.offload)")
+    ap.add_argument("--profile-kernels", type=int, default=0,
+                    help="after the timed steps, list the N kernels with most GPU time in one more step")
     ap.add_argument("--peak-flops", type=float, default=989e12, help="H100 SXM dense bf16 (the reference's)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
