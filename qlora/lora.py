@@ -18,8 +18,9 @@ in backward. With g = dL/dy [N, out], xd = drop(x) [N, in], h = xd A^T [N, r]:
     dL/dA  = scale * (g B)^T xd        [r, in]
     W and b are frozen: no gradient.
 
-Saved for backward: xd, the dropout's mask, h, A, B and a reference to the packed weight (never a
-dequantized copy; a test hooks saved tensors to prove it), except inside `qlora.lora_matmul.reusing_dense_weights()`
+Saved for backward: xd and the dropout's mask (or, with the hashed mask, x and a seed), h, A, B and a
+reference to the packed weight (never a dequantized copy; a test hooks saved tensors to prove it),
+except inside `qlora.lora_matmul.reusing_dense_weights()`
 (around a gradient checkpoint's two passes: the first discards what is saved, the recompute's backward
 follows at once), where the forward's dense W is saved so that it is not dequantized a third time.
 
@@ -47,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlora import ops
+from qlora.hashed_dropout import HashedDropout
 from qlora.kernels.spare_columns import whole_rows
 from qlora.lora_matmul import (
     base_plus_adapter,
@@ -93,6 +95,10 @@ class LoRALinearFunction(torch.autograd.Function):
     base's through the mask in one pass (`ops.add_masked_lowrank_`), where autograd through
     `nn.Dropout` would write the [N, in] product, mask it into another tensor and sum the two
     gradients (13 bytes per input element instead of 5). Without dropout it is one `addmm_`.
+
+    Where the Triton kernels run, the mask is a hash of a seed instead (`qlora.hashed_dropout`): the
+    kernels reading x apply it on the fly (xd A^T, A's gradient, the masked input gradient), so neither
+    the dropped x nor the mask is written; backward keeps x (one tensor for q, k and v) and the seed.
     """
 
     @staticmethod
@@ -109,12 +115,18 @@ class LoRALinearFunction(torch.autograd.Function):
             # x's producer may have stored it inside a wider matrix, for the adapter columns (`qlora.fused`)
             x_rows = whole_rows(x)  # [N, in + r + pad] or None
             x_dropped, keep = x2, None
-            if dropout > 0.0:  # torch.native_dropout is what nn.Dropout runs (the same draws); it returns the mask
-                if x_rows is not None:  # over the whole (contiguous) rows: a strided x takes a slow, other kernel
-                    x_dropped, keep = (t[:, : x2.shape[1]] for t in torch.native_dropout(x_rows, dropout, True))
-                else:
-                    x_dropped, keep = torch.native_dropout(x2, dropout, True)
-            h = F.linear(x_dropped, lora_A.to(x.dtype))  # [N, r]
+            if dropout > 0.0 and ops.implementation_for(x.device) == "triton":
+                # the mask hashed from a seed inside the kernels that read x (qlora.hashed_dropout): nothing
+                # [N, in] is written; backward keeps x itself and the seed
+                keep = HashedDropout.draw(dropout, x.device)
+                h = ops.dropout_project(x2, lora_A.to(x.dtype), keep)  # [N, r]
+            else:
+                if dropout > 0.0:  # torch.native_dropout is what nn.Dropout runs (the same draws); it returns the mask
+                    if x_rows is not None:  # over the whole (contiguous) rows: a strided x takes a slow, other kernel
+                        x_dropped, keep = (t[:, : x2.shape[1]] for t in torch.native_dropout(x_rows, dropout, True))
+                    else:
+                        x_dropped, keep = torch.native_dropout(x2, dropout, True)
+                h = F.linear(x_dropped, lora_A.to(x.dtype))  # [N, r]
             y2, weight = base_plus_adapter(x2, base, h, lora_B, wide, x_rows, scale)  # [N, out], W [out, in]
             if bias is not None:
                 y2.add_(bias.to(x.dtype))
@@ -128,8 +140,9 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.has_adapter = lora_A is not None
         ctx.param_dtypes = (None, None) if lora_A is None else (lora_A.dtype, lora_B.dtype)
         adapter_input = None if lora_A is None else x_dropped
-        ctx.save_for_backward(adapter_input, keep if ctx.needs_input_grad[0] else None, h, lora_A, lora_B,
-                              kept_weight)  # fmt: skip
+        ctx.hashed_dropout = keep if isinstance(keep, HashedDropout) else None  # its seed: 16 bytes
+        keep = None if ctx.hashed_dropout is not None or not ctx.needs_input_grad[0] else keep
+        ctx.save_for_backward(adapter_input, keep, h, lora_A, lora_B, kept_weight)
         return y
 
     @staticmethod
@@ -146,18 +159,25 @@ class LoRALinearFunction(torch.autograd.Function):
             scale = ctx.scale
             g2 = grad_y.reshape(-1, grad_y.shape[-1])  # [N, out]
             g_B = (g2 @ lora_B.to(dtype)).mul_(scale)  # [N, out] @ [out, r] -> [N, r], scaled
-            x2 = adapter_input  # [N, in]: x, or the dropped x
+            x2 = adapter_input  # [N, in]: x (no dropout, or the hashed mask's), or the dropped x
+            hashed = ctx.hashed_dropout
             a = lora_A.to(dtype)
-            if grad_x is not None:  # the adapter's input gradient, added into the base's in place
-                grad_x2 = grad_x.view(-1, grad_x.shape[-1])
-                if keep is None:
-                    grad_x2.addmm_(g_B, a)
-                else:  # through the dropout: keep / (1 - p) * (g_B A), without an [N, in] product tensor
-                    ops.add_masked_lowrank_(grad_x2, g_B, a, keep, 1.0 / (1.0 - ctx.dropout))
+            grad_x2 = None if grad_x is None else grad_x.view(-1, grad_x.shape[-1])
             if ctx.needs_input_grad[2]:
                 grad_B = (g2.t() @ h).mul_(scale).to(ctx.param_dtypes[1])  # [out, N] @ [N, r]
-            if ctx.needs_input_grad[1]:
-                grad_A = (g_B.t() @ x2).to(ctx.param_dtypes[0])  # [r, N] @ [N, in]
+            if hashed is not None and ctx.needs_input_grad[1]:
+                # A's gradient [r, N] @ drop(x), and the input gradient through the mask on the same tiles
+                grad_A = ops.dropout_backward(g_B, x2, hashed, ctx.param_dtypes[0], grad_x2, a)
+            else:
+                if grad_x2 is not None:  # the adapter's input gradient, added into the base's in place
+                    if hashed is not None:  # through the hashed mask (its scale applied by the op)
+                        ops.add_masked_lowrank_(grad_x2, g_B, a, hashed, 1.0)
+                    elif keep is None:
+                        grad_x2.addmm_(g_B, a)
+                    else:  # through the dropout: keep / (1 - p) * (g_B A), without an [N, in] product tensor
+                        ops.add_masked_lowrank_(grad_x2, g_B, a, keep, 1.0 / (1.0 - ctx.dropout))
+                if ctx.needs_input_grad[1]:
+                    grad_A = (g_B.t() @ x2).to(ctx.param_dtypes[0])  # [r, N] @ [N, in]
         return grad_x, grad_A, grad_B, None, None, None, None, None
 
 

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from qlora.hashed_dropout import HashedDropout
 from qlora.kernels import RMS_NORM_MAX_HIDDEN, interpreting, triton_importable
 from qlora.quant.tensor import QuantizedTensor
 
@@ -154,17 +155,58 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
     return F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=ignore_index)
 
 
-# --- the LoRA adapter's input gradient through its dropout ----------------------------------------
+# --- the LoRA adapter's dropout: its input gradient, and the hashed mask's two products -------------
 def add_masked_lowrank_(
-    out: torch.Tensor, g: torch.Tensor, a: torch.Tensor, keep: torch.Tensor, scale: float
+    out: torch.Tensor, g: torch.Tensor, a: torch.Tensor, keep: torch.Tensor | HashedDropout, scale: float
 ) -> torch.Tensor:
     """out [N, in] += scale * keep * (g [N, r] @ a [r, in]), in place (keep: the dropout's bool mask, or
-    its float multipliers with scale 1). The kernel never writes the [N, in] product."""
+    its float multipliers with scale 1, or a `HashedDropout`, whose own scale is then applied too).
+    The kernel never writes the [N, in] product (nor, hashed, reads a mask)."""
+    hashed = isinstance(keep, HashedDropout)
     if implementation_for(out.device) == "triton" and out.is_floating_point() and out.stride(-1) == 1:
         from qlora.kernels.masked_lowrank import add_masked_lowrank_ as fused
 
+        if hashed:
+            return fused(out, g, a, None, scale * keep.scale, seed=keep.seed, threshold=keep.threshold)
         return fused(out, g, a, keep, scale)
+    if hashed:
+        keep, scale = keep.keep(*out.shape), scale * keep.scale
     return out.addcmul_(g @ a, keep, value=scale)
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dropout_project(x: torch.Tensor, a: torch.Tensor, mask: HashedDropout) -> torch.Tensor:
+    """drop(x) @ a^T, [N, r] in x's dtype: x [N, in] (rows may be strided), a [r, in] in x's dtype,
+    drop(x) = mask.keep * x * mask.scale; rounded once. The kernel never writes drop(x)."""
+    if implementation_for(x.device) == "triton" and x.stride(-1) == 1:
+        from qlora.kernels.hashed_dropout import dropout_project as fused
+
+        return fused(x, a, mask.seed, mask.threshold, mask.scale)
+    acc = _accumulator(x.dtype)
+    dropped = x.to(acc) * mask.keep(*x.shape)
+    return (dropped @ a.to(acc).t()).mul_(mask.scale).to(x.dtype)
+
+
+def dropout_backward(
+    g: torch.Tensor, x: torch.Tensor, mask: HashedDropout, out_dtype: torch.dtype = torch.float32,
+    grad_x: torch.Tensor | None = None, a: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """g^T @ drop(x), [r, in] in `out_dtype`: the gradient of the A in `drop(x) @ A^T` given g, its output's
+    gradient [N, r]; x [N, in] as for `dropout_project`, g in x's dtype. With `grad_x` [N, in] and `a`
+    [r, in], also grad_x += drop(g @ a) in place (the input gradient through the mask; the kernel hashes
+    the mask once for both)."""
+    if implementation_for(x.device) == "triton" and x.stride(-1) == 1 and (grad_x is None or grad_x.stride(-1) == 1):
+        from qlora.kernels.hashed_dropout import dropout_backward as fused
+
+        return fused(g, x, mask.seed, mask.threshold, mask.scale, out_dtype, grad_x, a, mask.scale)
+    acc = _accumulator(x.dtype)
+    keep = mask.keep(*x.shape)
+    if grad_x is not None:
+        grad_x.addcmul_(g @ a, keep, value=mask.scale)
+    return (g.to(acc).t() @ (x.to(acc) * keep)).mul_(mask.scale).to(out_dtype)
 
 
 # --- the adapter's columns beside a wider matrix's left part -------------------------------------

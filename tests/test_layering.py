@@ -17,6 +17,7 @@ FLOOR = {
     "quant": 1,
     "kernels": 2,
     "ops": 3,
+    "hashed_dropout": 3,
     "lora_matmul": 4,
     "lora": 4,
     "model": 5,

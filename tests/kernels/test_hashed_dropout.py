@@ -1,0 +1,235 @@
+"""The hashed dropout mask (`qlora.hashed_dropout`) and the kernels that apply it while reading x
+(`qlora.kernels.hashed_dropout`, and the masked input gradient): the mask's statistics, the kernels'
+mask equal to the twin's bit for bit, both products against float64 on odd shapes with and without
+the split reduction, determinism, and the counters left at zero."""
+
+import pytest
+import torch
+from kernel_inputs import DEVICES, randn
+
+from qlora import ops
+from qlora.hashed_dropout import HashedDropout
+from qlora.kernels import hashed_dropout as kernels
+from qlora.kernels.masked_lowrank import add_masked_lowrank_
+
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2**-7, atol=2**-6),
+             torch.float64: dict(rtol=1e-7, atol=1e-9)}  # float64: the scale arrives as a float32 scalar  # fmt: skip
+
+
+def mask(p=0.3, seed=(12345, 678), device="cpu"):
+    return HashedDropout(torch.tensor(seed, dtype=torch.int64, device=device), p)
+
+
+# --- the mask itself (the twin) ---------------------------------------------------------------
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.3])
+def test_mask_drops_at_rate_p_independently_of_neighbours(p):
+    keep = mask(p).keep(512, 1024).double()
+    n = keep.numel()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(1 - keep.mean().item() - p) < 5 * sigma
+    q = (1 - p) ** 2  # both of two independent elements kept
+    sigma_pair = (q * (1 - q) / n) ** 0.5
+    # neighbours in a row, the two halves of one hash (columns 2k, 2k + 1), rows, diagonals
+    for both in ((keep[:, 1:] * keep[:, :-1]).mean(), (keep[:, 0::2] * keep[:, 1::2]).mean(),
+                 (keep[1:] * keep[:-1]).mean(), (keep[1:, 1:] * keep[:-1, :-1]).mean()):  # fmt: skip
+        assert abs(both.item() - q) < 6 * sigma_pair
+
+
+def test_other_seeds_draw_unrelated_masks():
+    a = mask(0.3, (1, 2)).keep(256, 512)
+    for seed in ((1, 3), (2, 2), (2**32 - 1, 0)):
+        b = mask(0.3, seed).keep(256, 512)
+        agree = (a == b).double().mean().item()
+        assert abs(agree - (0.7**2 + 0.3**2)) < 0.01  # independent: agree w.p. (1-p)^2 + p^2
+    assert torch.equal(a, mask(0.3, (1, 2)).keep(256, 512))  # and the same seed, the same mask
+
+
+def test_scale_is_the_exact_keep_probability_and_bad_inputs_are_refused():
+    m = mask(0.1)
+    assert m.threshold == round(0.1 * 2**16) and m.scale == 1 / (1 - m.threshold / 2**16)
+    with pytest.raises(ValueError, match="dropout probability"):
+        mask(1.0)
+    with pytest.raises(ValueError, match="seed"):
+        HashedDropout(torch.zeros(3, dtype=torch.int64), 0.1)
+
+
+def test_draw_follows_torchs_generator():
+    torch.manual_seed(3)
+    a = HashedDropout.draw(0.1, "cpu").seed
+    torch.manual_seed(3)
+    assert torch.equal(a, HashedDropout.draw(0.1, "cpu").seed)
+    assert not torch.equal(a, HashedDropout.draw(0.1, "cpu").seed)
+
+
+# --- the kernels ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("programs", [1, 7], ids=["one-split", "split"])
+def test_kernel_mask_is_the_twins_bit_for_bit(device, programs):
+    """x = 1 and A = I make h the mask times its scale, element for element."""
+    m = mask(0.3, device=device)
+    n_rows, n_cols = 45, 48
+    h = kernels.dropout_project(torch.ones(n_rows, n_cols, device=device), torch.eye(n_cols, device=device),
+                                m.seed, m.threshold, m.scale, programs=programs)  # fmt: skip
+    assert torch.equal(h.cpu() != 0, m.keep(n_rows, n_cols).cpu())
+    assert torch.equal(h[h != 0], torch.full_like(h[h != 0], m.scale))
+
+
+def _inputs(n_rows, n_cols, rank, dtype, device, seed=0):
+    x = randn((n_rows, n_cols + 5), dtype, seed=seed, device=device)[:, :n_cols]  # strided rows, like x_rows
+    a = randn((rank, n_cols), dtype, seed=seed + 1, device=device, scale=0.5)
+    g = randn((n_rows, rank), dtype, seed=seed + 2, device=device, scale=0.5)
+    return x, a, g
+
+
+SHAPES = [(37, 203, 5), (130, 96, 64), (70, 300, 72), (9, 65, 16)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("programs", [1, None, 64], ids=["one-split", "default", "many-splits"])
+def test_products_match_float64(shape, dtype, device, programs):
+    if device == "cuda" and dtype == torch.float64 and shape[2] > 64:
+        pytest.skip("float64 (gradcheck's) takes ranks up to 64 on CUDA: its product lives in shared memory")
+    m = mask(0.3, device=device)
+    x, a, g = _inputs(*shape, dtype, device)
+    dropped = x.double() * m.keep(*x.shape).double() * m.scale
+    h = kernels.dropout_project(x, a, m.seed, m.threshold, m.scale, programs=programs)
+    torch.testing.assert_close(h, (dropped @ a.double().t()).to(dtype), **TOLERANCE[dtype])
+    grad = kernels.dropout_backward(g, x, m.seed, m.threshold, m.scale, torch.float64, programs=programs)
+    torch.testing.assert_close(grad, g.double().t() @ dropped, **TOLERANCE[dtype])
+    # with the input gradient on the same tiles: grad_x += 0.5 * keep * (g @ a)
+    grad_x = randn(x.shape, dtype, seed=9, device=device)
+    want_x = (grad_x.double() + 0.5 * m.keep(*x.shape).double() * (g.double() @ a.double())).to(dtype)
+    grad = kernels.dropout_backward(g, x, m.seed, m.threshold, m.scale, torch.float64, grad_x, a, 0.5,
+                                    programs=programs)  # fmt: skip
+    torch.testing.assert_close(grad, g.double().t() @ dropped, **TOLERANCE[dtype])
+    torch.testing.assert_close(grad_x, want_x, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_twins_match_the_kernels(device):
+    m = mask(0.2, device=device)
+    x, a, g = _inputs(40, 150, 8, torch.float32, device)
+    with ops.use_implementation("torch"):
+        want_x = torch.ones_like(x)
+        want_h, want_grad = ops.dropout_project(x, a, m), ops.dropout_backward(g, x, m, grad_x=want_x, a=a)
+    with ops.use_implementation("triton"):
+        got_x = torch.ones_like(x)
+        got_h, got_grad = ops.dropout_project(x, a, m), ops.dropout_backward(g, x, m, grad_x=got_x, a=a)
+    torch.testing.assert_close(got_h, want_h, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(got_grad, want_grad, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(got_x, want_x, **TOLERANCE[torch.float32])
+    assert got_grad.dtype == torch.float32 and not torch.equal(got_x, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_split_reduction_is_deterministic_and_leaves_the_counters_at_zero(device):
+    m = mask(0.1, device=device)
+    x, a, g = _inputs(200, 260, 16, torch.bfloat16, device)
+    first = kernels.dropout_project(x, a, m.seed, m.threshold, m.scale, programs=40)
+    grad = kernels.dropout_backward(g, x, m.seed, m.threshold, m.scale, programs=40)
+    for _ in range(3):
+        assert torch.equal(kernels.dropout_project(x, a, m.seed, m.threshold, m.scale, programs=40), first)
+        assert torch.equal(kernels.dropout_backward(g, x, m.seed, m.threshold, m.scale, programs=40), grad)
+    assert torch.count_nonzero(kernels._arrivals[torch.device(device)]) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_another_seed_changes_the_products(device):
+    """Negative control: the comparisons above would see a kernel that ignored its seed."""
+    x, a, g = _inputs(37, 203, 5, torch.float32, device)
+    m1, m2 = mask(0.3, (1, 2), device), mask(0.3, (1, 3), device)
+    h1 = kernels.dropout_project(x, a, m1.seed, m1.threshold, m1.scale)
+    assert not torch.allclose(h1, kernels.dropout_project(x, a, m2.seed, m2.threshold, m2.scale))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_masked_lowrank_with_the_hashed_mask(device, dtype):
+    m = mask(0.3, device=device)
+    out = randn((37, 203), dtype, seed=7, device=device)
+    _, a, g = _inputs(37, 203, 5, dtype, device)
+    keep = m.keep(37, 203)
+    want = (out.double() + 0.75 * m.scale * keep.double() * (g.double() @ a.double())).to(dtype)
+    got = add_masked_lowrank_(out.clone(), g, a, None, 0.75 * m.scale, seed=m.seed, threshold=m.threshold)
+    torch.testing.assert_close(got, want, **TOLERANCE[dtype])
+    with ops.use_implementation("torch"):  # the twin through ops, given the HashedDropout itself
+        twin = ops.add_masked_lowrank_(out.clone(), g, a, m, 0.75)
+    torch.testing.assert_close(twin, want, **TOLERANCE[dtype])
+
+
+def test_kernels_refuse_bad_inputs():
+    m = mask()
+    x = torch.randn(8, 16)
+    with pytest.raises(ValueError, match="unit-stride"):
+        kernels.dropout_project(x.t(), torch.randn(4, 8), m.seed, m.threshold, m.scale)
+    with pytest.raises(ValueError, match="seed"):
+        kernels.dropout_project(x, torch.randn(4, 16), m.seed.int(), m.threshold, m.scale)
+    with pytest.raises(ValueError, match=r"\[r, 16\]"):
+        kernels.dropout_project(x, torch.randn(4, 15), m.seed, m.threshold, m.scale)
+    with pytest.raises(ValueError, match="g must be"):
+        kernels.dropout_backward(torch.randn(7, 4), x, m.seed, m.threshold, m.scale)
+    with pytest.raises(ValueError, match="grad_x must be"):
+        kernels.dropout_backward(torch.randn(8, 4), x, m.seed, m.threshold, m.scale, grad_x=x.clone())
+
+
+# --- the LoRA layer on the hashed path --------------------------------------------------------------
+def _layer(device, dtype):
+    from qlora.lora import LoRALinear, LoraSpec, QuantSpec
+
+    torch.manual_seed(0)
+    layer = LoRALinear(96, 80, quant=QuantSpec("nf4"), lora=LoraSpec(r=8, alpha=16, dropout=0.3), dtype=dtype,
+                       device=device).train()  # fmt: skip
+    layer.set_base_weight(torch.randn(80, 96, device=device) * 0.05)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.1)  # B = 0 would leave A's gradient zero
+    return layer
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_gradients_match_autograd_with_the_same_hashed_mask(device):
+    layer = _layer(device, torch.float32)
+    x = randn((3, 11, 96), torch.float32, seed=1, device=device).requires_grad_(True)
+    with ops.use_implementation("triton"):
+        torch.manual_seed(123)
+        layer(x).square().sum().backward()
+    torch.manual_seed(123)
+    m = HashedDropout.draw(0.3, device)  # the very seed the layer drew
+    x_ref = x.detach().clone().requires_grad_(True)
+    A = layer.lora_A.weight.detach().clone().requires_grad_(True)
+    B = layer.lora_B.weight.detach().clone().requires_grad_(True)
+    dropped = x_ref * m.multipliers(33, 96, torch.float32).view(3, 11, 96)
+    w = layer.dense_base_weight(torch.float32)
+    y = x_ref @ w.t() + layer.scale * (dropped @ A.t()) @ B.t()
+    y.square().sum().backward()
+    for got, want in ((x.grad, x_ref.grad), (layer.lora_A.weight.grad, A.grad), (layer.lora_B.weight.grad, B.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # Negative control: the gradients see another mask
+    layer.zero_grad()
+    with ops.use_implementation("triton"):
+        torch.manual_seed(7)
+        layer(x.detach()).square().sum().backward()
+    assert not torch.allclose(layer.lora_A.weight.grad, A.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_saves_neither_a_mask_nor_a_dropped_copy(device):
+    """Backward keeps x and the seed: no bool tensor and no second [N, in] tensor is saved."""
+    layer = _layer(device, torch.bfloat16)
+    x = randn((2, 9, 96), torch.bfloat16, seed=1, device=device).requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with ops.use_implementation("triton"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    inputs_sized = [t for t in saved if t.numel() == x.numel()]
+    assert len(inputs_sized) == 1 and inputs_sized[0].data_ptr() == x.data_ptr()  # x itself, not a copy
+    assert not any(t.dtype == torch.bool for t in saved)
+    saved.clear()  # negative control: torch's dropout (the plain path) saves its mask, and the hook sees it
+    with ops.use_implementation("torch"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    assert any(t.dtype == torch.bool for t in saved)
