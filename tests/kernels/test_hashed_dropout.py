@@ -132,7 +132,7 @@ def test_split_reduction_is_deterministic_and_leaves_the_counters_at_zero(device
     for _ in range(3):
         assert torch.equal(kernels.dropout_project(x, a, m.seed, m.threshold, m.scale, programs=40), first)
         assert torch.equal(kernels.dropout_backward(g, x, m.seed, m.threshold, m.scale, programs=40), grad)
-    assert torch.count_nonzero(kernels._arrivals[torch.device(device)]) == 0
+    assert torch.count_nonzero(kernels._arrivals[x.device]) == 0  # keyed by the tensors' device (cuda:0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
