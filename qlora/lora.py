@@ -122,10 +122,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 h = ops.dropout_project(x2, lora_A.to(x.dtype), keep)  # [N, r]
             else:
                 if dropout > 0.0:  # torch.native_dropout is what nn.Dropout runs (the same draws); it returns the mask
-                    if x_rows is not None:  # over the whole (contiguous) rows: a strided x takes a slow, other kernel
-                        x_dropped, keep = (t[:, : x2.shape[1]] for t in torch.native_dropout(x_rows, dropout, True))
-                    else:
-                        x_dropped, keep = torch.native_dropout(x2, dropout, True)
+                    x_dropped, keep = torch.native_dropout(x2, dropout, True)
                 h = F.linear(x_dropped, lora_A.to(x.dtype))  # [N, r]
             y2, weight = base_plus_adapter(x2, base, h, lora_B, wide, x_rows, scale)  # [N, out], W [out, in]
             if bias is not None:

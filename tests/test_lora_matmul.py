@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import qlora
 from qlora import ops
+from qlora.hashed_dropout import HashedDropout
 from qlora.lora_matmul import (
     adapter_columns_matmul,
     adapter_columns_pay,
@@ -189,8 +190,11 @@ def test_swiglu_stored_for_a_lora_down_projection_changes_nothing():
 
 @pytest.mark.gpu
 def test_dropout_over_the_producer_rows_matches_autograd_with_its_mask():
-    """With dropout, the mask is drawn over the producer's whole rows (one contiguous kernel) and only
-    its left columns are used: output and gradients equal autograd through the formula with that mask."""
+    """With dropout, the hashed mask (`qlora.hashed_dropout`) is applied to the left columns of the
+    producer's wider rows while the kernels read them: output and gradients equal autograd through the
+    formula with that mask, and no mask is saved."""
+    from qlora.kernels.spare_columns import whole_rows
+
     layer, gate, up = _down_projection(dropout=0.3)
     masks = []
 
@@ -201,16 +205,18 @@ def test_dropout_over_the_producer_rows_matches_autograd_with_its_mask():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         act, y, grads = _run_down_projection(layer, gate, up, layer.input_row_width(gate.device, gate.dtype))
-    (keep,) = masks
-    assert keep.shape == (21, 96) and keep.stride() == (columns_width(96, 8), 1)
+    assert masks == [] and whole_rows(act) is not None
+    torch.manual_seed(1)  # the seed _run_down_projection set before the layer drew its mask
+    mask = HashedDropout.draw(0.3, "cuda")
+    keep = mask.multipliers(21, 96, torch.float32)
     g, u = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
     A = layer.lora_A.weight.detach().clone().requires_grad_(True)
     B = layer.lora_B.weight.detach().clone().requires_grad_(True)
     x = (F.silu(g.float()).bfloat16().float() * u.float()).reshape(-1, 96)
     w = layer.dense_base_weight(torch.float32)
-    want = x @ w.t() + layer.scale * ((x * keep / 0.7) @ A.t()) @ B.t()
+    want = x @ w.t() + layer.scale * ((x * keep) @ A.t()) @ B.t()
     want.backward(torch.ones_like(want))
-    # bf16 roundings (SwiGLU's output, the dropped x, g B) against float32: 3% of each tensor's scale
+    # bf16 roundings (SwiGLU's output, h, g B) against float32: 3% of each tensor's scale
     torch.testing.assert_close(y.float().reshape(-1, 64), want, rtol=3e-2, atol=3e-2 * float(want.abs().max()))
     for got, ref in zip(grads, (g.grad, u.grad, A.grad, B.grad), strict=True):
         torch.testing.assert_close(got.float(), ref.float(), rtol=3e-2, atol=3e-2 * float(ref.abs().max()))
