@@ -96,9 +96,10 @@ class LoRALinearFunction(torch.autograd.Function):
     `nn.Dropout` would write the [N, in] product, mask it into another tensor and sum the two
     gradients (13 bytes per input element instead of 5). Without dropout it is one `addmm_`.
 
-    Where the Triton kernels run, the mask is a hash of a seed instead (`qlora.hashed_dropout`): the
-    kernels reading x apply it on the fly (xd A^T, A's gradient, the masked input gradient), so neither
-    the dropped x nor the mask is written; backward keeps x (one tensor for q, k and v) and the seed.
+    In CUDA-graph-captured steps (`ops.hashed_lora_dropout`), the mask is a hash of a seed instead
+    (`qlora.hashed_dropout`): the kernels reading x apply it on the fly (xd A^T, A's gradient, the
+    masked input gradient), so neither the dropped x nor the mask is written; backward keeps x (one
+    tensor for q, k and v) and the seed.
     """
 
     @staticmethod
@@ -115,9 +116,9 @@ class LoRALinearFunction(torch.autograd.Function):
             # x's producer may have stored it inside a wider matrix, for the adapter columns (`qlora.fused`)
             x_rows = whole_rows(x)  # [N, in + r + pad] or None
             x_dropped, keep = x2, None
-            if dropout > 0.0 and ops.implementation_for(x.device) == "triton":
+            if dropout > 0.0 and ops.hashed_lora_dropout(x.device):
                 # the mask hashed from a seed inside the kernels that read x (qlora.hashed_dropout): nothing
-                # [N, in] is written; backward keeps x itself and the seed
+                # [N, in] is written; backward keeps x itself and the seed (graph-captured steps)
                 keep = HashedDropout.draw(dropout, x.device)
                 h = ops.dropout_project(x2, lora_A.to(x.dtype), keep)  # [N, r]
             else:

@@ -174,6 +174,18 @@ def add_masked_lowrank_(
     return out.addcmul_(g @ a, keep, value=scale)
 
 
+def hashed_lora_dropout(device: torch.device | str) -> bool:
+    """Whether a LoRA layer's dropout on `device` takes the hashed mask (`qlora.hashed_dropout`) now: where
+    the kernels run, while a CUDA graph is being captured (every training step on CUDA replays one) or
+    when "triton" is forced. Not in eager CUDA steps: each kernel call costs ~70 us of Triton's Python
+    launcher there, and an eager step is host-bound (7B 4 x 512 eager: 2,841 -> 2,123 tokens/s with the
+    hashed mask, H100, docs/LOG.md sixth session); torch's dropout runs instead. The mask is chosen per
+    forward and kept for its backward and recompute, so a step never mixes the two."""
+    if implementation_for(device) != "triton":
+        return False
+    return requested_implementation() == "triton" or torch.cuda.is_current_stream_capturing()
+
+
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 

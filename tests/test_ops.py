@@ -143,3 +143,28 @@ def test_columns_copy_kernel_runs_inside_a_graph_capture_and_the_twin_eagerly(mo
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured[:, 70:], eager[:, 70:]) and torch.count_nonzero(eager[:, 78:]) == 0
+
+
+@needs_triton
+def test_hashed_lora_dropout_where_the_kernels_run_but_not_in_eager_cuda_steps(monkeypatch):
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    assert not ops.hashed_lora_dropout("cpu")  # the twins: torch's dropout
+    with ops.use_implementation("torch"):
+        assert not ops.hashed_lora_dropout("cuda")
+    if torch.cuda.is_available():
+        assert not ops.hashed_lora_dropout("cuda")  # eager CUDA: Triton's launcher would cost more than it saves
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        with ops.use_implementation("triton"):
+            assert ops.hashed_lora_dropout("cpu")
+
+
+@pytest.mark.gpu
+def test_hashed_lora_dropout_while_a_cuda_graph_is_captured():
+    seen = []
+    graph = torch.cuda.CUDAGraph()
+    x = torch.zeros(4, device="cuda")
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        seen.append(ops.hashed_lora_dropout("cuda"))
+        x.add_(1)
+    assert seen == [True] and not ops.hashed_lora_dropout("cuda")

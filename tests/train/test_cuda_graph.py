@@ -6,6 +6,7 @@ import pytest
 import torch
 from train_fixtures import VOCAB, tiny_qlora_model
 
+from qlora import ops
 from qlora.data.collate import collate
 from qlora.data.encode import EncodedExample
 from qlora.optim import build_optimizer
@@ -75,7 +76,13 @@ def _eager(model, params, batch, scale):
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_replay_equals_the_eager_step(dropout):
     """Same seed, same dropout masks (also in the checkpoint recompute), same loss and gradients, whether the
-    call captures first or only replays."""
+    call captures first or only replays. The kernels are forced, so the eager step takes the hashed dropout
+    mask too, as a captured step does (`ops.hashed_lora_dropout`)."""
+    with ops.use_implementation("triton"):
+        _replay_equals_the_eager_step(dropout)
+
+
+def _replay_equals_the_eager_step(dropout):
     model, params = tiny_qlora_model("cuda", torch.bfloat16, dropout=dropout)
     batch = {k: v.cuda() for k, v in right_padded_batch().items()}
     step = CudaGraphStep(model, params)
