@@ -116,15 +116,16 @@ class LoRALinearFunction(torch.autograd.Function):
             # x's producer may have stored it inside a wider matrix, for the adapter columns (`qlora.fused`)
             x_rows = whole_rows(x)  # [N, in + r + pad] or None
             x_dropped, keep = x2, None
+            a = lora_A.to(x.dtype)  # [r, in] in the compute dtype
             if dropout > 0.0 and ops.hashed_lora_dropout(x.device):
                 # the mask hashed from a seed inside the kernels that read x (qlora.hashed_dropout): nothing
                 # [N, in] is written; backward keeps x itself and the seed (graph-captured steps)
                 keep = HashedDropout.draw(dropout, x.device)
-                h = ops.dropout_project(x2, lora_A.to(x.dtype), keep)  # [N, r]
+                h = ops.dropout_project(x2, a, keep)  # [N, r]
             else:
                 if dropout > 0.0:  # torch.native_dropout is what nn.Dropout runs (the same draws); it returns the mask
                     x_dropped, keep = torch.native_dropout(x2, dropout, True)
-                h = F.linear(x_dropped, lora_A.to(x.dtype))  # [N, r]
+                h = F.linear(x_dropped, a)  # [N, r]
             y2, weight = base_plus_adapter(x2, base, h, lora_B, wide, x_rows, scale)  # [N, out], W [out, in]
             if bias is not None:
                 y2.add_(bias.to(x.dtype))
@@ -140,6 +141,9 @@ class LoRALinearFunction(torch.autograd.Function):
         adapter_input = None if lora_A is None else x_dropped
         ctx.hashed_dropout = keep if isinstance(keep, HashedDropout) else None  # its seed: 16 bytes
         keep = None if ctx.hashed_dropout is not None or not ctx.needs_input_grad[0] else keep
+        # inside a checkpoint (as the dense weight), A as cast for the forward, so backward does not cast it again
+        if lora_A is not None and reuse_dense_weights():
+            lora_A = a
         ctx.save_for_backward(adapter_input, keep, h, lora_A, lora_B, kept_weight)
         return y
 
