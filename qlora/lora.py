@@ -124,7 +124,10 @@ class LoRALinearFunction(torch.autograd.Function):
                 h = ops.dropout_project(x2, a, keep)  # [N, r]
             else:
                 if dropout > 0.0:  # torch.native_dropout is what nn.Dropout runs (the same draws); it returns the mask
-                    x_dropped, keep = torch.native_dropout(x2, dropout, True)
+                    if x_rows is not None:  # over the whole (contiguous) rows: a strided x takes a slow, other kernel
+                        x_dropped, keep = (t[:, : x2.shape[1]] for t in torch.native_dropout(x_rows, dropout, True))
+                    else:
+                        x_dropped, keep = torch.native_dropout(x2, dropout, True)
                 h = F.linear(x_dropped, a)  # [N, r]
             y2, weight = base_plus_adapter(x2, base, h, lora_B, wide, x_rows, scale)  # [N, out], W [out, in]
             if bias is not None:
@@ -139,8 +142,10 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.has_adapter = lora_A is not None
         ctx.param_dtypes = (None, None) if lora_A is None else (lora_A.dtype, lora_B.dtype)
         adapter_input = None if lora_A is None else x_dropped
-        ctx.hashed_dropout = keep if isinstance(keep, HashedDropout) else None  # its seed: 16 bytes
-        keep = None if ctx.hashed_dropout is not None or not ctx.needs_input_grad[0] else keep
+        # the hashed mask's seed is saved like a tensor, so a checkpoint's backward uses its recompute's
+        # (and refuses a recompute that took the other path); torch's mask only for the input gradient
+        ctx.hashed_dropout = isinstance(keep, HashedDropout)
+        keep = keep.seed if ctx.hashed_dropout else keep if ctx.needs_input_grad[0] else None
         # inside a checkpoint (as the dense weight), A as cast for the forward, so backward does not cast it again
         if lora_A is not None and reuse_dense_weights():
             lora_A = a
@@ -162,7 +167,7 @@ class LoRALinearFunction(torch.autograd.Function):
             g2 = grad_y.reshape(-1, grad_y.shape[-1])  # [N, out]
             g_B = (g2 @ lora_B.to(dtype)).mul_(scale)  # [N, out] @ [out, r] -> [N, r], scaled
             x2 = adapter_input  # [N, in]: x (no dropout, or the hashed mask's), or the dropped x
-            hashed = ctx.hashed_dropout
+            hashed = HashedDropout(keep, ctx.dropout) if ctx.hashed_dropout else None
             a = lora_A.to(dtype)
             grad_x2 = None if grad_x is None else grad_x.view(-1, grad_x.shape[-1])
             if ctx.needs_input_grad[2]:

@@ -36,6 +36,30 @@ _ALIASES = {"reference": "torch"}  # the quant floor calls the twin "the referen
 # reach them, and a checkpointed layer would be recomputed with other kernels than its forward ran).
 # list.append / list.pop are atomic, so opening and closing blocks needs no lock.
 _forced: list[str] = []
+_graph_paths: list[bool] = []  # non-empty inside `graph_paths()`; process-wide for the same reason
+
+
+@contextlib.contextmanager
+def graph_paths() -> Iterator[None]:
+    """Inside, ops take the paths a captured CUDA graph takes, in eager code too: for the warm-up runs
+    before a capture (`qlora.train.cuda_graph`), so the graph's kernels compile, and their buffers are
+    allocated, outside the capture, and the warm-ups run what the graph will."""
+    _graph_paths.append(True)
+    try:
+        yield
+    finally:
+        _graph_paths.pop()
+
+
+def in_graph_step(device: torch.device | str) -> bool:
+    """True while `device`'s current stream is capturing a CUDA graph, or inside `graph_paths()`."""
+    if _graph_paths:
+        return True
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 @contextlib.contextmanager
@@ -176,14 +200,14 @@ def add_masked_lowrank_(
 
 def hashed_lora_dropout(device: torch.device | str) -> bool:
     """Whether a LoRA layer's dropout on `device` takes the hashed mask (`qlora.hashed_dropout`) now: where
-    the kernels run, while a CUDA graph is being captured (every training step on CUDA replays one) or
-    when "triton" is forced. Not in eager CUDA steps: each kernel call costs ~70 us of Triton's Python
+    the kernels run, in graph steps (`in_graph_step`: every training step on CUDA replays one) or when
+    "triton" is forced. Not in eager CUDA steps: each kernel call costs ~70 us of Triton's Python
     launcher there, and an eager step is host-bound (7B 4 x 512 eager: 2,841 -> 2,123 tokens/s with the
     hashed mask, H100, docs/LOG.md sixth session); torch's dropout runs instead. The mask is chosen per
     forward and kept for its backward and recompute, so a step never mixes the two."""
     if implementation_for(device) != "triton":
         return False
-    return requested_implementation() == "triton" or torch.cuda.is_current_stream_capturing()
+    return requested_implementation() == "triton" or in_graph_step(device)
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
@@ -226,12 +250,12 @@ def copy_into_columns_(dst: torch.Tensor, src: torch.Tensor, scale: float = 1.0)
     """dst [R, C]: its first c columns = scale * src [R, c] (rounded once), the rest zero; dst is
     typically the spare columns of a wider matrix (B beside W, h beside x).
 
-    The kernel runs only while a CUDA graph is being captured (every training step on CUDA replays
+    The kernel runs only in graph steps (`in_graph_step`: every training step on CUDA replays
     one), where its launch is paid once: it saves ~3 us of GPU time a copy, while Triton's Python
     launcher costs ~70 us of host time a call, and an eager step is host-bound (docs/LOG.md, fourth
     session). Kernel and twin agree bit for bit, so a step computes the same either way."""
     if dst.stride(-1) == 1 and dst.is_floating_point() and implementation_for(dst.device) == "triton" and \
-            (requested_implementation() == "triton" or torch.cuda.is_current_stream_capturing()):  # fmt: skip
+            (requested_implementation() == "triton" or in_graph_step(dst.device)):  # fmt: skip
         from qlora.kernels.columns_copy import copy_into_columns_ as fused
 
         return fused(dst, src, scale)

@@ -222,6 +222,36 @@ def test_dropout_over_the_producer_rows_matches_autograd_with_its_mask():
         torch.testing.assert_close(got.float(), ref.float(), rtol=3e-2, atol=3e-2 * float(ref.abs().max()))
 
 
+@pytest.mark.gpu
+def test_eager_dropout_over_the_producer_rows_matches_autograd_with_its_mask():
+    """Eager steps keep torch's dropout: the mask is drawn over the producer's whole rows (one contiguous
+    kernel) and only its left columns are used: output and gradients equal autograd through the formula
+    with that mask."""
+    layer, gate, up = _down_projection(dropout=0.3)
+    masks = []
+
+    def pack(t):
+        if t.dtype == torch.bool:
+            masks.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        act, y, grads = _run_down_projection(layer, gate, up, layer.input_row_width(gate.device, gate.dtype))
+    (keep,) = masks
+    assert keep.shape == (21, 96) and keep.stride() == (columns_width(96, 8), 1)
+    g, u = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
+    A = layer.lora_A.weight.detach().clone().requires_grad_(True)
+    B = layer.lora_B.weight.detach().clone().requires_grad_(True)
+    x = (F.silu(g.float()).bfloat16().float() * u.float()).reshape(-1, 96)
+    w = layer.dense_base_weight(torch.float32)
+    want = x @ w.t() + layer.scale * ((x * keep / 0.7) @ A.t()) @ B.t()
+    want.backward(torch.ones_like(want))
+    # bf16 roundings (SwiGLU's output, the dropped x, g B) against float32: 3% of each tensor's scale
+    torch.testing.assert_close(y.float().reshape(-1, 64), want, rtol=3e-2, atol=3e-2 * float(want.abs().max()))
+    for got, ref in zip(grads, (g.grad, u.grad, A.grad, B.grad), strict=True):
+        torch.testing.assert_close(got.float(), ref.float(), rtol=3e-2, atol=3e-2 * float(ref.abs().max()))
+
+
 def _down_projection(dropout):
     from qlora.lora import LoRALinear, LoraSpec, QuantSpec
 

@@ -168,3 +168,15 @@ def test_hashed_lora_dropout_while_a_cuda_graph_is_captured():
         seen.append(ops.hashed_lora_dropout("cuda"))
         x.add_(1)
     assert seen == [True] and not ops.hashed_lora_dropout("cuda")
+    with ops.graph_paths():  # the warm-ups before a capture take the graph's paths too
+        assert ops.hashed_lora_dropout("cuda") and ops.in_graph_step("cuda")
+    assert not ops.in_graph_step("cuda")
+
+
+def test_graph_paths_mark_graph_steps_on_every_device():
+    assert not ops.in_graph_step("cpu")
+    with ops.graph_paths():
+        assert ops.in_graph_step("cpu")
+        with ops.use_implementation("torch"):
+            assert not ops.hashed_lora_dropout("cpu")  # the twins never take the hashed mask unforced
+    assert not ops.in_graph_step("cpu")

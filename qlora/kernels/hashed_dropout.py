@@ -98,7 +98,7 @@ def _store_split_sum(
             tl.atomic_xchg(arrivals_ptr + tile, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["threshold"])  # an argument equal to 1 would become a constant without .to
 def _dropout_project_kernel(
     x_ptr, a_ptr, out_ptr, partial_ptr, arrivals_ptr, seed_ptr, n_rows, n_cols, threshold, scale,
     stride_x, stride_a, stride_out,
@@ -125,7 +125,7 @@ def _dropout_project_kernel(
                      arrivals_ptr, tile, split, scale, SPLIT, EMULATE)  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["threshold"])
 def _dropout_backward_kernel(
     g_ptr, x_ptr, a_ptr, grad_x_ptr, grad_a_ptr, partial_ptr, arrivals_ptr, seed_ptr, n_rows, n_cols, threshold,
     input_scale, weight_scale, stride_g, stride_x, stride_a, stride_grad_x, stride_grad_a,
@@ -168,16 +168,22 @@ def _multiprocessors(device: torch.device) -> int:
     return 4 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
 
 
+ARRIVAL_COUNTERS = 1 << 16  # one per output tile: up to 4 M rows in the forward; more tiles run unsplit
 _arrivals: dict[torch.device, torch.Tensor] = {}
 
 
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per output tile; each kernel leaves them zero again. Kept per device
-    (kernels on one device run in stream order; the counters of one launch are back to zero when it ends)."""
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor | None:
+    """Zeroed int32 counters, one per output tile, each left at zero again by the kernel; or None (run the
+    reduction unsplit) for more tiles than that, or when none exist yet and a graph is being captured.
+    One fixed buffer per device, allocated once outside any capture and never freed or replaced: a
+    captured graph keeps its address. Kernels using it run in stream order on one stream (the LoRA
+    layers' compute stream); two streams launching them at once would share the counters."""
     counters = _arrivals.get(device)
-    if counters is None or counters.numel() < n:
-        counters = _arrivals[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return counters
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None  # the zero-fill would only be recorded; warm-ups before a capture allocate it
+        counters = _arrivals[device] = torch.zeros(ARRIVAL_COUNTERS, dtype=torch.int32, device=device)
+    return counters if n <= counters.numel() else None
 
 
 def _split(tiles: int, reduced: int, block: int, device: torch.device, programs: int | None) -> tuple[int, int]:
@@ -227,12 +233,13 @@ def dropout_project(
     block_r = _block_r(rank)
     block_m, block_k, warps = _tiles(x, rank, PROJECT_TILES if n_rows > FEW_ROWS else PROJECT_TILES_FEW_ROWS)
     tiles = triton.cdiv(n_rows, block_m)
-    splits, iters = _split(tiles, n_cols, block_k, x.device, programs)
+    counters = _arrival_counters(x.device, tiles)
+    splits, iters = _split(tiles, n_cols, block_k, x.device, programs if counters is not None else tiles)
     out = torch.empty(n_rows, rank, dtype=x.dtype, device=x.device)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     partial = torch.empty(splits * n_rows * block_r if splits > 1 else 1, dtype=acc, device=x.device)
     _dropout_project_kernel[(tiles, splits)](
-        x, a, out, partial, _arrival_counters(x.device, tiles), seed, n_rows, n_cols, threshold,
+        x, a, out, partial, counters if counters is not None else seed, seed, n_rows, n_cols, threshold,
         float(scale), x.stride(0), a.stride(0), out.stride(0),
         RANK=rank, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SPLIT=splits,
         ITERS=iters, EMULATE=emulate_rounding(), num_warps=warps, num_stages=NUM_STAGES,
@@ -265,12 +272,13 @@ def dropout_backward(
     block_r = _block_r(rank)
     block_n, block_k, warps = _tiles(x, rank, BACKWARD_TILES)
     tiles = triton.cdiv(n_cols, block_n)
-    splits, iters = _split(tiles, n_rows, block_k, x.device, programs)
+    counters = _arrival_counters(x.device, tiles)
+    splits, iters = _split(tiles, n_rows, block_k, x.device, programs if counters is not None else tiles)
     out = torch.empty(rank, n_cols, dtype=out_dtype, device=x.device)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     partial = torch.empty(splits * block_r * n_cols if splits > 1 else 1, dtype=acc, device=x.device)
     _dropout_backward_kernel[(tiles, splits)](
-        g, x, a, grad_x, out, partial, _arrival_counters(x.device, tiles), seed, n_rows, n_cols, threshold,
+        g, x, a, grad_x, out, partial, counters if counters is not None else seed, seed, n_rows, n_cols, threshold,
         float(input_scale), float(scale), g.stride(0), x.stride(0), a.stride(0), grad_x.stride(0), out.stride(0),
         RANK=rank, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, SPLIT=splits, ITERS=iters,
         INPUT_GRAD=input_grad, EMULATE=emulate_rounding(), num_warps=warps, num_stages=NUM_STAGES,

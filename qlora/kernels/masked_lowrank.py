@@ -30,7 +30,7 @@ BLOCK_N = 128
 NUM_WARPS = 4
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["threshold"])  # an argument equal to 1 would become a constant without .to
 def _masked_lowrank_add_kernel(
     out_ptr, g_ptr, a_ptr, keep_ptr, seed_ptr, threshold, n_rows, n_cols, scale,
     stride_out, stride_g, stride_a, stride_keep,

@@ -32,8 +32,10 @@ Rules the capture imposes, and how this module keeps them:
   attention mask is accepted only when it is right padding (then it changes nothing for the
   real tokens under the causal mask) and is dropped.
 - randomness: LoRA dropout draws from the CUDA generator; a replay advances the generator's offset
-  like the eager step would, so each replay gets fresh masks, and a replay after
-  `torch.cuda.manual_seed(s)` draws the same masks as the eager step after the same seed (tested).
+  like the eager step would, so each replay gets fresh masks. In graph steps the masks are hashed
+  from seeds drawn there (`qlora.hashed_dropout`; eager steps keep torch's dropout, another family
+  of masks with the same distribution), so a replay after `torch.cuda.manual_seed(s)` draws the
+  same masks as an eager step after the same seed with the kernels forced (tested).
   The warm-up runs before a capture draw too; the generator is rewound after them, so capturing
   a new shape changes no later draw (a resumed run that captures again draws what an uninterrupted
   one draws, for batches of the same shapes).
@@ -51,6 +53,7 @@ from collections.abc import Sequence
 
 import torch
 
+from qlora import ops
 from qlora.train.loss import IGNORE_INDEX, loss_sum_all_rows
 
 GRAPH_KEYS = {"input_ids", "labels", "attention_mask"}  # what a graphed batch may hold (packed ones add more)
@@ -191,7 +194,7 @@ class CudaGraphStep:
             if stepper is not None:
                 stepper.prepare(dry=True)  # the updates run (kernels compile) but store nothing
             side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), ops.graph_paths():  # the graph's own kernels, compiled before capture
                 for _ in range(WARMUP_RUNS):
                     self._run(g, warmup=True)
             torch.cuda.current_stream(dev).wait_stream(side)

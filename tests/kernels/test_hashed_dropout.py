@@ -62,16 +62,43 @@ def test_draw_follows_torchs_generator():
 
 
 # --- the kernels ----------------------------------------------------------------------------------
+def kernel_masks(m, n_rows, n_cols, device, programs=None):
+    """Each kernel's own mask times its scale, read out with one-hot operands: the forward's (x = 1 and A
+    = 64 rows of the identity at a time), the backward's A gradient (g = I, x = 1) and input gradient
+    (g = I, A = 1), and the masked input gradient's."""
+    ones = torch.ones(n_rows, n_cols, device=device)
+    eye = torch.eye(max(n_rows, n_cols), device=device)
+    forward = torch.cat([kernels.dropout_project(ones, eye[c:c + 64, :n_cols].contiguous(), m.seed, m.threshold,
+                                                 m.scale, programs=programs)[:, : min(64, n_cols - c)]
+                         for c in range(0, n_cols, 64)], dim=1)  # fmt: skip
+    g, a = eye[:n_rows, :n_rows].contiguous(), torch.ones(n_rows, n_cols, device=device)
+    grad_x = torch.zeros(n_rows, n_cols, device=device)
+    grad_a = kernels.dropout_backward(g, ones, m.seed, m.threshold, m.scale, grad_x=grad_x, a=a,
+                                      input_scale=m.scale, programs=programs)  # fmt: skip
+    masked = add_masked_lowrank_(torch.zeros(n_rows, n_cols, device=device), g, a, None, m.scale, seed=m.seed,
+                                 threshold=m.threshold)  # fmt: skip
+    return {"forward": forward, "A gradient": grad_a, "input gradient": grad_x, "masked add": masked}
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("programs", [1, 7], ids=["one-split", "split"])
-def test_kernel_mask_is_the_twins_bit_for_bit(device, programs):
-    """x = 1 and A = I make h the mask times its scale, element for element."""
+@pytest.mark.parametrize("programs", [1, 40], ids=["one-split", "splits"])
+def test_every_kernels_mask_is_the_twins_bit_for_bit(device, programs):
+    """Over several tiles in both directions (columns past 256, so tiles start at later even columns)."""
     m = mask(0.3, device=device)
-    n_rows, n_cols = 45, 48
-    h = kernels.dropout_project(torch.ones(n_rows, n_cols, device=device), torch.eye(n_cols, device=device),
-                                m.seed, m.threshold, m.scale, programs=programs)  # fmt: skip
-    assert torch.equal(h.cpu() != 0, m.keep(n_rows, n_cols).cpu())
-    assert torch.equal(h[h != 0], torch.full_like(h[h != 0], m.scale))
+    n_rows, n_cols = 45, 517  # rank = rows for the backward's one-hot g: up to 64
+    want = m.keep(n_rows, n_cols).to(torch.float32) * m.scale
+    for name, got in kernel_masks(m, n_rows, n_cols, device, programs).items():
+        assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_threshold_of_one_compiles_and_drops_little(device):
+    """p = 1.5e-5 gives threshold 1: Triton must not turn that argument into a constant."""
+    m = mask(1.5e-5, device=device)
+    assert m.threshold == 1
+    want = m.keep(45, 130).to(torch.float32) * m.scale
+    for name, got in kernel_masks(m, 45, 130, device).items():
+        assert torch.equal(got, want), name
 
 
 def _inputs(n_rows, n_cols, rank, dtype, device, seed=0):
@@ -136,12 +163,48 @@ def test_split_reduction_is_deterministic_and_leaves_the_counters_at_zero(device
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_more_tiles_than_counters_run_unsplit_and_keep_the_buffer(device, monkeypatch):
+    """The counter buffer is never replaced (a captured graph keeps its address): more tiles than
+    counters run the reduction unsplit instead."""
+    m = mask(0.1, device=device)
+    x, a, g = _inputs(200, 260, 16, torch.float32, device)
+    small = torch.zeros(2, dtype=torch.int32, device=device)
+    monkeypatch.setitem(kernels._arrivals, x.device, small)
+    got = kernels.dropout_project(x, a, m.seed, m.threshold, m.scale, programs=40)  # 4 row tiles > 2 counters
+    dropped = x.double() * m.keep(*x.shape).double() * m.scale
+    torch.testing.assert_close(got, (dropped @ a.double().t()).float(), **TOLERANCE[torch.float32])
+    assert kernels._arrivals[x.device] is small and torch.count_nonzero(small) == 0
+
+
+@pytest.mark.gpu
+def test_a_capture_allocates_no_counters_and_replays_right(monkeypatch):
+    """Inside a capture with no counters yet, the reduction runs unsplit (a zero-fill would only be
+    recorded); warm-ups before a capture (`ops.graph_paths`) allocate them eagerly."""
+    monkeypatch.setattr(kernels, "_arrivals", {})
+    m = mask(0.1, device="cuda")
+    x, a, g = _inputs(300, 1000, 16, torch.bfloat16, "cuda")
+    want = kernels.dropout_project(x, a, m.seed, m.threshold, m.scale)
+    kernels._arrivals.clear()
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        got = kernels.dropout_project(x, a, m.seed, m.threshold, m.scale)
+    assert kernels._arrivals == {}
+    graph.replay()
+    torch.testing.assert_close(got, want, **TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_another_seed_changes_the_products(device):
     """Negative control: the comparisons above would see a kernel that ignored its seed."""
     x, a, g = _inputs(37, 203, 5, torch.float32, device)
-    m1, m2 = mask(0.3, (1, 2), device), mask(0.3, (1, 3), device)
+    m1 = mask(0.3, (1, 2), device)
     h1 = kernels.dropout_project(x, a, m1.seed, m1.threshold, m1.scale)
-    assert not torch.allclose(h1, kernels.dropout_project(x, a, m2.seed, m2.threshold, m2.scale))
+    grad1 = kernels.dropout_backward(g, x, m1.seed, m1.threshold, m1.scale)
+    for other in ((1, 3), (2, 2)):  # either word of the seed
+        m2 = mask(0.3, other, device)
+        assert not torch.allclose(h1, kernels.dropout_project(x, a, m2.seed, m2.threshold, m2.scale))
+        assert not torch.allclose(grad1, kernels.dropout_backward(g, x, m2.seed, m2.threshold, m2.scale))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -233,3 +296,38 @@ def test_layer_saves_neither_a_mask_nor_a_dropped_copy(device):
     with ops.use_implementation("torch"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         layer(x)
     assert any(t.dtype == torch.bool for t in saved)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_checkpoint_recompute_draws_the_same_hashed_mask(device):
+    """Through a gradient checkpoint (the recompute restores the generator, so it draws the same seed) the
+    gradients equal those of the plain forward and backward, bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+
+    layer = _layer(device, torch.float32)
+    x = randn((2, 9, 96), torch.float32, seed=1, device=device).requires_grad_(True)
+    grads = []
+    for checkpointed in (False, True):
+        layer.zero_grad()
+        x.grad = None
+        with ops.use_implementation("triton"):
+            torch.manual_seed(5)
+            y = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
+            y.square().sum().backward()
+        grads.append((x.grad.clone(), layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()))
+    for plain, recomputed in zip(*grads, strict=True):
+        assert torch.equal(plain, recomputed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_recompute_on_the_other_dropout_path_is_refused(device):
+    """The seed is a saved tensor: a recompute that took torch's dropout instead (here: the kernels forced
+    for the forward only) fails loudly instead of mixing two masks into A's gradient."""
+    from torch.utils.checkpoint import checkpoint
+
+    layer = _layer(device, torch.float32)
+    x = randn((2, 9, 96), torch.float32, seed=1, device=device)  # no input gradient: the quiet case
+    with ops.use_implementation("triton"):
+        y = checkpoint(layer, x, use_reentrant=False)
+    with ops.use_implementation("torch"), pytest.raises(Exception, match="(?i)recomput|checkpoint|saved"):
+        y.square().sum().backward()
