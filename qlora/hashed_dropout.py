@@ -23,8 +23,9 @@ it, a gradient checkpoint's recompute (which restores the generator) draws the s
 graph draws a new one at every replay.
 
 The masks differ from `torch.native_dropout`'s draws (same distribution, other random numbers); the
-plain-PyTorch path keeps torch's dropout, this one runs where the Triton kernels do (`qlora.lora`).
-`HashedDropout.keep` is the twin: the same hash with torch integer ops.
+plain-PyTorch path and eager CUDA steps keep torch's dropout, this one runs in CUDA-graph steps and
+wherever the kernels are forced (`qlora.ops.hashed_lora_dropout`, `qlora.lora`). `HashedDropout.keep`
+is the twin: the same hash with torch integer ops.
 """
 
 from __future__ import annotations
