@@ -24,7 +24,7 @@ graph draws a new one at every replay.
 
 The masks differ from `torch.native_dropout`'s draws (same distribution, other random numbers); the
 plain-PyTorch path and eager CUDA steps keep torch's dropout, this one runs in CUDA-graph steps and
-wherever the kernels are forced (`qlora.ops.hashed_lora_dropout`, `qlora.lora`). `HashedDropout.keep`
+wherever the kernels are forced (`qlora.ops.graph_step_kernels`, `qlora.lora`). `HashedDropout.keep`
 is the twin: the same hash with torch integer ops.
 """
 

@@ -96,7 +96,7 @@ class LoRALinearFunction(torch.autograd.Function):
     `nn.Dropout` would write the [N, in] product, mask it into another tensor and sum the two
     gradients (13 bytes per input element instead of 5). Without dropout it is one `addmm_`.
 
-    In CUDA-graph-captured steps (`ops.hashed_lora_dropout`), the mask is a hash of a seed instead
+    In CUDA-graph-captured steps (`ops.graph_step_kernels`), the mask is a hash of a seed instead
     (`qlora.hashed_dropout`): the kernels reading x apply it on the fly (xd A^T, A's gradient, the
     masked input gradient), so neither the dropped x nor the mask is written; backward keeps x (one
     tensor for q, k and v) and the seed.
@@ -117,7 +117,7 @@ class LoRALinearFunction(torch.autograd.Function):
             x_rows = whole_rows(x)  # [N, in + r + pad] or None
             x_dropped, keep = x2, None
             a = lora_A.to(x.dtype)  # [r, in] in the compute dtype
-            if dropout > 0.0 and ops.hashed_lora_dropout(x.device):
+            if dropout > 0.0 and ops.graph_step_kernels(x.device):
                 # the mask hashed from a seed inside the kernels that read x (qlora.hashed_dropout): nothing
                 # [N, in] is written; backward keeps x itself and the seed (graph-captured steps)
                 keep = HashedDropout.draw(dropout, x.device)

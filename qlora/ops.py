@@ -198,13 +198,15 @@ def add_masked_lowrank_(
     return out.addcmul_(g @ a, keep, value=scale)
 
 
-def hashed_lora_dropout(device: torch.device | str) -> bool:
-    """Whether a LoRA layer's dropout on `device` takes the hashed mask (`qlora.hashed_dropout`) now: where
-    the kernels run, in graph steps (`in_graph_step`: every training step on CUDA replays one) or when
-    "triton" is forced. Not in eager CUDA steps: each kernel call costs ~70 us of Triton's Python
-    launcher there, and an eager step is host-bound (7B 4 x 512 eager: 2,841 -> 2,123 tokens/s with the
-    hashed mask, H100, docs/LOG.md sixth session); torch's dropout runs instead. The mask is chosen per
-    forward and kept for its backward and recompute, so a step never mixes the two."""
+def graph_step_kernels(device: torch.device | str) -> bool:
+    """Whether the kernels that pay only in graph steps run now on `device`: where the kernels run, in
+    graph steps (`in_graph_step`: every training step on CUDA replays one) or when "triton" is forced.
+    In an eager CUDA step each such kernel costs ~70 us of Triton's Python launcher, and an eager step
+    is host-bound, so the twins (or torch's own ops) run there instead. Two users:
+    `copy_into_columns_` (kernel and twin agree bit for bit), and the LoRA dropout (`qlora.lora`): the
+    hashed mask (`qlora.hashed_dropout`) where this holds, torch's dropout otherwise (7B 4 x 512 eager:
+    2,841 -> 2,123 tokens/s with the hashed mask, H100, docs/LOG.md sixth session); the mask is chosen
+    per forward and kept for its backward and recompute, so a step never mixes the two."""
     if implementation_for(device) != "triton":
         return False
     return requested_implementation() == "triton" or in_graph_step(device)
@@ -250,12 +252,11 @@ def copy_into_columns_(dst: torch.Tensor, src: torch.Tensor, scale: float = 1.0)
     """dst [R, C]: its first c columns = scale * src [R, c] (rounded once), the rest zero; dst is
     typically the spare columns of a wider matrix (B beside W, h beside x).
 
-    The kernel runs only in graph steps (`in_graph_step`: every training step on CUDA replays
-    one), where its launch is paid once: it saves ~3 us of GPU time a copy, while Triton's Python
-    launcher costs ~70 us of host time a call, and an eager step is host-bound (docs/LOG.md, fourth
-    session). Kernel and twin agree bit for bit, so a step computes the same either way."""
-    if dst.stride(-1) == 1 and dst.is_floating_point() and implementation_for(dst.device) == "triton" and \
-            (requested_implementation() == "triton" or in_graph_step(dst.device)):  # fmt: skip
+    The kernel runs only in graph steps (`graph_step_kernels`), where its launch is paid once: it saves
+    ~3 us of GPU time a copy, while Triton's Python launcher costs ~70 us of host time a call, and an
+    eager step is host-bound (docs/LOG.md, fourth session). Kernel and twin agree bit for bit, so a step
+    computes the same either way."""
+    if dst.stride(-1) == 1 and dst.is_floating_point() and graph_step_kernels(dst.device):
         from qlora.kernels.columns_copy import copy_into_columns_ as fused
 
         return fused(dst, src, scale)

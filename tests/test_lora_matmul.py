@@ -196,30 +196,12 @@ def test_dropout_over_the_producer_rows_matches_autograd_with_its_mask():
     from qlora.kernels.spare_columns import whole_rows
 
     layer, gate, up = _down_projection(dropout=0.3)
-    masks = []
-
-    def pack(t):
-        if t.dtype == torch.bool:
-            masks.append(t)
-        return t
-
-    with ops.use_implementation("triton"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        act, y, grads = _run_down_projection(layer, gate, up, layer.input_row_width(gate.device, gate.dtype))
+    with ops.use_implementation("triton"):
+        masks, act, y, grads = _run_down_projection_saving_masks(layer, gate, up)
     assert masks == [] and whole_rows(act) is not None
     torch.manual_seed(1)  # the seed _run_down_projection set before the layer drew its mask
     mask = HashedDropout.draw(0.3, "cuda")
-    keep = mask.multipliers(21, 96, torch.float32)
-    g, u = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
-    A = layer.lora_A.weight.detach().clone().requires_grad_(True)
-    B = layer.lora_B.weight.detach().clone().requires_grad_(True)
-    x = (F.silu(g.float()).bfloat16().float() * u.float()).reshape(-1, 96)
-    w = layer.dense_base_weight(torch.float32)
-    want = x @ w.t() + layer.scale * ((x * keep) @ A.t()) @ B.t()
-    want.backward(torch.ones_like(want))
-    # bf16 roundings (SwiGLU's output, h, g B) against float32: 3% of each tensor's scale
-    torch.testing.assert_close(y.float().reshape(-1, 64), want, rtol=3e-2, atol=3e-2 * float(want.abs().max()))
-    for got, ref in zip(grads, (g.grad, u.grad, A.grad, B.grad), strict=True):
-        torch.testing.assert_close(got.float(), ref.float(), rtol=3e-2, atol=3e-2 * float(ref.abs().max()))
+    _assert_down_projection_follows_the_formula(layer, gate, up, y, grads, mask.multipliers(21, 96, torch.float32))
 
 
 @pytest.mark.gpu
@@ -228,6 +210,13 @@ def test_eager_dropout_over_the_producer_rows_matches_autograd_with_its_mask():
     kernel) and only its left columns are used: output and gradients equal autograd through the formula
     with that mask."""
     layer, gate, up = _down_projection(dropout=0.3)
+    (keep,), act, y, grads = _run_down_projection_saving_masks(layer, gate, up)
+    assert keep.shape == (21, 96) and keep.stride() == (columns_width(96, 8), 1)
+    _assert_down_projection_follows_the_formula(layer, gate, up, y, grads, keep / 0.7)
+
+
+def _run_down_projection_saving_masks(layer, gate, up):
+    """`_run_down_projection` into the layer's wider rows, and the bool tensors it saved for backward."""
     masks = []
 
     def pack(t):
@@ -237,16 +226,20 @@ def test_eager_dropout_over_the_producer_rows_matches_autograd_with_its_mask():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         act, y, grads = _run_down_projection(layer, gate, up, layer.input_row_width(gate.device, gate.dtype))
-    (keep,) = masks
-    assert keep.shape == (21, 96) and keep.stride() == (columns_width(96, 8), 1)
+    return masks, act, y, grads
+
+
+def _assert_down_projection_follows_the_formula(layer, gate, up, y, grads, multipliers):
+    """y and the gradients of (gate, up, A, B) against autograd through the formula in float32 with the
+    dropout's `multipliers` [21, 96] (keep / (1 - p))."""
     g, u = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
     A = layer.lora_A.weight.detach().clone().requires_grad_(True)
     B = layer.lora_B.weight.detach().clone().requires_grad_(True)
     x = (F.silu(g.float()).bfloat16().float() * u.float()).reshape(-1, 96)
     w = layer.dense_base_weight(torch.float32)
-    want = x @ w.t() + layer.scale * ((x * keep / 0.7) @ A.t()) @ B.t()
+    want = x @ w.t() + layer.scale * ((x * multipliers) @ A.t()) @ B.t()
     want.backward(torch.ones_like(want))
-    # bf16 roundings (SwiGLU's output, the dropped x, g B) against float32: 3% of each tensor's scale
+    # bf16 roundings (SwiGLU's output, the dropped x or h, g B) against float32: 3% of each tensor's scale
     torch.testing.assert_close(y.float().reshape(-1, 64), want, rtol=3e-2, atol=3e-2 * float(want.abs().max()))
     for got, ref in zip(grads, (g.grad, u.grad, A.grad, B.grad), strict=True):
         torch.testing.assert_close(got.float(), ref.float(), rtol=3e-2, atol=3e-2 * float(ref.abs().max()))

@@ -146,30 +146,30 @@ def test_columns_copy_kernel_runs_inside_a_graph_capture_and_the_twin_eagerly(mo
 
 
 @needs_triton
-def test_hashed_lora_dropout_where_the_kernels_run_but_not_in_eager_cuda_steps(monkeypatch):
+def test_graph_step_kernels_where_the_kernels_run_but_not_in_eager_cuda_steps(monkeypatch):
     monkeypatch.delenv(ops.ENV_VAR, raising=False)
-    assert not ops.hashed_lora_dropout("cpu")  # the twins: torch's dropout
+    assert not ops.graph_step_kernels("cpu")  # the twins: torch's dropout
     with ops.use_implementation("torch"):
-        assert not ops.hashed_lora_dropout("cuda")
+        assert not ops.graph_step_kernels("cuda")
     if torch.cuda.is_available():
-        assert not ops.hashed_lora_dropout("cuda")  # eager CUDA: Triton's launcher would cost more than it saves
+        assert not ops.graph_step_kernels("cuda")  # eager CUDA: Triton's launcher would cost more than it saves
     if os.environ.get("TRITON_INTERPRET") == "1":
         with ops.use_implementation("triton"):
-            assert ops.hashed_lora_dropout("cpu")
+            assert ops.graph_step_kernels("cpu")
 
 
 @pytest.mark.gpu
-def test_hashed_lora_dropout_while_a_cuda_graph_is_captured():
+def test_graph_step_kernels_while_a_cuda_graph_is_captured():
     seen = []
     graph = torch.cuda.CUDAGraph()
     x = torch.zeros(4, device="cuda")
     torch.cuda.synchronize()
     with torch.cuda.graph(graph):
-        seen.append(ops.hashed_lora_dropout("cuda"))
+        seen.append(ops.graph_step_kernels("cuda"))
         x.add_(1)
-    assert seen == [True] and not ops.hashed_lora_dropout("cuda")
+    assert seen == [True] and not ops.graph_step_kernels("cuda")
     with ops.graph_paths():  # the warm-ups before a capture take the graph's paths too
-        assert ops.hashed_lora_dropout("cuda") and ops.in_graph_step("cuda")
+        assert ops.graph_step_kernels("cuda") and ops.in_graph_step("cuda")
     assert not ops.in_graph_step("cuda")
 
 
@@ -178,5 +178,5 @@ def test_graph_paths_mark_graph_steps_on_every_device():
     with ops.graph_paths():
         assert ops.in_graph_step("cpu")
         with ops.use_implementation("torch"):
-            assert not ops.hashed_lora_dropout("cpu")  # the twins never take the hashed mask unforced
+            assert not ops.graph_step_kernels("cpu")  # the twins never take the hashed mask unforced
     assert not ops.in_graph_step("cpu")

@@ -195,6 +195,19 @@ def _split(tiles: int, reduced: int, block: int, device: torch.device, programs:
     return triton.cdiv(blocks, per_split), per_split
 
 
+def _split_reduction(
+    x: torch.Tensor, seed: torch.Tensor, tiles: int, reduced: int, block: int, tile_numel: int, programs: int | None,
+) -> tuple[int, int, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """How a kernel over `tiles` output tiles of `tile_numel` elements splits its reduced dimension (`reduced`
+    elements in blocks of `block`): (splits, blocks per split, the partial sums' buffer, the arrival
+    counters, or any pointer when there is a single split)."""
+    counters = _arrival_counters(x.device, tiles)
+    splits, iters = _split(tiles, reduced, block, x.device, programs if counters is not None else tiles)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    partial = torch.empty(splits * tile_numel if splits > 1 else 1, dtype=acc, device=x.device)
+    return splits, iters, partial, counters if counters is not None else seed
+
+
 def _block_r(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
@@ -209,14 +222,19 @@ def _tiles(x: torch.Tensor, rank: int, tiles: tuple[int, int, int]) -> tuple[int
     return FLOAT64_TILES
 
 
+def check_mask(seed: torch.Tensor | None, threshold: int, device: torch.device, name: str) -> None:
+    """The hashed mask's arguments as the kernels read them (also `masked_lowrank`'s)."""
+    if seed is None or seed.device != device or seed.dtype != torch.int64 or seed.numel() != 2:
+        raise ValueError(f"{name}: the seed must be an int64 tensor of 2 words on {device}")
+    if not 0 <= threshold < 2**16:
+        raise ValueError(f"{name}: threshold {threshold} outside [0, 2^16)")
+
+
 def _check(x: torch.Tensor, seed: torch.Tensor, threshold: int, name: str) -> None:
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"{name}: x must be a 2-d matrix with unit-stride rows, got shape {tuple(x.shape)} "
                          f"strides {x.stride()}")  # fmt: skip
-    if seed.device != x.device or seed.dtype != torch.int64 or seed.numel() != 2:
-        raise ValueError(f"{name}: the seed must be an int64 tensor of 2 words on {x.device}")
-    if not 0 <= threshold < 2**16:
-        raise ValueError(f"{name}: threshold {threshold} outside [0, 2^16)")
+    check_mask(seed, threshold, x.device, name)
 
 
 def dropout_project(
@@ -233,13 +251,10 @@ def dropout_project(
     block_r = _block_r(rank)
     block_m, block_k, warps = _tiles(x, rank, PROJECT_TILES if n_rows > FEW_ROWS else PROJECT_TILES_FEW_ROWS)
     tiles = triton.cdiv(n_rows, block_m)
-    counters = _arrival_counters(x.device, tiles)
-    splits, iters = _split(tiles, n_cols, block_k, x.device, programs if counters is not None else tiles)
+    splits, iters, partial, counters = _split_reduction(x, seed, tiles, n_cols, block_k, n_rows * block_r, programs)
     out = torch.empty(n_rows, rank, dtype=x.dtype, device=x.device)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    partial = torch.empty(splits * n_rows * block_r if splits > 1 else 1, dtype=acc, device=x.device)
     _dropout_project_kernel[(tiles, splits)](
-        x, a, out, partial, counters if counters is not None else seed, seed, n_rows, n_cols, threshold,
+        x, a, out, partial, counters, seed, n_rows, n_cols, threshold,
         float(scale), x.stride(0), a.stride(0), out.stride(0),
         RANK=rank, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SPLIT=splits,
         ITERS=iters, EMULATE=emulate_rounding(), num_warps=warps, num_stages=NUM_STAGES,
@@ -272,13 +287,10 @@ def dropout_backward(
     block_r = _block_r(rank)
     block_n, block_k, warps = _tiles(x, rank, BACKWARD_TILES)
     tiles = triton.cdiv(n_cols, block_n)
-    counters = _arrival_counters(x.device, tiles)
-    splits, iters = _split(tiles, n_rows, block_k, x.device, programs if counters is not None else tiles)
+    splits, iters, partial, counters = _split_reduction(x, seed, tiles, n_rows, block_k, block_r * n_cols, programs)
     out = torch.empty(rank, n_cols, dtype=out_dtype, device=x.device)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    partial = torch.empty(splits * block_r * n_cols if splits > 1 else 1, dtype=acc, device=x.device)
     _dropout_backward_kernel[(tiles, splits)](
-        g, x, a, grad_x, out, partial, counters if counters is not None else seed, seed, n_rows, n_cols, threshold,
+        g, x, a, grad_x, out, partial, counters, seed, n_rows, n_cols, threshold,
         float(input_scale), float(scale), g.stride(0), x.stride(0), a.stride(0), grad_x.stride(0), out.stride(0),
         RANK=rank, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, SPLIT=splits, ITERS=iters,
         INPUT_GRAD=input_grad, EMULATE=emulate_rounding(), num_warps=warps, num_stages=NUM_STAGES,

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qlora.kernels.hashed_dropout import dot_accumulate, dropout_keep
+from qlora.kernels.hashed_dropout import check_mask, dot_accumulate, dropout_keep
 from qlora.kernels.rounding import emulate_rounding, round_to
 
 # tiles measured on an H100 (bench/masked_lowrank.py, 2,048 tokens): 32 x 128 with 4 warps moved 2.1 TB/s at
@@ -68,8 +68,8 @@ def add_masked_lowrank_(
     n_rows, n_cols = out.shape
     rank = g.shape[1]
     hashed = keep is None
-    if hashed and (seed is None or seed.dtype != torch.int64 or seed.numel() != 2 or seed.device != out.device):
-        raise ValueError(f"add_masked_lowrank_ without a mask needs its int64 seed of 2 words on {out.device}")
+    if hashed:
+        check_mask(seed, threshold, out.device, "add_masked_lowrank_ without a mask")
     if g.shape[0] != n_rows or a.shape != (rank, n_cols) or (not hashed and keep.shape != out.shape):
         raise ValueError(f"add_masked_lowrank_: out {tuple(out.shape)}, g {tuple(g.shape)}, a {tuple(a.shape)}, keep "
                          f"{None if hashed else tuple(keep.shape)} do not line up as [N, in] += [N, r] @ [r, in] * "

@@ -77,7 +77,7 @@ def _eager(model, params, batch, scale):
 def test_replay_equals_the_eager_step(dropout):
     """Same seed, same dropout masks (also in the checkpoint recompute), same loss and gradients, whether the
     call captures first or only replays. The kernels are forced, so the eager step takes the hashed dropout
-    mask too, as a captured step does (`ops.hashed_lora_dropout`)."""
+    mask too, as a captured step does (`ops.graph_step_kernels`)."""
     with ops.use_implementation("triton"):
         _replay_equals_the_eager_step(dropout)
 
