@@ -47,24 +47,23 @@ def adamw_update_many_(
     `step` is the 1-based step count after incrementing, shared by all. The i-th tensors of the four
     lists share one device and shape. Non-float32 parameters are updated in float32 copies and
     written back."""
+    # the same python numbers the kernel's row holds (adamw_coefficients), here as python scalars
+    decay, lerp_weight, _, one_minus_beta2, sqrt_bias_correction2, _, neg_step_size, _ = adamw_coefficients(
+        step, lr, beta1, beta2, eps, weight_decay)  # fmt: skip
     work = [p if p.dtype == torch.float32 else p.float() for p in params]
     grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
     if weight_decay != 0:
-        torch._foreach_mul_(work, 1 - lr * weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(work, decay)
+    torch._foreach_lerp_(exp_avgs, grads, lerp_weight)
     torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size = lr / bias_correction1
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=one_minus_beta2)
     denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, bias_correction2**0.5)
+    torch._foreach_div_(denom, sqrt_bias_correction2)
     torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(work, exp_avgs, denom, value=-step_size)
+    torch._foreach_addcdiv_(work, exp_avgs, denom, value=neg_step_size)
     for p, w in zip(params, work, strict=True):
         if w is not p:
             p.copy_(w)
-
 
 
 # One AdamW step's numbers as a row of float32 values that a GPU kernel reads from device memory (so a
