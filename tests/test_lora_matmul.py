@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 import qlora
 from qlora import ops
-from qlora.hashed_dropout import HashedDropout
-from qlora.lora_matmul import (
+from qlora.lora.dropout import HashedDropout
+from qlora.lora.matmul import (
     adapter_columns_matmul,
     adapter_columns_pay,
     add_product_rounding_once,
@@ -190,7 +190,7 @@ def test_swiglu_stored_for_a_lora_down_projection_changes_nothing():
 
 @pytest.mark.gpu
 def test_dropout_over_the_producer_rows_matches_autograd_with_its_mask():
-    """With dropout, the hashed mask (`qlora.hashed_dropout`) is applied to the left columns of the
+    """With dropout, the hashed mask (`qlora.lora.dropout`) is applied to the left columns of the
     producer's wider rows while the kernels read them: output and gradients equal autograd through the
     formula with that mask, and no mask is saved."""
     from qlora.kernels.spare_columns import whole_rows

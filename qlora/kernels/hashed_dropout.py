@@ -1,6 +1,6 @@
 """The LoRA adapter's two products with its dropped input, the dropout mask hashed on the fly.
 
-`qlora.hashed_dropout` defines the mask (a hash of the seed and the element's row and column) and why;
+`qlora.lora.dropout` defines the mask (a hash of the seed and the element's row and column) and why;
 here are the kernels that apply it while they read x, so the dropped input is never written:
 
     dropout_project:   h  = (keep * x) A^T * scale        [N, r]   (the forward's and recompute's xd A^T)
@@ -41,7 +41,7 @@ PROGRAMS_PER_SM = 2  # split the reduction until about this many programs per SM
 
 @triton.jit
 def pcg_hash(v):
-    """Jarzynski and Olano's PCG hash of uint32 values (the twin: `qlora.hashed_dropout.pcg_hash`)."""
+    """Jarzynski and Olano's PCG hash of uint32 values (the twin: `qlora.lora.dropout.pcg_hash`)."""
     state = v * 747796405 + 2891336453
     word = ((state >> ((state >> 28) + 4)) ^ state) * 277803737
     return (word >> 22) ^ word
@@ -241,7 +241,7 @@ def dropout_project(
     x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, threshold: int, scale: float, programs: int | None = None
 ) -> torch.Tensor:
     """(keep * x) @ a^T * scale, [N, r] in x's dtype; x [N, in] (rows may be strided), a [r, in] of x's
-    dtype; keep from `seed` and `threshold` (`qlora.hashed_dropout`). `programs`: override the split target."""
+    dtype; keep from `seed` and `threshold` (`qlora.lora.dropout`). `programs`: override the split target."""
     _check(x, seed, threshold, "dropout_project")
     n_rows, n_cols = x.shape
     rank = a.shape[0]

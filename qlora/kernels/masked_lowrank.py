@@ -7,7 +7,7 @@ and autograd adding that into the base's gradient g W: 13 bytes moved per [N, in
 each program multiplies a [BLOCK_M, r] row block of g B by an [r, BLOCK_N] column block of A
 (r is small, so the product is a few MMA steps from registers), reads the mask and the base's
 gradient once, and writes the sum once: 5 bytes per element (bf16 gradient, bool mask). With the
-hashed mask (`qlora.hashed_dropout`, `HASHED`) the mask is drawn again from its seed instead: 4 bytes.
+hashed mask (`qlora.lora.dropout`, `HASHED`) the mask is drawn again from its seed instead: 4 bytes.
 
 Twin: `out.addcmul_(g @ a, keep, value=scale)` (`qlora.ops.add_masked_lowrank_`). The kernel keeps
 the product in float32 where the twin rounds it to the compute dtype first, so bf16 results differ
@@ -49,7 +49,7 @@ def _masked_lowrank_add_kernel(
         a = tl.load(a_ptr + ks[:, None] * stride_a + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         product = dot_accumulate(g, a, product, EMULATE)
     ok = row_ok[:, None] & col_ok[None, :]
-    if HASHED:  # the mask drawn again from its seed (qlora.hashed_dropout), never stored
+    if HASHED:  # the mask drawn again from its seed (qlora.lora.dropout), never stored
         keep = dropout_keep(seed_ptr, rows, tl.program_id(1).to(tl.int64) * BLOCK_N, threshold, BLOCK_N).to(ACC)
     else:
         keep = tl.load(keep_ptr + rows[:, None] * stride_keep + cols[None, :], mask=ok, other=0).to(ACC)
@@ -63,7 +63,7 @@ def add_masked_lowrank_(
     seed: torch.Tensor | None = None, threshold: int = 0,
 ) -> torch.Tensor:  # fmt: skip
     """out [N, in] += scale * keep * (g [N, r] @ a [r, in]), in place; keep is a bool mask or a float
-    tensor of out's shape, or None with `seed` and `threshold` (the hashed mask, `qlora.hashed_dropout`);
+    tensor of out's shape, or None with `seed` and `threshold` (the hashed mask, `qlora.lora.dropout`);
     g and a of out's dtype. Rows must be unit-stride along the last dimension."""
     n_rows, n_cols = out.shape
     rank = g.shape[1]

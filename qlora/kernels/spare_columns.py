@@ -1,6 +1,6 @@
 """Activations stored as the left columns of a wider matrix, so that a LoRA consumer fills the rest.
 
-Why. The LoRA forward multiplies `[x | h] @ [W | B]^T` in one GEMM (`qlora.lora_matmul`), which
+Why. The LoRA forward multiplies `[x | h] @ [W | B]^T` in one GEMM (`qlora.lora.matmul`), which
 needs x inside a matrix r (+ pad) columns wider than x: built by concatenation, a copy of x. A
 producer that knows the consumer's row width (SwiGLU feeding `down_proj`) can store its output
 there from the start, and the copy is gone.

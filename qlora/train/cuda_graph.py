@@ -33,7 +33,7 @@ Rules the capture imposes, and how this module keeps them:
   real tokens under the causal mask) and is dropped.
 - randomness: LoRA dropout draws from the CUDA generator; a replay advances the generator's offset
   like the eager step would, so each replay gets fresh masks. In graph steps the masks are hashed
-  from seeds drawn there (`qlora.hashed_dropout`; eager steps keep torch's dropout, another family
+  from seeds drawn there (`qlora.lora.dropout`; eager steps keep torch's dropout, another family
   of masks with the same distribution), so a replay after `torch.cuda.manual_seed(s)` draws the
   same masks as an eager step after the same seed with the kernels forced (tested).
   The warm-up runs before a capture draw too; the generator is rewound after them, so capturing

@@ -34,7 +34,7 @@ from qlora.data.formats import load_dataset
 from qlora.data.packing import pack_examples
 from qlora.loading import load_model, read_model_config
 from qlora.lora import LoraSpec, mark_only_lora_trainable
-from qlora.lora_matmul import reusing_dense_weights
+from qlora.lora.matmul import reusing_dense_weights
 from qlora.model.config import ModelConfig
 from qlora.model.offload import CheckpointOffload
 from qlora.optim import build_optimizer as make_optimizer

@@ -1,4 +1,4 @@
-"""The hashed dropout mask (`qlora.hashed_dropout`) and the kernels that apply it while reading x
+"""The hashed dropout mask (`qlora.lora.dropout`) and the kernels that apply it while reading x
 (`qlora.kernels.hashed_dropout`, and the masked input gradient): the mask's statistics, the kernels'
 mask equal to the twin's bit for bit, both products against float64 on odd shapes with and without
 the split reduction, determinism, and the counters left at zero."""
@@ -8,7 +8,7 @@ import torch
 from kernel_inputs import DEVICES, randn
 
 from qlora import ops
-from qlora.hashed_dropout import HashedDropout
+from qlora.lora.dropout import HashedDropout
 from qlora.kernels import hashed_dropout as kernels
 from qlora.kernels.masked_lowrank import add_masked_lowrank_
 

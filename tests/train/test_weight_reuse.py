@@ -14,7 +14,7 @@ import torch
 from train_fixtures import VOCAB, tiny_qlora_model
 
 from qlora import lora, lora_matmul
-from qlora.lora_matmul import reusing_dense_weights
+from qlora.lora.matmul import reusing_dense_weights
 
 N_LINEARS = 2 * 7  # two decoder layers of seven 4-bit linears each
 N_INPUT_GRADIENTS = N_LINEARS - 3  # layer 0's q, k, v read the frozen embeddings: no input gradient
@@ -25,7 +25,7 @@ def tokens() -> torch.Tensor:
 
 
 def count_dequantizations(monkeypatch) -> list:
-    """Record every dense weight `qlora.lora_matmul` materialises (weakly, to see when it is freed)."""
+    """Record every dense weight `qlora.lora.matmul` materialises (weakly, to see when it is freed)."""
     made = []
     real = lora_matmul.dense_weight
 

@@ -20,7 +20,7 @@ in backward. With g = dL/dy [N, out], xd = drop(x) [N, in], h = xd A^T [N, r]:
 
 Saved for backward: xd and the dropout's mask (or, with the hashed mask, x and a seed), h, A, B and a
 reference to the packed weight (never a dequantized copy; a test hooks saved tensors to prove it),
-except inside `qlora.lora_matmul.reusing_dense_weights()`
+except inside `qlora.lora.matmul.reusing_dense_weights()`
 (around a gradient checkpoint's two passes: the first discards what is saved, the recompute's backward
 follows at once), where the forward's dense W is saved so that it is not dequantized a third time.
 
@@ -29,7 +29,7 @@ Matmuls run in the compute dtype (bf16 by default); the adapter parameters are k
 own script does, and halves the adapters' and their gradients' memory) and cast for the matmuls,
 and their gradients come back in that dtype.
 
-Rounding: in bf16, `x W^T + scale * h B^T` is rounded once (`qlora.lora_matmul`); rounding x W^T
+Rounding: in bf16, `x W^T + scale * h B^T` is rounded once (`qlora.lora.matmul`); rounding x W^T
 first would drop every adapter term under half a bf16 step of it, i.e. most of what a young adapter
 has learned.
 
@@ -48,9 +48,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlora import ops
-from qlora.hashed_dropout import HashedDropout
+from qlora.lora.dropout import HashedDropout
 from qlora.kernels.spare_columns import whole_rows
-from qlora.lora_matmul import (
+from qlora.lora.matmul import (
     base_plus_adapter,
     columns_width,
     dense_weight,
@@ -97,7 +97,7 @@ class LoRALinearFunction(torch.autograd.Function):
     gradients (13 bytes per input element instead of 5). Without dropout it is one `addmm_`.
 
     In CUDA-graph-captured steps (`ops.graph_step_kernels`), the mask is a hash of a seed instead
-    (`qlora.hashed_dropout`): the kernels reading x apply it on the fly (xd A^T, A's gradient, the
+    (`qlora.lora.dropout`): the kernels reading x apply it on the fly (xd A^T, A's gradient, the
     masked input gradient), so neither the dropped x nor the mask is written; backward keeps x (one
     tensor for q, k and v) and the seed.
     """
@@ -118,7 +118,7 @@ class LoRALinearFunction(torch.autograd.Function):
             x_dropped, keep = x2, None
             a = lora_A.to(x.dtype)  # [r, in] in the compute dtype
             if dropout > 0.0 and ops.graph_step_kernels(x.device):
-                # the mask hashed from a seed inside the kernels that read x (qlora.hashed_dropout): nothing
+                # the mask hashed from a seed inside the kernels that read x (qlora.lora.dropout): nothing
                 # [N, in] is written; backward keeps x itself and the seed (graph-captured steps)
                 keep = HashedDropout.draw(dropout, x.device)
                 h = ops.dropout_project(x2, a, keep)  # [N, r]
@@ -213,7 +213,7 @@ class LoRALinear(nn.Module):
         self.compute_dtype = dtype
         self.base: torch.Tensor | QuantizedTensor | None = None
         # a dense base with an adapter lives in the left columns of this [out, in + r + pad] matrix, so the
-        # forward's adapter columns need no copy of W (qlora.lora_matmul.dense_with_columns)
+        # forward's adapter columns need no copy of W (qlora.lora.matmul.dense_with_columns)
         self._base_columns: torch.Tensor | None = None
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) if bias \
             else None  # fmt: skip
@@ -290,7 +290,7 @@ class LoRALinear(nn.Module):
         """How wide the rows of the matrix holding this layer's input should be, for an input on `device`
         in `dtype`: `in + r + pad` on CUDA in 16-bit, where the forward puts the adapter's h into the
         spare columns and multiplies `[x | h]` in one GEMM without copying x
-        (`qlora.lora_matmul.adapter_columns_matmul`); None where it would not (no adapter, the CPU).
+        (`qlora.lora.matmul.adapter_columns_matmul`); None where it would not (no adapter, the CPU).
         Producers that know their reader ask it (`qlora.fused`); layers that share one input (q, k, v)
         take turns with the same spare columns."""
         if not self.r or torch.device(device).type != "cuda" or dtype not in (torch.bfloat16, torch.float16):

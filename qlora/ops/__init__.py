@@ -20,13 +20,25 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from qlora.hashed_dropout import HashedDropout
 from qlora.kernels import RMS_NORM_MAX_HIDDEN, interpreting, triton_importable
 from qlora.quant.tensor import QuantizedTensor
+
+
+
+class DropoutMask(Protocol):
+    """A dropout mask drawn from a seed (`qlora.lora.dropout.HashedDropout`): what the ops need of it."""
+
+    seed: torch.Tensor
+    threshold: int
+    scale: float
+
+    def keep(self, n_rows: int, n_cols: int) -> torch.Tensor: ...
+
 
 ENV_VAR = "QLORA_KERNELS"
 CHOICES = ("auto", "torch", "triton")
@@ -181,12 +193,12 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
 
 # --- the LoRA adapter's dropout: its input gradient, and the hashed mask's two products -------------
 def add_masked_lowrank_(
-    out: torch.Tensor, g: torch.Tensor, a: torch.Tensor, keep: torch.Tensor | HashedDropout, scale: float
+    out: torch.Tensor, g: torch.Tensor, a: torch.Tensor, keep: torch.Tensor | DropoutMask, scale: float
 ) -> torch.Tensor:
     """out [N, in] += scale * keep * (g [N, r] @ a [r, in]), in place (keep: the dropout's bool mask, or
-    its float multipliers with scale 1, or a `HashedDropout`, whose own scale is then applied too).
+    its float multipliers with scale 1, or a `DropoutMask`, whose own scale is then applied too).
     The kernel never writes the [N, in] product (nor, hashed, reads a mask)."""
-    hashed = isinstance(keep, HashedDropout)
+    hashed = not isinstance(keep, torch.Tensor)
     if implementation_for(out.device) == "triton" and out.is_floating_point() and out.stride(-1) == 1:
         from qlora.kernels.masked_lowrank import add_masked_lowrank_ as fused
 
@@ -204,7 +216,7 @@ def graph_step_kernels(device: torch.device | str) -> bool:
     In an eager CUDA step each such kernel costs ~70 us of Triton's Python launcher, and an eager step
     is host-bound, so the twins (or torch's own ops) run there instead. Two users:
     `copy_into_columns_` (kernel and twin agree bit for bit), and the LoRA dropout (`qlora.lora`): the
-    hashed mask (`qlora.hashed_dropout`) where this holds, torch's dropout otherwise (7B 4 x 512 eager:
+    hashed mask (`qlora.lora.dropout`) where this holds, torch's dropout otherwise (7B 4 x 512 eager:
     2,841 -> 2,123 tokens/s with the hashed mask, H100, docs/LOG.md sixth session); the mask is chosen
     per forward and kept for its backward and recompute, so a step never mixes the two."""
     if implementation_for(device) != "triton":
@@ -216,7 +228,7 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def dropout_project(x: torch.Tensor, a: torch.Tensor, mask: HashedDropout) -> torch.Tensor:
+def dropout_project(x: torch.Tensor, a: torch.Tensor, mask: DropoutMask) -> torch.Tensor:
     """drop(x) @ a^T, [N, r] in x's dtype: x [N, in] (rows may be strided), a [r, in] in x's dtype,
     drop(x) = mask.keep * x * mask.scale; rounded once. The kernel never writes drop(x)."""
     if implementation_for(x.device) == "triton" and x.stride(-1) == 1:
@@ -229,7 +241,7 @@ def dropout_project(x: torch.Tensor, a: torch.Tensor, mask: HashedDropout) -> to
 
 
 def dropout_backward(
-    g: torch.Tensor, x: torch.Tensor, mask: HashedDropout, out_dtype: torch.dtype = torch.float32,
+    g: torch.Tensor, x: torch.Tensor, mask: DropoutMask, out_dtype: torch.dtype = torch.float32,
     grad_x: torch.Tensor | None = None, a: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """g^T @ drop(x), [r, in] in `out_dtype`: the gradient of the A in `drop(x) @ A^T` given g, its output's
