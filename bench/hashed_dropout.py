@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from qlora import ops
-from qlora.hashed_dropout import HashedDropout
+from qlora.lora.dropout import HashedDropout
 from qlora.kernels import hashed_dropout as kernels
-from qlora.lora_matmul import columns_width
+from qlora.lora.matmul import columns_width
 
 SHAPES = {"7b q/k/v/o, gate/up": (4096,), "7b down": (11008,), "65b q/k/v/o": (8192,), "65b down": (22016,)}
 

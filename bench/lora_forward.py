@@ -7,9 +7,9 @@ training step runs graphed, so launch overhead is not counted):
 - `plain`: dequantize + GEMM, no adapter (the floor);
 - `two_roundings`: dequantize, GEMM, then + the term (what the layer did before 2026-11-27: loses
   small terms);
-- `fp32_product`: `qlora.lora_matmul.add_product_rounding_once` on CUDA (product in float32, term
+- `fp32_product`: `qlora.lora.matmul.add_product_rounding_once` on CUDA (product in float32, term
   added in one pass);
-- `adapter_columns`: `qlora.lora_matmul.adapter_columns_matmul` (one GEMM over [x | h] and [W | B]);
+- `adapter_columns`: `qlora.lora.matmul.adapter_columns_matmul` (one GEMM over [x | h] and [W | B]);
 - `addmm_no_reduced_precision`: bf16 `addmm` with `allow_bf16_reduced_precision_reduction` off, to
   see whether cuBLAS then rounds once (measured: it rounds before adding C with the flag on).
 
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import qlora
 from bench.kernels import Timer
 from qlora import ops
-from qlora.lora_matmul import adapter_columns_matmul, adapter_columns_pay, add_product_rounding_once
+from qlora.lora.matmul import adapter_columns_matmul, adapter_columns_pay, add_product_rounding_once
 
 # (name, tokens, in, out): 7B 4x512 projections (q/k/v/o, gate/up, down), 8B 1x8192 (MLP)
 SHAPES = [("7b qkvo", 2048, 4096, 4096), ("7b gate/up", 2048, 4096, 11008), ("7b down", 2048, 11008, 4096),

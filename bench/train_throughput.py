@@ -50,7 +50,7 @@ from bench.llama_shapes import (
     train_step,
 )
 from bench.profile_step import top_kernels
-from qlora.lora_matmul import reusing_dense_weights
+from qlora.lora.matmul import reusing_dense_weights
 from qlora.model.offload import CheckpointOffload
 from qlora.optim import build_optimizer
 from qlora.optim.in_backward import StepInBackward, backward_order_groups
