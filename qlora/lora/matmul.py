@@ -23,74 +23,41 @@ Three ways to get one rounding, chosen by device and by the bytes each moves bey
   `adapter_columns_pay` picks between the two CUDA paths (measured rule).
 
 Each function returns the product and the dense weight it multiplied (a view into the wider matrix
-for the adapter columns): under `reusing_dense_weights()` the LoRA layer saves that weight for its
-backward instead of dequantizing it again there (see `reusing_dense_weights`).
+for the adapter columns): under `KernelPolicy.reusing_dense_weights()` the LoRA layer saves that weight for its
+backward instead of dequantizing it again there.
 """
 
 from __future__ import annotations
-
-import contextlib
-import warnings
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from qlora import ops
+from qlora.ops import KernelPolicy
 from qlora.quant.tensor import QuantizedTensor
 
-_mm_to_float32 = True  # torch.mm(..., out_dtype=torch.float32) exists here (checked on first CUDA use)
 _COLUMN_ALIGNMENT = 8  # pad the extended inner dimension to 8 elements: 16-byte rows for bf16 GEMMs
-_reuse_depth = 0  # > 0 inside reusing_dense_weights(); process-wide: see there
 
 
-@contextlib.contextmanager
-def reusing_dense_weights() -> Iterator[None]:
-    """Inside, LoRA layers save the dense weight of their forward for their backward.
-
-    Only for a gradient checkpoint (the model's `checkpoint_context`, entered around both passes of
-    each checkpointed layer): its first forward discards what is saved (nothing is held), and its
-    recompute is followed at once by the layer's backward, so one decoder layer's weights are held
-    for that layer's backward only. Each 4-bit weight is then dequantized twice per step instead of
-    three times (forward, recompute, input gradient), for one layer's dense weights of memory at most
-    (measured peak: 7B +0.3-0.4 GiB, 65B +1.2 GiB). Both passes must save alike: the checkpoint
-    matches saved tensors by position. Process-wide, not thread-local: CUDA runs the backward, and
-    with it the recompute, on autograd's device thread.
-    """
-    global _reuse_depth
-    _reuse_depth += 1
-    try:
-        yield
-    finally:
-        _reuse_depth -= 1
-
-
-def reuse_dense_weights() -> bool:
-    """Whether the LoRA layers running now should save their dense weight for backward."""
-    return _reuse_depth > 0
-
-
-def dense_weight(base: torch.Tensor | QuantizedTensor, dtype: torch.dtype, out: torch.Tensor | None = None):
+def dense_weight(
+    base: torch.Tensor | QuantizedTensor, dtype: torch.dtype, out: torch.Tensor | None = None, *, policy: KernelPolicy
+) -> torch.Tensor:
     """The base weight [out, in] in `dtype` (dequantized if 4-bit), written into `out` if given."""
     if isinstance(base, QuantizedTensor):
-        return ops.dequantize(base, dtype, out=out)
+        return ops.dequantize(base, dtype, out=out, policy=policy)
     return base.to(dtype) if out is None else out.copy_(base)
 
 
-def add_product_rounding_once(term: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def add_product_rounding_once(
+    term: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, *, policy: KernelPolicy
+) -> torch.Tensor:
     """x @ weight^T + term, rounded to term's dtype once; x [N, in], weight [out, in], term [N, out]
-    (overwritten on the CPU). On CUDA the product is taken in float32; see the module docstring."""
-    global _mm_to_float32
-    if term.is_cuda and term.dtype in (torch.bfloat16, torch.float16) and _mm_to_float32:
-        try:
-            product = torch.mm(x, weight.t(), out_dtype=torch.float32)  # [N, out], not rounded
-        except (TypeError, RuntimeError):  # torch without mm(out_dtype=): fall back, and say so once
-            _mm_to_float32 = False
-            warnings.warn("this torch has no torch.mm(out_dtype=): LoRA outputs are rounded twice on CUDA "
-                          "(small adapter updates are lost to rounding early in training); torch >= 2.8 "
-                          "avoids it", stacklevel=2)  # fmt: skip
-        else:
-            return torch.add(product, term, out=torch.empty_like(term))  # one pass: fp32 sum, one rounding
+    (overwritten on the CPU). On CUDA the product is taken in float32; see the module docstring. A torch
+    without `mm(out_dtype=)` rounds twice there (`KernelPolicy.product_in_float32`, decided and logged
+    when the policy is made)."""
+    if policy.product_rounding(term.device, term.dtype) == "float32_product":
+        product = torch.mm(x, weight.t(), out_dtype=torch.float32)  # [N, out], not rounded
+        return torch.add(product, term, out=torch.empty_like(term))  # one pass: fp32 sum, one rounding
     return term.addmm_(x, weight.t())
 
 
@@ -111,7 +78,8 @@ def dense_with_columns(weight: torch.Tensor, rank: int) -> torch.Tensor:
 
 def adapter_columns_matmul(
     x: torch.Tensor, base: torch.Tensor | QuantizedTensor, h: torch.Tensor, lora_B: torch.Tensor,
-    wide: torch.Tensor | None = None, x_rows: torch.Tensor | None = None, scale: float = 1.0,
+    wide: torch.Tensor | None = None, x_rows: torch.Tensor | None = None, scale: float = 1.0, *,
+    policy: KernelPolicy,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """([x | h] @ [W | scale B]^T, W) : x W^T + scale h B^T in one GEMM, so rounded once; x [N, in],
     h [N, r], B [out, r] (the scale goes into the copy of B, not over h). `wide`: the dense base's own
@@ -126,11 +94,11 @@ def adapter_columns_matmul(
         weight = wide  # its padding columns are zero from the start
     else:
         weight = torch.empty(n_out, width, dtype=x.dtype, device=x.device)  # [out, in + r + pad]
-        dense_weight(base, x.dtype, out=weight[:, :n_in])
-    ops.copy_into_columns_(weight[:, n_in:], lora_B, scale)  # scale B, then zero padding columns
+        dense_weight(base, x.dtype, out=weight[:, :n_in], policy=policy)
+    ops.copy_into_columns_(weight[:, n_in:], lora_B, scale, policy=policy)  # scale B, then zero padding columns
     if x_rows is not None and x_rows.shape == (n_tokens, width):
         inputs = x_rows
-        ops.copy_into_columns_(inputs[:, n_in:], h)  # [N, r + pad]: small; x's own columns are untouched
+        ops.copy_into_columns_(inputs[:, n_in:], h, policy=policy)  # [N, r + pad]: small; x's own columns are untouched
     else:
         # one concatenation, not copies into column slices: torch copies into a strided destination
         # element by element, at half the speed (measured on an H100: 19 against 9 us at 2048 x 4096)
@@ -163,7 +131,8 @@ def adapter_columns_pay(
 
 def base_plus_adapter(
     x: torch.Tensor, base: torch.Tensor | QuantizedTensor, h: torch.Tensor, lora_B: torch.Tensor,
-    wide: torch.Tensor | None = None, x_rows: torch.Tensor | None = None, scale: float = 1.0,
+    wide: torch.Tensor | None = None, x_rows: torch.Tensor | None = None, scale: float = 1.0, *,
+    policy: KernelPolicy,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(x W^T + scale h B^T rounded once to x's dtype, W in x's dtype), the cheapest way for this device
     and shape; x [N, in], base W [out, in], h [N, r], lora_B [out, r] (any float dtype);
@@ -171,10 +140,10 @@ def base_plus_adapter(
     `x_rows`: the wider matrix x was stored in by its producer (`qlora.kernels.spare_columns`), if any."""
     n_out = lora_B.shape[0]
     wide = wide if wide is not None and wide.dtype == x.dtype else None
-    fast = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+    fast = policy.product_rounding(x.device, x.dtype) != "addmm"
     x_has_columns = x_rows is not None and x_rows.shape == (x.shape[0], columns_width(x.shape[1], lora_B.shape[1]))
     if fast and adapter_columns_pay(x, base, n_out, has_columns=wide is not None, x_has_columns=x_has_columns):
-        return adapter_columns_matmul(x, base, h, lora_B, wide, x_rows, scale)
+        return adapter_columns_matmul(x, base, h, lora_B, wide, x_rows, scale, policy=policy)
     term = (h * scale if scale != 1.0 else h) @ lora_B.to(x.dtype).t()  # [N, r] @ [r, out]
-    weight = dense_weight(base, x.dtype)
-    return add_product_rounding_once(term, x, weight), weight
+    weight = dense_weight(base, x.dtype, policy=policy)
+    return add_product_rounding_once(term, x, weight, policy=policy), weight

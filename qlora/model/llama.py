@@ -270,10 +270,25 @@ class Attention(nn.Module):
         is_causal: bool,
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # [B, T, nh, hd]
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, nkv, hd]
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        return self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, mask, is_causal, kv_cache)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Everything after the q/k/v projections ([B, T, heads * hd] each): norms, RoPE, attention, o_proj.
+        Apart from `forward` so a block that computes the projections its own way reuses the rest."""
+        B, T, _ = q.shape
+        q = q.view(B, T, self.num_heads, self.head_dim)  # [B, T, nh, hd]
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, nkv, hd]
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]

@@ -44,6 +44,7 @@ from collections.abc import Sequence
 import torch
 
 from qlora import ops
+from qlora.ops import KernelPolicy
 from qlora.optim.adamw import COEFFICIENT_NAMES, adamw_coefficients
 from qlora.optim.optimizer import QAdamW
 from qlora.optim.paging import slot_views, staged_bytes
@@ -78,14 +79,17 @@ class StepInBackward:
             "auto" already made them resident), the others stay where they are.
         groups: a partition of the optimizer's parameters, in the order backward completes them
             (`backward_order_groups(model)`).
+        policy: the `KernelPolicy` the update's op runs with (default: `KernelPolicy.from_env()`).
     """
 
-    def __init__(self, optimizer: QAdamW, groups: Sequence[Sequence[torch.nn.Parameter]]):
+    def __init__(self, optimizer: QAdamW, groups: Sequence[Sequence[torch.nn.Parameter]],
+                 policy: KernelPolicy | None = None):  # fmt: skip
         if not isinstance(optimizer, QAdamW) or optimizer.optim_bits != 32:
             bits = f" ({optimizer.optim_bits}-bit)" if isinstance(optimizer, QAdamW) else ""
             raise ValueError(f"StepInBackward needs a 32-bit QAdamW (paged_adamw_32bit); got "
                              f"{type(optimizer).__name__}{bits}")  # fmt: skip
         self.optimizer = optimizer
+        self.policy = policy if policy is not None else KernelPolicy.from_env()
         self.groups = [list(g) for g in groups if len(g)]
         self.params = [p for g in self.groups for p in g]
         owner = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
@@ -257,7 +261,7 @@ class StepInBackward:
             moments = views.get(id(p)) or self._moments(p)
             grad = p.grad
             ops.adamw_step_(p, grad if grad.is_contiguous() else grad.contiguous(), moments["exp_avg"],
-                            moments["exp_avg_sq"], self._coef[self._row[id(p)]])  # fmt: skip
+                            moments["exp_avg_sq"], self._coef[self._row[id(p)]], policy=self.policy)  # fmt: skip
             p.grad = None
         if paged:
             updated = torch.cuda.Event()

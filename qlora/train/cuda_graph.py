@@ -32,17 +32,15 @@ Rules the capture imposes, and how this module keeps them:
   attention mask is accepted only when it is right padding (then it changes nothing for the
   real tokens under the causal mask) and is dropped.
 - randomness: LoRA dropout draws from the CUDA generator; a replay advances the generator's offset
-  like the eager step would, so each replay gets fresh masks. In graph steps the masks are hashed
-  from seeds drawn there (`qlora.lora.dropout`; eager steps keep torch's dropout, another family
-  of masks with the same distribution), so a replay after `torch.cuda.manual_seed(s)` draws the
-  same masks as an eager step after the same seed with the kernels forced (tested).
+  like the eager step would, so each replay gets fresh masks. The masks are hashed from seeds
+  drawn there (`qlora.lora.dropout`, as in eager steps), so a replay after
+  `torch.cuda.manual_seed(s)` draws the same masks as an eager step after the same seed (tested).
   The warm-up runs before a capture draw too; the generator is rewound after them, so capturing
   a new shape changes no later draw (a resumed run that captures again draws what an uninterrupted
   one draws, for batches of the same shapes).
   Activation checkpointing rewinds the generator inside the graph for its recompute, which needs a
   generator that allows get/set state during capture: torch 2.11 does (tested on the GPU); older
-  releases raised during capture (pytorch issue 162504). A failed capture is loud, and
-  `qlora.train.loop` then trains eagerly.
+  releases raised during capture (pytorch issue 162504). A failed capture raises.
 """
 
 from __future__ import annotations
@@ -53,7 +51,7 @@ from collections.abc import Sequence
 
 import torch
 
-from qlora import ops
+from qlora.ops import KernelPolicy, policy_of
 from qlora.train.loss import IGNORE_INDEX, loss_sum_all_rows
 
 GRAPH_KEYS = {"input_ids", "labels", "attention_mask"}  # what a graphed batch may hold (packed ones add more)
@@ -107,15 +105,19 @@ class CudaGraphStep:
             part of the graph (run from backward hooks), gradients are transient (no static `.grad`
             buffers: each lives in the graph's pool until its layer is updated), `scale` must be the
             whole step's, and each replay is one optimizer step. Warm-up runs are dry (update nothing).
+        policy: the model's `KernelPolicy` (default `model.policy`): warm-ups and capture run inside its
+            `graph_step()`, so the graph-step kernels compile before the capture and are captured.
     """
 
-    def __init__(self, model, params: Sequence[torch.nn.Parameter], max_graphs: int = 64, stepper=None):
+    def __init__(self, model, params: Sequence[torch.nn.Parameter], max_graphs: int = 64, stepper=None,
+                 policy: KernelPolicy | None = None):  # fmt: skip
         if not params:
             raise ValueError("CudaGraphStep needs at least one trainable parameter")
         device = params[0].device
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device; parameters are on {device}")
         self.model, self.params, self.device = model, list(params), device
+        self.policy = policy if policy is not None else policy_of(model)
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[tuple[int, int], _Graph] = OrderedDict()
         self.captures = 0
@@ -194,12 +196,13 @@ class CudaGraphStep:
             if stepper is not None:
                 stepper.prepare(dry=True)  # the updates run (kernels compile) but store nothing
             side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side), ops.graph_paths():  # the graph's own kernels, compiled before capture
+            with torch.cuda.stream(side), self.policy.graph_step():  # the graph's kernels, compiled before capture
                 for _ in range(WARMUP_RUNS):
                     self._run(g, warmup=True)
             torch.cuda.current_stream(dev).wait_stream(side)
             torch.cuda.set_rng_state(rng, dev)
-            with torch.cuda.graph(g.graph, pool=self._pool):  # recorded, not run: no gradient changes here
+            # recorded, not run: no gradient changes here
+            with self.policy.graph_step(), torch.cuda.graph(g.graph, pool=self._pool):
                 g.loss = self._run(g)
         finally:
             if stepper is not None:  # a capture that failed inside backward leaves graph-pool gradients behind

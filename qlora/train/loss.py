@@ -20,14 +20,15 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from qlora import ops
+from qlora.ops import KernelPolicy, policy_of
 
 IGNORE_INDEX = -100
 
 
-def _chunk_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _chunk_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, policy: KernelPolicy) -> torch.Tensor:
     logits = F.linear(hidden, weight)  # [n, H] @ [H, V] -> [n, V]
     # float32 softmax inside; the Triton path never makes a float32 copy of the logits
-    return ops.cross_entropy_sum(logits, labels)
+    return ops.cross_entropy_sum(logits, labels, policy=policy)
 
 
 def loss_sum(model, batch: dict[str, torch.Tensor], chunk_rows: int = 2048) -> tuple[torch.Tensor, int]:
@@ -43,14 +44,14 @@ def loss_sum(model, batch: dict[str, torch.Tensor], chunk_rows: int = 2048) -> t
     n = int(wanted.numel())
     if n == 0:
         return hidden.sum() * 0.0, 0  # keeps the graph connected; contributes nothing
-    weight = model.lm_head.weight
+    weight, policy = model.lm_head.weight, policy_of(model)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, n, chunk_rows):
         part = slice(start, start + chunk_rows)
         if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_ce_sum, rows[part], weight, wanted[part], use_reentrant=False)
+            total = total + checkpoint(_chunk_ce_sum, rows[part], weight, wanted[part], policy, use_reentrant=False)
         else:
-            total = total + _chunk_ce_sum(rows[part], weight, wanted[part])
+            total = total + _chunk_ce_sum(rows[part], weight, wanted[part], policy)
     return total, n
 
 
@@ -65,12 +66,12 @@ def loss_sum_all_rows(model, input_ids: torch.Tensor, labels: torch.Tensor, chun
     hidden = model.hidden_states(input_ids)  # [B, T, H]
     rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [B*(T-1), H]
     targets = labels[:, 1:].reshape(-1)  # [B*(T-1)]
-    weight = model.lm_head.weight
+    weight, policy = model.lm_head.weight, policy_of(model)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, rows.shape[0], chunk_rows):
         part = slice(start, start + chunk_rows)
         if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_ce_sum, rows[part], weight, targets[part], use_reentrant=False)
+            total = total + checkpoint(_chunk_ce_sum, rows[part], weight, targets[part], policy, use_reentrant=False)
         else:
-            total = total + _chunk_ce_sum(rows[part], weight, targets[part])
+            total = total + _chunk_ce_sum(rows[part], weight, targets[part], policy)
     return total

@@ -11,6 +11,7 @@ from qlora.fused import use_fused_elementwise
 from qlora.lora import DEFAULT_TARGETS, LoraSpec, QuantSpec, lora_layers, mark_only_lora_trainable, replace_linears
 from qlora.model.config import ModelConfig
 from qlora.model.llama import LlamaForCausalLM
+from qlora.ops import KernelPolicy, apply_policy
 
 VOCAB = 61
 
@@ -53,7 +54,9 @@ def tiny_qlora_model(device: str, dtype=torch.float32, quant: str | None = "nf4"
         layer.set_base_weight(dense[name])
         with torch.no_grad():
             layer.lora_B.weight.normal_(0, 0.1)
-    use_fused_elementwise(model)
+    policy = KernelPolicy.from_env()
+    use_fused_elementwise(model, policy)
+    apply_policy(model, policy)
     model.gradient_checkpointing = True
     model.to(device).train()
     return model, mark_only_lora_trainable(model)

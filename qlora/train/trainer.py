@@ -1,0 +1,330 @@
+"""`Trainer`: one finetune as an object, whose parts are short methods: setup, resume, step, evaluate, save, fit.
+
+    trainer = qlora.Trainer({"model": {"path": "models/llama"}, "data": {"path": "alpaca.json"},
+                             "output": "runs/mine", "train": {"max_steps": 100}})
+    result = trainer.fit()          # = setup(), resume() if train.resume, then step/evaluate/checkpoint
+
+`qlora train` is this class (`qlora.train.loop.train`). `config` is a `TrainConfig`, a dict of the
+same keys, or the path of a config file; `data=` may give the training records as a list (they are
+written to the output directory, so the run's config names a real file and `--resume` works).
+
+What each method does:
+
+  setup     tokenizer, data (training items and held-out examples), model (quantized on load, kernel
+            policy, `prepare_for_training`), optimizer, schedule, batches and the `TrainStep`
+  resume    everything the newest checkpoint holds: adapters, optimizer, schedule, scaler, data
+            position, RNG states; returns the step it resumes after
+  step      one optimizer step (`qlora.train.step.TrainStep`): its loss, grad norm, tokens/s
+  evaluate  token-weighted held-out loss
+  save      the PEFT adapter (`save`), or a whole resumable checkpoint (`save_checkpoint`)
+  fit       the loop around them: logging, progress, evaluation and checkpoints on schedule, and the
+            outputs (adapter, metrics.jsonl, TensorBoard events, loss.png, config.yaml)
+
+Exact resume: N steps + resume + N steps equals 2N steps (tested, CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlora.adapter import ADAPTER_WEIGHTS, load_adapter_weights, read_adapter_config, save_adapter
+from qlora.config import ConfigError, TrainConfig, resolve_size_defaults
+from qlora.config.files import read_config
+from qlora.data.collate import BatchIterator, split_holdout
+from qlora.data.encode import EncodedExample
+from qlora.data.formats import load_dataset
+from qlora.data.packing import pack_examples
+from qlora.loading import load_model, read_model_config
+from qlora.lora import LoraSpec
+from qlora.model.config import ModelConfig
+from qlora.ops import KernelPolicy
+from qlora.optim import build_optimizer
+from qlora.optim.in_backward import StepInBackward, backward_order_groups
+from qlora.precision import resolve_compute_dtype, torch_dtype
+from qlora.tokenizer import Tokenizer
+from qlora.train.checkpoint import (
+    capture_rng_state,
+    find_latest_checkpoint,
+    load_checkpoint_state,
+    restore_rng_state,
+    save_checkpoint,
+)
+from qlora.train.loss import loss_sum
+from qlora.train.metrics import MetricsLogger, ProgressBar, plot_losses, summarize
+from qlora.train.prepare import prepare_for_training
+from qlora.train.schedule import build_scheduler
+from qlora.train.step import StepStats, TrainStep, _to
+
+log = logging.getLogger("qlora.train")
+
+DATA_FILE = "train_data.jsonl"  # where records given as a list are written, in the output directory
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    steps: int
+    final_loss: float
+    eval_loss: float | None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device / device is {name!r} but no CUDA device is available")
+    return device
+
+
+def count_parameters(c: ModelConfig) -> int:
+    """Parameters of the dense model `c` describes (to pick the paper's size-dependent defaults)."""
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    per_layer = c.hidden_size * (2 * q + 2 * kv) + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size
+    embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    return c.num_hidden_layers * per_layer + embeddings + c.hidden_size
+
+
+def default_optimizer(device: torch.device) -> str:
+    """The optimizer when `optim.name` is unset: the paper's paged AdamW on CUDA, torch's AdamW elsewhere."""
+    return "paged_adamw_32bit" if device.type == "cuda" else "adamw"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[EncodedExample], batch_size: int, pad_id: int, device: torch.device) -> float:
+    """Token-weighted mean next-token loss over `examples` (model put in eval mode, then restored)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in BatchIterator(examples, batch_size, pad_id=pad_id, shuffle=False, epochs=1):
+        s, n = loss_sum(model, _to(batch, device))
+        total, count = total + float(s), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def as_train_config(config: TrainConfig | Mapping[str, Any] | str | Path,
+                    data: Sequence[Mapping[str, Any]] | None = None) -> TrainConfig:  # fmt: skip
+    """A `TrainConfig` from one, a dict of its keys, or a config file; `data` records are written to the
+    output directory and named as `data.path`."""
+    if isinstance(config, TrainConfig):
+        cfg = config
+    elif isinstance(config, Mapping):
+        tree = {k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
+        if data is not None:
+            tree.setdefault("data", {})["path"] = str(Path(tree.get("output", "")) / DATA_FILE)
+        cfg = TrainConfig.from_dict(tree, source="Trainer(config=...)")
+    elif isinstance(config, (str, Path)):
+        cfg = read_config(config)
+    else:
+        raise TypeError(f"config must be a TrainConfig, a dict or a config file path, got {type(config).__name__}")
+    if data is not None:
+        if isinstance(data, (str, bytes)) or not all(isinstance(r, Mapping) for r in data):
+            raise TypeError("data must be a list of records (dicts), e.g. [{'instruction': ..., 'output': ...}]")
+        path = Path(cfg.output) / DATA_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in data), encoding="utf-8")
+        cfg.data.path = str(path)
+        cfg.validate()
+    return cfg
+
+
+class Trainer:
+    """A finetune (see the module docstring). Attributes set by `setup()`: `device`, `dtype`, `tokenizer`,
+    `model`, `params`, `optimizer`, `scheduler`, `scaler`, `batches`, `train_step`, `held_out`, `lora`."""
+
+    def __init__(self, config: TrainConfig | Mapping[str, Any] | str | Path, *,
+                 data: Sequence[Mapping[str, Any]] | None = None, progress: bool | None = None):  # fmt: skip
+        self.config = as_train_config(config, data)
+        self.output = Path(self.config.output)
+        self.progress = progress
+        self.step_count = 0
+        self.model = None
+
+    # --- setup ------------------------------------------------------------------------------------
+    def setup(self) -> Trainer:
+        """Build everything a step needs (see the module docstring). Returns self."""
+        cfg = self.config
+        self.output.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(cfg.device)
+        optimizer_name = cfg.optim.name or default_optimizer(self.device)
+        if cfg.optim.step_in_backward and optimizer_name != "paged_adamw_32bit":
+            raise ConfigError(f"optim.step_in_backward needs optim.name paged_adamw_32bit; this run's optimizer is "
+                              f"{optimizer_name!r} (optim.name, or the default on {self.device.type})")  # fmt: skip
+        self.dtype, why = resolve_compute_dtype(cfg.model.compute_dtype, self.device)
+        log.info("compute dtype %s: %s", str(self.dtype).removeprefix("torch."), why)
+        seed_everything(cfg.seed)
+
+        self.tokenizer = Tokenizer.from_pretrained(cfg.model.path)
+        self.pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else self.tokenizer.eos_id
+        items, self.held_out = self._data()
+        lr, dropout = resolve_size_defaults(cfg.optim.lr, cfg.lora.dropout,
+                                            count_parameters(read_model_config(cfg.model.path)))  # fmt: skip
+        self.lora = self._lora_spec(dropout)
+        self.policy = KernelPolicy.from_env()
+        quant_type = None if cfg.quant.quant_type == "none" else cfg.quant.quant_type
+        self.model = load_model(cfg.model.path, quant_type, cfg.quant.double_quant, self.dtype, self.device,
+                                blocksize=cfg.quant.blocksize, lora=self.lora, policy=self.policy)  # fmt: skip
+        if cfg.lora.init_from:
+            load_adapter_weights(self.model, cfg.lora.init_from)  # a resume overwrites them with the checkpoint's
+        self.params = prepare_for_training(
+            self.model, gradient_checkpointing=cfg.model.gradient_checkpointing,
+            reuse_dense_weights=cfg.model.reuse_dense_weights,
+            residual_dtype=torch.float32 if cfg.model.residual_dtype == "float32" else None,
+            offload_checkpoints=cfg.model.offload_checkpoints, policy=self.policy)  # fmt: skip
+        seed_everything(cfg.seed)  # the adapters' init drew from the RNG; the loop starts from a known state
+        o = cfg.optim
+        self.optimizer = build_optimizer(optimizer_name, self.params, lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                         weight_decay=o.weight_decay, page_policy=o.page_policy)  # fmt: skip
+        # float16 compute needs loss scaling (gradients of small losses underflow); bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.batches = BatchIterator(items, cfg.train.micro_batch_size, pad_id=self.pad_id, seed=cfg.seed,
+                                     group_by_length=cfg.data.group_by_length)  # fmt: skip
+        (self.output / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+        self.train_step = None  # built after a resume (the update in backward holds the optimizer's states)
+        return self
+
+    def _data(self) -> tuple[list, list[EncodedExample]]:
+        """(training items: examples or packs, held-out examples); the format is detected or named and logged."""
+        d, seed = self.config.data, self.config.seed
+        examples, _info = load_dataset(d.path, self.tokenizer, d.format, max_source_len=d.max_source_len,
+                                       max_target_len=d.max_target_len, train_on_source=d.train_on_source,
+                                       languages=set(d.languages) if d.languages else None,
+                                       block_size=d.block_size)  # fmt: skip
+        held_count = d.eval_count(len(examples))
+        train, held_out = split_holdout(examples, held_count, seed=seed) if held_count else (examples, [])
+        items = pack_examples(train, d.pack_len, seed=seed) if d.pack_len else train
+        return items, held_out[: d.eval_max_examples or None]  # 0 = all
+
+    def _lora_spec(self, dropout: float) -> LoraSpec:
+        """The adapters to create: the config's, or the shape of `lora.init_from`'s adapter (with this run's
+        dropout and parameter dtype)."""
+        lora = self.config.lora
+        param_dtype = torch_dtype(lora.param_dtype)
+        if lora.init_from:
+            saved = read_adapter_config(lora.init_from)
+            log.info("continuing the adapter in %s: r=%d, alpha=%g, rslora=%s, targets %s", lora.init_from,
+                     saved.r, saved.alpha, saved.use_rslora, ",".join(saved.targets))  # fmt: skip
+            return dataclasses.replace(saved, dropout=dropout, param_dtype=param_dtype)
+        return LoraSpec(r=lora.r, alpha=lora.alpha, dropout=dropout, use_rslora=lora.use_rslora,
+                        targets=tuple(lora.target_modules), param_dtype=param_dtype)  # fmt: skip
+
+    def _build_step(self) -> TrainStep:
+        cfg = self.config
+        stepper = None
+        if cfg.optim.step_in_backward:  # holds the optimizer's state tensors from here on
+            stepper = StepInBackward(self.optimizer, backward_order_groups(self.model), policy=self.policy)
+        return TrainStep(self.model, self.params, self.optimizer, self.scheduler, scaler=self.scaler,
+                         max_grad_norm=cfg.optim.max_grad_norm, cuda_graphs=cfg.train.cuda_graphs,
+                         graph_length_multiple=cfg.train.graph_length_multiple, pad_id=self.pad_id,
+                         stepper=stepper)  # fmt: skip
+
+    # --- resume and save --------------------------------------------------------------------------
+    def resume(self) -> int:
+        """Load the newest complete checkpoint under the output directory; returns its step."""
+        if self.model is None:
+            self.setup()
+        if self.train_step is not None:
+            raise RuntimeError("Trainer.resume() must come before the first step")
+        latest = find_latest_checkpoint(self.output)
+        if latest is None:
+            raise ConfigError(f"--resume: no complete checkpoint under {self.output / 'checkpoints'}")
+        state = load_checkpoint_state(latest, map_location="cpu")
+        load_adapter_weights(self.model, latest / "adapter")
+        self.optimizer.load_state_dict(state["optimizer.pt"])
+        self.scheduler.load_state_dict(state["scheduler.pt"])
+        if self.scaler.is_enabled() and state.get("scaler.pt"):
+            self.scaler.load_state_dict({k: v.item() for k, v in state["scaler.pt"].items()})
+        self.batches.load_state_dict(state["data.json"])
+        restore_rng_state(state["rng.pt"])
+        self.step_count = int(state["trainer.json"]["step"])
+        log.info("resumed from %s at step %d", latest, self.step_count)
+        return self.step_count
+
+    def save(self, directory: str | Path | None = None) -> Path:
+        """Write the adapter in PEFT's format (default: the output directory); returns the directory."""
+        return save_adapter(self.model, directory or self.output, self.lora, str(self.config.model.path))
+
+    def save_checkpoint(self) -> Path:
+        """An atomic, resumable checkpoint of the current step under output/checkpoints/."""
+        return save_checkpoint(self.output, self.step_count, {
+            "adapter": lambda d: self.save(d),
+            "optimizer.pt": self.optimizer.state_dict(),
+            "scheduler.pt": self.scheduler.state_dict(),
+            "scaler.pt": {k: torch.tensor(v) for k, v in self.scaler.state_dict().items()
+                          if isinstance(v, (int, float))},
+            "rng.pt": capture_rng_state(),
+            "data.json": self.batches.state_dict(),
+            "trainer.json": {"step": self.step_count},
+        }, keep_last=self.config.train.keep_last)  # fmt: skip
+
+    # --- one step, evaluation -------------------------------------------------------------------
+    def step(self) -> StepStats:
+        """One optimizer step over `train.grad_accum` micro-batches."""
+        if self.model is None:
+            self.setup()
+        if self.train_step is None:
+            self.train_step = self._build_step()
+        self.model.train()
+        stats = self.train_step([next(self.batches) for _ in range(self.config.train.grad_accum)])
+        self.step_count += 1
+        return stats
+
+    def evaluate(self, examples: list[EncodedExample] | None = None) -> float:
+        """Token-weighted mean next-token loss over `examples` (default: the held-out split)."""
+        examples = self.held_out if examples is None else examples
+        return evaluate(self.model, examples, self.config.train.eval_batch_size, self.pad_id, self.device)
+
+    # --- the whole run ----------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        """Train to `train.max_steps` (resuming first with `train.resume`), evaluating and checkpointing on
+        schedule; write the outputs. Returns what the run ended with."""
+        cfg, t = self.config, self.config.train
+        if self.model is None:
+            self.setup()
+        if t.resume:
+            self.resume()
+        logger = MetricsLogger(self.output, resume_step=self.step_count if t.resume else None)
+        bar = ProgressBar(t.max_steps, initial=self.step_count, enabled=self.progress, device=self.device)
+        loss, eval_loss = math.nan, None
+        while self.step_count < t.max_steps:
+            stats = self.step()
+            step, last, loss = self.step_count, self.step_count == t.max_steps, stats.loss
+            if step % t.log_every == 0 or last:
+                extra = {} if stats.grad_norm is None else {"grad_norm": stats.grad_norm}
+                if self.device.type == "cuda":
+                    extra["peak_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                record = logger.log_train(step, loss=loss, lr=stats.lr, tokens_per_s=stats.tokens_per_s,
+                                          target_tokens=stats.target_tokens, step_seconds=stats.seconds,
+                                          **extra)  # fmt: skip
+                if not bar.enabled:
+                    log.info(summarize(record))
+            bar.update(step, loss=loss, lr=stats.lr, tokens_per_s=stats.tokens_per_s)
+            if self.held_out and ((t.eval_every and step % t.eval_every == 0) or last):
+                eval_loss = self.evaluate()
+                logger.log_eval(step, eval_loss=eval_loss)
+                bar.write(f"step {step}: eval_loss {eval_loss:.4f}")
+            if (t.save_every and step % t.save_every == 0) or last:
+                self.save_checkpoint()
+        bar.close()
+        logger.close()
+        self.save()
+        plot_losses(self.output)
+        log.info("adapter written to %s (%s)", self.output, ADAPTER_WEIGHTS)
+        return TrainResult(self.output, self.step_count, loss, eval_loss)
