@@ -25,7 +25,9 @@ from qlora.ops import KernelPolicy, policy_of
 IGNORE_INDEX = -100
 
 
-def _chunk_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, policy: KernelPolicy) -> torch.Tensor:
+def _chunk_ce_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, policy: KernelPolicy
+) -> torch.Tensor:
     logits = F.linear(hidden, weight)  # [n, H] @ [H, V] -> [n, V]
     # float32 softmax inside; the Triton path never makes a float32 copy of the logits
     return ops.cross_entropy_sum(logits, labels, policy=policy)

@@ -89,7 +89,7 @@ class TrainStep:
         self._logged: set[str] = set()
         if cuda_graphs and self.device.type == "cuda":
             if scaler.is_enabled():
-                log.info("cuda_graphs: off for float16 compute (its loss scale changes between steps); training eagerly")
+                log.info("cuda_graphs: off for float16 compute (its loss scale changes between steps); eager steps")
             else:
                 self.graphs = CudaGraphStep(model, self.params, stepper=stepper)
 

@@ -50,7 +50,7 @@ from qlora.model.config import ModelConfig
 from qlora.ops import KernelPolicy
 from qlora.optim import build_optimizer
 from qlora.optim.in_backward import StepInBackward, backward_order_groups
-from qlora.precision import resolve_compute_dtype, torch_dtype
+from qlora.precision import resolve_compute_dtype, resolve_device, torch_dtype
 from qlora.tokenizer import Tokenizer
 from qlora.train.checkpoint import (
     capture_rng_state,
@@ -76,15 +76,6 @@ class TrainResult:
     steps: int
     final_loss: float
     eval_loss: float | None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device / device is {name!r} but no CUDA device is available")
-    return device
 
 
 def count_parameters(c: ModelConfig) -> int:
@@ -295,7 +286,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train to `train.max_steps` (resuming first with `train.resume`), evaluating and checkpointing on
         schedule; write the outputs. Returns what the run ended with."""
-        cfg, t = self.config, self.config.train
+        t = self.config.train
         if self.model is None:
             self.setup()
         if t.resume:
