@@ -1,8 +1,10 @@
 """Merging a LoRA adapter into its base: one dense checkpoint that needs neither qlora nor peft.
 
 For every adapted linear, W' = W + scale * B A (A [r, in], B [out, r], scale = alpha / r, or
-alpha / sqrt(r) with rsLoRA), computed in float32 and rounded once to the output dtype. What W is
-is the choice users argue about, so `onto` names it:
+alpha / sqrt(r) with rsLoRA, with that layer's r and alpha where the adapter has PEFT's rank_pattern /
+alpha_pattern), computed in float32 and rounded once to the output dtype. The adapter is read by
+`qlora.adapter.read_adapter`, the reader every command uses (it refuses what PEFT computes otherwise).
+What W is is the choice users argue about, so `onto` names it:
 
 - "dequantized": W = dequant(quant(W16)), the 4-bit base the adapter was trained against. Every
   block linear the training run quantized is written dequantized, adapted or not, so the merged
@@ -24,7 +26,6 @@ memory is about one tensor plus one shard, never the dense model.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,9 +33,8 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors import safe_open
 
-from qlora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, AdapterError, read_adapter_config
+from qlora.adapter import read_adapter
 from qlora.checkpoint_io.gguf_file import read_gguf
 from qlora.checkpoint_io.safetensors_dir import iter_weights, read_config
 from qlora.export.hf_dir import (
@@ -97,37 +97,6 @@ def read_trained_base(adapter_dir: str | Path, **overrides: Any) -> TrainedBase:
     return replace(base, **given)
 
 
-def read_adapter(adapter_dir: str | Path) -> tuple[LoraSpec, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """The adapter's spec and its float32 (A [r, in], B [out, r]) pairs by module name."""
-    directory = Path(adapter_dir)
-    spec = read_adapter_config(directory)
-    raw = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    for key in ("rank_pattern", "alpha_pattern"):
-        if raw.get(key):
-            raise MergeError(f"{directory / ADAPTER_CONFIG}: per-module {key} is not supported by merge")
-    if raw.get("use_dora"):
-        raise MergeError(f"{directory / ADAPTER_CONFIG}: DoRA adapters are not supported by merge")
-    path = directory / ADAPTER_WEIGHTS
-    if not path.is_file():
-        raise AdapterError(f"{path}: not found")
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(path), framework="pt") as f:
-        names = f.keys()
-        for key in names:
-            plain = key.replace(".default.", ".")
-            for ab in ("A", "B"):
-                suffix = f".lora_{ab}.weight"
-                if plain.startswith(PEFT_PREFIX) and plain.endswith(suffix):
-                    parts.setdefault(plain[len(PEFT_PREFIX) : -len(suffix)], {})[ab] = f.get_tensor(key).float()
-                    break
-            else:
-                raise MergeError(f"{path}: tensor {key!r} is not a LoRA A/B weight; merge supports only those")
-    incomplete = sorted(n for n, p in parts.items() if set(p) != {"A", "B"})
-    if incomplete:
-        raise MergeError(f"{path}: modules without both lora_A and lora_B: {incomplete[:5]}")
-    return spec, {n: (p["A"], p["B"]) for n, p in parts.items()}
-
-
 def is_block_linear_weight(name: str, suffixes: set[str]) -> bool:
     """Whether `name` is the weight of a decoder-block linear whose leaf name is in `suffixes`."""
     module, _, leaf = name.rpartition(".")
@@ -169,7 +138,7 @@ def merged_weights(
             if weight.shape != (lora_B.shape[0], lora_A.shape[1]):
                 raise MergeError(f"{adapter_dir}: adapter of {module} is [{lora_B.shape[0]}, {lora_A.shape[1]}], "
                                  f"the weight is {list(weight.shape)}")  # fmt: skip
-            weight = weight + spec.scale * (lora_B @ lora_A)  # [out, r] @ [r, in] -> [out, in]
+            weight = weight + spec.for_layer(module).scale * (lora_B @ lora_A)  # [out, r] @ [r, in] -> [out, in]
         yield name, weight
     if deltas:
         raise MergeError(f"{adapter_dir}: adapter modules not in the model at {path}: {sorted(deltas)[:5]}")

@@ -16,6 +16,7 @@ import torch
 import qlora
 from qlora.adapter import load_adapter_weights, read_adapter_config
 from qlora.cli import main
+from qlora.export.merge import merge
 from qlora.lora import DEFAULT_TARGETS
 
 IDS = torch.tensor([[1, 403, 407, 261, 378, 30, 5, 60, 2]])
@@ -79,3 +80,36 @@ def test_peft_all_linear_rslora_adapter_loads_generates_and_merges(stories260k_d
     for name, weight in peft_merged.state_dict().items():
         if name.endswith("_proj.weight"):  # the merged weights themselves, not only their logits
             torch.testing.assert_close(merged.state_dict()[name], weight, rtol=1e-6, atol=1e-6)
+
+
+def test_merge_of_a_pattern_adapter_equals_peft_merge_and_unload(stories260k_dir, tmp_path):
+    """Per-layer r and alpha (PEFT's rank_pattern / alpha_pattern) in the merged delta: each layer's
+    own scale, as PEFT's merge_and_unload computes it on the same 16-bit base."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                             rank_pattern={"layers.0.self_attn.q_proj": 8, "down_proj": 2},
+                             alpha_pattern={r"layers\.[12]\.self_attn\.v_proj": 32}, init_lora_weights=False,
+                             task_type="CAUSAL_LM")  # fmt: skip
+    peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(stories260k_dir), config).save_pretrained(
+        tmp_path / "peft"
+    )
+    base = transformers.LlamaForCausalLM.from_pretrained(stories260k_dir)
+    peft_merged = peft.PeftModel.from_pretrained(base, tmp_path / "peft").merge_and_unload().eval()
+    merge(stories260k_dir, tmp_path / "peft", tmp_path / "merged", dtype=torch.float32, onto="original")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    plain = transformers.LlamaForCausalLM.from_pretrained(stories260k_dir).state_dict()
+    ours = merged.state_dict()
+    for name, weight in peft_merged.state_dict().items():
+        torch.testing.assert_close(ours[name], weight, rtol=1e-6, atol=1e-6, msg=name)  # float32, one add each
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight",
+                 "model.layers.3.mlp.down_proj.weight"):  # fmt: skip
+        assert (ours[name] - plain[name]).abs().max() > 1e-2, name  # the adapter is in each of these
+    # negative control: one scale for all layers (the old reader's mistake) is not PEFT's merge
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**cfg, "alpha_pattern": {}}))
+    merge(stories260k_dir, tmp_path / "peft", tmp_path / "one-scale", dtype=torch.float32, onto="original")
+    one_scale = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "one-scale").state_dict()
+    name = "model.layers.1.self_attn.v_proj.weight"
+    assert (one_scale[name] - peft_merged.state_dict()[name]).abs().max() > 1e-2
