@@ -81,10 +81,44 @@ class LoraSpec:
     use_rslora: bool = False
     targets: tuple[str, ...] = field(default=DEFAULT_TARGETS)
     param_dtype: torch.dtype = torch.float32  # the adapter weights' (and gradients') storage
+    # PEFT's per-module overrides of r and alpha: (pattern, value) pairs in order, the first pattern that
+    # matches a module's full name wins (`for_layer`); a dict given here is stored as such pairs (hashable)
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self):
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            pairs = tuple(value.items()) if isinstance(value, dict) else tuple(tuple(p) for p in value)
+            object.__setattr__(self, name, pairs)
 
     @property
     def scale(self) -> float:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+    @staticmethod
+    def pattern_value(pairs: tuple[tuple[str, object], ...], module_name: str):
+        """The value of the first pattern matching `module_name`, or None: PEFT's rule (`get_pattern_key`
+        in peft/utils/other.py), the pattern is a regular expression that must match the whole name or a
+        suffix of it that starts after a dot, i.e. `(.*\\.)?(pattern)` matches all of `module_name`. So
+        "q_proj" matches every q_proj, "layers.0.self_attn.q_proj" one layer, "^model.layers.0.mlp.up_proj"
+        anchors at the start, and "proj" matches nothing (not a whole dotted part)."""
+        import re  # here, not at the top: only this class and replace_linears are edited in this file
+
+        for pattern, value in pairs:
+            if re.fullmatch(rf"(.*\.)?({pattern})", module_name):
+                return value
+        return None
+
+    def for_layer(self, module_name: str) -> LoraSpec:
+        """This spec for the module named `module_name` (full name, e.g. "model.layers.0.self_attn.q_proj"):
+        r and alpha from the first matching `rank_pattern` / `alpha_pattern` entry, else the defaults."""
+        from dataclasses import replace  # here for the same reason as `re` above
+
+        r = self.pattern_value(self.rank_pattern, module_name)
+        alpha = self.pattern_value(self.alpha_pattern, module_name)
+        return replace(self, r=self.r if r is None else r, alpha=self.alpha if alpha is None else alpha,
+                       rank_pattern=(), alpha_pattern=())  # fmt: skip
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -321,10 +355,10 @@ def replace_linears(
 ) -> list[str]:
     """Swap every `nn.Linear` whose name ends in one of `quantized_suffixes` for a `LoRALinear`.
 
-    The layers named by `lora.targets` get an adapter; the others only a frozen (quantized) base.
-    Embeddings and `lm_head` are never touched (they stay 16-bit, as in bitsandbytes). Returns the
-    swapped module names. Raises if a LoRA target matches no layer (a typo would otherwise train
-    nothing).
+    The layers named by `lora.targets` get an adapter, of the rank and alpha `lora.for_layer(name)` gives
+    (PEFT's rank_pattern / alpha_pattern); the others only a frozen (quantized) base. Embeddings and
+    `lm_head` are never touched (they stay 16-bit, as in bitsandbytes). Returns the swapped module names.
+    Raises if a LoRA target matches no layer (a typo would otherwise train nothing).
     """
     suffixes = set(quantized_suffixes) | set(lora.targets if lora else ())
     swapped, adapted_suffixes = [], set()
@@ -334,7 +368,7 @@ def replace_linears(
             continue
         wants_adapter = lora is not None and leaf in lora.targets
         new = LoRALinear(module.in_features, module.out_features, bias=module.bias is not None, quant=quant,
-                         lora=lora if wants_adapter else None, device=device, dtype=dtype)  # fmt: skip
+                         lora=lora.for_layer(name) if wants_adapter else None, device=device, dtype=dtype)  # fmt: skip
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         setattr(parent, leaf, new)
         swapped.append(name)
