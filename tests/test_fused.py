@@ -188,21 +188,3 @@ def _fused_lora_model(policy):
     model = tiny_lora_model(policy, dtype=torch.bfloat16)
     use_fused_elementwise(model, policy)
     return model
-
-
-def test_rows_of_finds_only_rows_laid_out_that_wide():
-    """A strided column slice of someone's matrix is taken for wide rows only when the caller vouches for
-    the width; a contiguous tensor, a transposed one, or another width give None."""
-    from qlora.kernels.spare_columns import left_columns
-
-    wide = torch.zeros(2, 3, 10)
-    x = left_columns(wide, 7)
-    assert x._base is None  # not an autograd view of the wider matrix (see spare_columns)
-    rows = rows_of(x, 10)
-    assert rows.shape == (6, 10) and rows.data_ptr() == wide.data_ptr()
-    assert rows_of(x, 12) is None and rows_of(x, 7) is None  # another width; no spare columns
-    assert rows_of(torch.zeros(6, 7), 10) is None  # contiguous: its rows are 7 apart
-    assert rows_of(torch.zeros(10, 6).t(), 10) is None  # transposed: not unit-stride columns
-    assert rows_of(torch.zeros(6, 10)[:, 3:], 10) is None  # the last row would run past the storage
-    with pytest.raises(ValueError, match="contiguous"):
-        left_columns(torch.zeros(10, 6).t(), 4)

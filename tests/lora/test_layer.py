@@ -1,6 +1,7 @@
 """LoRALinear and its autograd function, checked against autograd through the reference formula."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -8,7 +9,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import qlora
-from qlora.lora import LoRALinear, LoRALinearFunction, LoraSpec, QuantSpec, mark_only_lora_trainable, replace_linears
+from qlora.kernels import triton_importable
+from qlora.lora import (
+    HashedDropout,
+    LoRALinear,
+    LoRALinearFunction,
+    LoraSpec,
+    QuantSpec,
+    mark_only_lora_trainable,
+    replace_linears,
+)
+from qlora.ops import KernelPolicy
 
 
 def make_layer(quant_type="nf4", r=4, alpha=8.0, dropout=0.0, bias=True, in_f=96, out_f=80, dtype=torch.float32,
@@ -86,7 +97,10 @@ def test_gradients_match_autograd_through_reference(quant_type, dtype):
 
 
 def test_dropout_gradients_match_autograd_with_the_same_mask():
+    """The dropout is the hashed mask (`qlora.lora.dropout`) on every device: the layer draws its seed from
+    torch's generator, so the same seed gives the reference the very mask the layer applied."""
     layer = make_layer("nf4", dropout=0.3).train()
+    assert layer.dropout == 0.3  # the probability; the mask is drawn per call
     x = torch.randn(4, 96, requires_grad=True)
     torch.manual_seed(123)
     layer(x).sum().backward()
@@ -95,7 +109,8 @@ def test_dropout_gradients_match_autograd_with_the_same_mask():
     A = layer.lora_A.weight.detach().clone().requires_grad_(True)
     B = layer.lora_B.weight.detach().clone().requires_grad_(True)
     torch.manual_seed(123)
-    reference_forward(layer, x2, layer.dropout(x2), A, B).sum().backward()
+    mask = HashedDropout.draw(0.3, "cpu")
+    reference_forward(layer, x2, x2 * mask.multipliers(4, 96, torch.float32), A, B).sum().backward()
     for got, want in zip(grads, (x2.grad, A.grad, B.grad), strict=True):
         torch.testing.assert_close(got, want)
     # Negative control: with a different mask the gradients differ, so the check above can fail.
@@ -103,6 +118,35 @@ def test_dropout_gradients_match_autograd_with_the_same_mask():
     torch.manual_seed(7)
     layer(x.detach().requires_grad_(True)).sum().backward()
     assert not torch.allclose(layer.lora_A.weight.grad, A.grad)
+
+
+def test_no_dropout_in_eval_mode():
+    layer = make_layer("nf4", dropout=0.3)
+    x = torch.randn(4, 96)
+    want = reference_forward(layer, x, x, layer.lora_A.weight, layer.lora_B.weight)
+    torch.testing.assert_close(layer.eval()(x), want)
+    assert not torch.allclose(layer.train()(x), want)  # negative control: training mode drops
+
+
+@pytest.mark.skipif(not triton_importable() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs triton and TRITON_INTERPRET=1 to force the kernels onto CPU tensors")  # fmt: skip
+def test_the_twins_and_the_kernels_draw_the_same_mask():
+    """One dropout everywhere: a layer on the twins (an eager CPU step) and one forced onto the kernels (what
+    a graph step runs) apply the same mask after the same seed, so they agree to float32 rounding."""
+    layer = make_layer("nf4", dropout=0.3).train()
+    x = torch.randn(5, 96, requires_grad=True)
+    runs = []
+    for kernels, seed in (("torch", 9), ("triton", 9), ("torch", 10)):
+        layer.policy = KernelPolicy(kernels=kernels)
+        layer.zero_grad()
+        x.grad = None
+        torch.manual_seed(seed)
+        y = layer(x)
+        y.square().sum().backward()
+        runs.append((y.detach(), x.grad.clone(), layer.lora_A.weight.grad.clone()))
+    for twin, kernel in zip(runs[0], runs[1], strict=True):
+        torch.testing.assert_close(kernel, twin, rtol=1e-5, atol=1e-5)  # float32 sums in another order
+    assert not torch.allclose(runs[2][2], runs[0][2], rtol=1e-3, atol=1e-3)  # negative control: another seed
 
 
 def _saved_tensor_shapes(fn) -> list[tuple[tuple[int, ...], torch.dtype]]:
@@ -182,6 +226,11 @@ def test_replace_linears_targets_and_errors():
     assert model.q_proj.r == 2 and model.mlp.down_proj.r == 0 and model.q_proj.bias is not None
     for layer in (model.q_proj, model.v_proj, model.mlp.down_proj):
         layer.set_base_weight(torch.randn(layer.out_features, layer.in_features))
+    assert len({id(layer.policy) for layer in (model.q_proj, model.v_proj, model.mlp.down_proj)}) == 1  # one policy
+    given = KernelPolicy(kernels="torch")
+    again = TinyBlock()
+    replace_linears(again, QuantSpec("nf4"), LoraSpec(r=2, targets=("q_proj",)), device="cpu", policy=given)
+    assert again.q_proj.policy is given and again.v_proj.policy is given and model.q_proj.policy is not given
     trainable = mark_only_lora_trainable(model)
     assert len(trainable) == 4
     assert [n for n, p in model.named_parameters() if p.requires_grad] == [
