@@ -10,6 +10,13 @@ def load_model(*args, **kwargs):
     return _load_model(*args, **kwargs)
 
 
+def load(*args, **kwargs):
+    """A model (+ adapter) and its tokenizer, ready to run (see `qlora.loading.load`)."""
+    from qlora.loading import load as _load
+
+    return _load(*args, **kwargs)
+
+
 __version__ = "0.1.0"
 
-__all__ = ["QuantizedTensor", "__version__", "load_model", "quantize"]
+__all__ = ["QuantizedTensor", "__version__", "load", "load_model", "quantize"]

@@ -1,14 +1,14 @@
 """The `qlora` command: `train`, `generate`, `data check`, `demo`, `merge`, `quantize`, `export-gguf`, `eval`.
 
-Each subcommand is a thin shell over a library function; `train`'s flags are generated from the
-typed configuration (`qlora.config`, `qlora.cli_args`), so `qlora train --help` documents every
-option from that one source. Errors a user can fix (bad config, bad data, a missing model) are
+Each subcommand is a thin shell over a library function; its flags are generated from its typed
+configuration (`qlora.config`, `qlora.cli_args`), so `qlora COMMAND --help` documents every option
+from that one source (`qlora data check` keeps its own parser in `qlora.data.check`). Errors a user
+can fix (bad config, bad data, a missing model) are
 printed as one message and exit with status 2, not as a traceback.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Sequence
@@ -28,39 +28,13 @@ def _train(argv: Sequence[str]) -> int:
 
 
 def _generate(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="qlora generate", description="Generate text from a base model (+ adapter).")
-    p.add_argument("--model", required=True, help="Model directory, .gguf file or hub id.")
-    p.add_argument("--adapter", help="A LoRA adapter directory (ours or PEFT's).")
-    p.add_argument("--prompt", required=True, action="append", help="Prompt text (repeat for a batch).")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default).")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "int4", "none"])
-    p.add_argument("--no-chat-template", action="store_true", help="Feed the prompt as raw text.")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    args = p.parse_args(argv)
+    from qlora.cli_args import parse_config_args
+    from qlora.config import GenerateConfig
 
-    import torch
+    cfg = parse_config_args(GenerateConfig, argv, prog="qlora generate")
+    from qlora.generate import generate_from_config
 
-    from qlora.adapter import load_adapter_weights, read_adapter_config
-    from qlora.generate import generate, render_prompt
-    from qlora.loading import load_model
-    from qlora.tokenizer import Tokenizer
-    from qlora.train.loop import resolve_device
-
-    lora = read_adapter_config(args.adapter) if args.adapter else None
-    quant = None if args.quant_type == "none" else args.quant_type
-    model = load_model(args.model, quant, True, getattr(torch, args.dtype), resolve_device(args.device), lora=lora)
-    if args.adapter:
-        load_adapter_weights(model, args.adapter)
-    tokenizer = Tokenizer.from_pretrained(args.model)
-    prompts = [render_prompt(tokenizer, text, use_chat_template=not args.no_chat_template and None) for text in
-               args.prompt]  # fmt: skip
-    outputs = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_p=args.top_p, seed=args.seed)  # fmt: skip
-    for prompt, out in zip(args.prompt, outputs, strict=True):
+    for prompt, out in zip(cfg.prompt, generate_from_config(cfg), strict=True):
         print(f"### {prompt}\n{out}\n")
     return 0
 

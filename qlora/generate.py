@@ -1,6 +1,7 @@
 """Text generation with a KV cache: greedy or sampled (temperature, top-p), chat template aware.
 
-Used by `qlora generate`, by the demo's accuracy check, and later by benchmark-prompt generation.
+Used by `qlora generate` (`generate_from_config`: a `GenerateConfig` in, texts out), by the demo's
+accuracy check, and by benchmark-prompt generation.
 Prompts are encoded one at a time and decoded together, left-padded, so a batch needs one prefill
 and one cached forward per new token. Generation stops at EOS (the tokenizer's, plus any extra
 ids the caller gives, e.g. a chat model's end-of-turn token) or after `max_new_tokens`.
@@ -8,8 +9,12 @@ ids the caller gives, e.g. a chat model's end-of-turn token) or after `max_new_t
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from qlora.config import GenerateConfig
+from qlora.loading import load
 from qlora.tokenizer import Tokenizer
 
 
@@ -88,3 +93,13 @@ def generate(
             kept.append(tok)
         texts.append(tokenizer.decode(kept))
     return texts
+
+
+def generate_from_config(cfg: GenerateConfig) -> list[str]:
+    """`qlora generate`: load `cfg.model` (`qlora.loading.load`), answer each of `cfg.prompt` in one batch."""
+    loaded = load(**dataclasses.asdict(cfg.model))
+    prompts = [render_prompt(loaded.tokenizer, text, use_chat_template=None if cfg.chat_template else False)
+               for text in cfg.prompt]  # fmt: skip
+    s = cfg.sampling
+    return generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=s.max_new_tokens,
+                    temperature=s.temperature, top_p=s.top_p, seed=s.seed)  # fmt: skip

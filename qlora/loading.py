@@ -20,24 +20,33 @@ So peak host memory is about one tensor (safetensors maps shards; a tensor is co
 read) plus the quantized model, never the dense model: `tests/test_loading.py` measures it on a
 sharded checkpoint in a fresh process. The checkpoint's own code is never run and only
 safetensors or GGUF are read (no pickle).
+
+`load` is the one entry point of the commands that run a model (`generate`, `eval`, the demo): the
+`ModelSource` settings (`qlora.config`) in, the model with its adapter and the tokenizer out, with
+the compute dtype `auto` and the adapter's training-run quantization resolved.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from qlora.adapter import load_adapter_weights, read_adapter_config
 from qlora.checkpoint_io.gguf_file import read_gguf
 from qlora.checkpoint_io.safetensors_dir import bnb_4bit_config, check_keys, expected_keys, iter_weights, read_config
+from qlora.config.files import run_quantization
 from qlora.fused import use_fused_elementwise
 from qlora.lora import DEFAULT_TARGETS, LoRALinear, LoraSpec, QuantSpec, replace_linears
 from qlora.model.config import ModelConfig
 from qlora.model.llama import LlamaForCausalLM
+from qlora.precision import resolve_compute_dtype, resolve_device
 from qlora.quant.tensor import QuantizedTensor
+from qlora.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -151,3 +160,50 @@ def load_model(
     if left_on_meta:
         raise RuntimeError(f"{source}: these tensors were never loaded: {left_on_meta[:10]}")
     return model.eval()
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What `load` returns: the model and its tokenizer, and the compute dtype and device it resolved."""
+
+    model: LlamaForCausalLM
+    tokenizer: Tokenizer
+    compute_dtype: torch.dtype
+    device: torch.device
+    dtype_reason: str  # why this compute dtype ("compute dtype float32 (auto): this CPU has AVX2 but ...")
+
+
+def load(
+    path: str | Path,
+    adapter: str | Path | None = None,
+    *,
+    quant_type: str = "auto",
+    double_quant: bool | None = None,
+    blocksize: int | None = None,
+    compute_dtype: str = "auto",
+    device: str | torch.device = "auto",
+) -> Loaded:
+    """A model (+ adapter) and its tokenizer, ready to evaluate: what every command that runs a model loads.
+
+    The parameters are `qlora.config.ModelSource`'s fields, so a command calls
+    `load(**dataclasses.asdict(cfg.model))`. `quant_type` "auto" (and `double_quant` / `blocksize` None) take
+    the adapter's training run's settings (the config.yaml `qlora train` writes beside the adapter), else
+    nf4 with double quantization in blocks of 64; "none" keeps the base 16-bit. `compute_dtype` is a dtype
+    name or alias or "auto" (`qlora.precision.resolve_compute_dtype`; the reason is logged and returned);
+    `device` "auto" is CUDA if available, else the CPU. The adapter is read with
+    `qlora.adapter.read_adapter_config` and `load_adapter_weights` (PEFT's format, ours or PEFT's).
+    """
+    run = run_quantization(adapter) if adapter is not None and quant_type == "auto" else {}
+    quant = run.get("quant_type", "nf4") if quant_type == "auto" else quant_type
+    double_quant = run.get("double_quant", True) if double_quant is None else double_quant
+    blocksize = run.get("blocksize", 64) if blocksize is None else blocksize
+    target = resolve_device(str(device))
+    dtype, reason = resolve_compute_dtype(compute_dtype, target)
+    log.info("%s", reason)
+    lora = read_adapter_config(adapter) if adapter is not None else None
+    local = resolve_model_path(path)
+    model = load_model(local, None if quant == "none" else quant, double_quant, dtype, target, blocksize=blocksize,
+                       lora=lora)  # fmt: skip
+    if adapter is not None:
+        load_adapter_weights(model, adapter)
+    return Loaded(model.eval(), Tokenizer.from_pretrained(local), dtype, target, reason)

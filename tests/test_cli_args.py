@@ -6,8 +6,28 @@ import argparse
 
 import pytest
 
-from qlora.cli_args import add_config_arguments, build_train_parser, config_from_namespace, parse_train_args
-from qlora.config import ConfigError, config_options
+from qlora.cli import main as qlora_main
+from qlora.cli_args import (
+    add_config_arguments,
+    build_train_parser,
+    config_from_namespace,
+    parse_config_args,
+    parse_train_args,
+)
+from qlora.config import (
+    AnswerConfig,
+    ConfigError,
+    DatatypesConfig,
+    EvalConfig,
+    ExportGgufConfig,
+    GenerateConfig,
+    JudgeConfig,
+    MergeConfig,
+    QuantizeConfig,
+    TrainConfig,
+    config_options,
+)
+from qlora.demo import DemoConfig
 
 BASE = ["--model", "models/tiny", "--data", "data.jsonl", "--output", "runs/x"]
 
@@ -27,6 +47,7 @@ CONTRACT = {
     "--device": ("device", ["cpu"], "cpu"),
     "--adapter": ("lora.init_from", ["runs/previous"], "runs/previous"),
     "--quant-type": ("quant.quant_type", ["fp4"], "fp4"),
+    "--compute-dtype": ("model.compute_dtype", ["bf16"], "bfloat16"),
 }
 
 
@@ -139,3 +160,129 @@ def test_works_inside_a_subcommand_parser():
     assert config_from_namespace(ns).lora.r == 8
     with pytest.raises(ConfigError, match="--model / model.path is required"):
         config_from_namespace(top.parse_args(["train", "--data", "d", "--output", "o"]))
+
+
+# Every command and the root config its flags come from.
+COMMANDS = {
+    ("train",): TrainConfig,
+    ("generate",): GenerateConfig,
+    ("eval",): EvalConfig,
+    ("eval", "answer"): AnswerConfig,
+    ("eval", "judge"): JudgeConfig,
+    ("eval", "datatypes"): DatatypesConfig,
+    ("merge",): MergeConfig,
+    ("quantize",): QuantizeConfig,
+    ("export-gguf",): ExportGgufConfig,
+    ("demo",): DemoConfig,
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS), ids=" ".join)
+def test_every_commands_help_lists_its_typed_fields(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        qlora_main([*command, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    squeezed = "".join(text.split())
+    options = list(config_options(COMMANDS[command]))
+    assert options
+    for opt in options:
+        assert f"--{opt.key}" in text, opt.key
+        assert "".join(opt.help.split()) in squeezed, f"help text of {opt.key} missing"
+        for alias in opt.aliases:
+            assert alias in text, alias
+    assert "--config FILE" in text
+
+
+def _parse(cls, argv):
+    return parse_config_args(cls, argv, prog="test")
+
+
+def test_readme_spellings_of_generate_and_eval():
+    cfg = _parse(GenerateConfig, ["--model", "m", "--adapter", "a", "--prompt", "Hi, you", "--prompt", "Two",
+                                  "--max-new-tokens", "8", "--temperature", "0.7", "--top-p", "0.9", "--seed", "3",
+                                  "--quant-type", "none", "--no-chat-template", "--device", "cpu",
+                                  "--dtype", "bf16"])  # fmt: skip
+    assert cfg.prompt == ["Hi, you", "Two"]  # one item per flag, commas kept
+    assert (cfg.model.path, cfg.model.adapter, cfg.model.quant_type, cfg.model.compute_dtype, cfg.model.device) == \
+        ("m", "a", "none", "bfloat16", "cpu")  # fmt: skip
+    assert (cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.seed) == \
+        (8, 0.7, 0.9, 3)  # fmt: skip
+    assert cfg.chat_template is False
+    assert _parse(GenerateConfig, ["--model", "m", "--prompt", "x", "--dtype", "bfloat16"]).model.compute_dtype == \
+        "bfloat16"  # fmt: skip
+    assert _parse(GenerateConfig, ["--model", "m", "--prompt", "x"]).model.compute_dtype == "auto"
+    cfg = _parse(EvalConfig, ["--model", "m", "--perplexity", "w.raw", "--max-length", "64", "--stride", "32",
+                              "--max-tokens", "300", "--mmlu", "mm", "--shots", "0", "--subjects", "a", "b",
+                              "--limit", "2", "--letters", "space", "--batch-size", "2", "--dtype", "fp32",
+                              "--output", "r.json"])  # fmt: skip
+    assert (cfg.perplexity.file, cfg.perplexity.max_length, cfg.perplexity.stride, cfg.perplexity.max_tokens) == \
+        ("w.raw", 64, 32, 300)  # fmt: skip
+    assert (cfg.mmlu.path, cfg.mmlu.shots, cfg.mmlu.subjects, cfg.mmlu.limit, cfg.mmlu.letters) == \
+        ("mm", 0, ["a", "b"], 2, "space")  # fmt: skip
+    assert (cfg.batch_size, cfg.model.compute_dtype, cfg.output) == (2, "float32", "r.json")
+    cfg = _parse(AnswerConfig, ["--model", "m", "--questions", "q.jsonl", "--output", "a.jsonl", "--template", "raw"])
+    assert (cfg.sampling.max_new_tokens, cfg.template) == (256, "raw")
+    cfg = _parse(JudgeConfig, ["--answers", "a", "b", "--judge-local", "m", "--dtype", "fp32", "--k", "16"])
+    assert (cfg.judge_source().path, cfg.judge_source().compute_dtype, cfg.k) == ("m", "float32", 16.0)
+    cfg = _parse(DatatypesConfig, ["--model", "m", "--text", "w.raw", "--max-tokens", "100", "--dtype", "float32"])
+    assert (cfg.model, cfg.perplexity.file, cfg.perplexity.max_tokens, cfg.device) == ("m", "w.raw", 100, "cpu")
+
+
+def test_readme_spellings_of_the_export_commands():
+    for spelling, dtype in [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32"), ("float16", "float16")]:
+        cfg = _parse(MergeConfig, ["--model", "m", "--adapter", "a", "--output", "o", "--dtype", spelling])
+        assert cfg.dtype == dtype
+    cfg = _parse(MergeConfig, ["--model", "m", "--adapter", "a", "--output", "o", "--onto", "original", "--text",
+                               "t.raw", "--no-report", "--quant-type", "fp4", "--no-double-quant", "--report-tokens",
+                               "64", "--report-seq-len", "16", "--max-shard-size", "10"])  # fmt: skip
+    assert (cfg.onto, cfg.report.text, cfg.report.enabled, cfg.report.tokens, cfg.report.seq_len) == \
+        ("original", "t.raw", False, 64, 16)  # fmt: skip
+    assert (cfg.model.quant_type, cfg.model.double_quant, cfg.max_shard_size) == ("fp4", False, 10)
+    cfg = _parse(QuantizeConfig, ["--model", "m", "--output", "o", "--quant-type", "fp4", "--double-quant",
+                                  "--blocksize", "128", "--dtype", "fp32"])  # fmt: skip
+    assert (cfg.model.quant_type, cfg.model.double_quant, cfg.model.blocksize, cfg.dtype) == \
+        ("fp4", True, 128, "float32")  # fmt: skip
+    for kind in ("f16", "bf16", "q8_0", "f32"):  # GGUF tensor types: bf16 stays "bf16", not a dtype
+        assert _parse(ExportGgufConfig, ["--model", "m", "--output", "x.gguf", "--type", kind]).type == kind
+    cfg = _parse(DemoConfig, ["--model", "m", "--output", "o", "--steps", "3", "--heldout", "4",
+                              "--train-examples", "5", "--seed", "6"])  # fmt: skip
+    assert (cfg.model, cfg.steps, cfg.heldout, cfg.train_examples, cfg.seed, cfg.compute_dtype) == \
+        ("m", 3, 4, 5, 6, "auto")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("cls", "argv", "message"),
+    [
+        (ExportGgufConfig, ["--model", "m", "--output", "x", "--type", "fp16"], "invalid choice: 'fp16'"),
+        (MergeConfig, ["--model", "m", "--output", "o"], "--adapter / model.adapter is required"),
+        (
+            MergeConfig,
+            ["--model", "m", "--adapter", "a", "--output", "o", "--compute-dtype", "bf16"],
+            "unrecognized arguments: --compute-dtype",
+        ),
+        (QuantizeConfig, ["--model", "m", "--output", "o", "--quant-type", "int4"], "must be nf4 or fp4"),
+        (QuantizeConfig, ["--model", "m", "--output", "o", "--adapter", "a"], "unrecognized arguments: --adapter"),
+        (EvalConfig, ["--model", "m"], "nothing to evaluate"),
+        (JudgeConfig, ["--answers", "a", "b"], "give exactly one judge"),
+        (GenerateConfig, ["--model", "m"], "--prompt / prompt is required"),
+        (GenerateConfig, ["--model", "m", "--prompt", "x", "--dtype", "bf61"], "invalid choice: 'bf61'"),
+    ],
+)
+def test_command_flag_errors_exit_2_with_a_message(cls, argv, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        _parse(cls, argv)
+    assert err.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_command_config_files_are_strict(tmp_path, capsys):
+    path = tmp_path / "g.yaml"
+    path.write_text("model:\n  path: m\n  compute_dtype: bf16\nprompt: [Hello]\nsampling:\n  max_new_token: 4\n")
+    with pytest.raises(SystemExit):
+        _parse(GenerateConfig, ["--config", str(path)])
+    assert "g.yaml: unknown key 'sampling.max_new_token'; did you mean 'sampling.max_new_tokens'?" in \
+        capsys.readouterr().err  # fmt: skip
+    path.write_text("model:\n  path: m\n  compute_dtype: bf16\nprompt: [Hello]\n")
+    cfg = _parse(GenerateConfig, ["--config", str(path), "--max-new-tokens", "4"])
+    assert (cfg.model.compute_dtype, cfg.prompt, cfg.sampling.max_new_tokens) == ("bfloat16", ["Hello"], 4)

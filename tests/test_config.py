@@ -7,19 +7,24 @@ import json
 import math
 
 import pytest
+import torch
 
-from qlora import config_files
 from qlora.config import (
     OPTIMIZER_NAMES,
     ConfigError,
     DataSection,
+    EvalConfig,
+    GenerateConfig,
     LoopSection,
     LoraSection,
+    MergeConfig,
     ModelSection,
     TrainConfig,
     config_options,
+    load_config_file,
+    read_config,
 )
-from qlora.config_files import load_config_file, read_config
+from qlora.config import files as config_files
 
 REQUIRED = {"model": {"path": "models/tiny"}, "data": {"path": "data/train.jsonl"}, "output": "runs/x"}
 
@@ -50,7 +55,8 @@ def test_defaults_are_the_qlora_papers():
     assert (cfg.optim.beta1, cfg.optim.beta2, cfg.optim.eps) == (0.9, 0.999, 1e-8)
     assert (cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.effective_batch_size) == (1, 16, 16)
     assert (cfg.train.lr_schedule, cfg.train.warmup_steps, cfg.train.warmup_ratio) == ("constant", None, 0.03)
-    assert (cfg.model.compute_dtype, cfg.model.gradient_checkpointing) == ("bfloat16", True)
+    # the paper computes in bf16; ours picks it where the device computes it natively (qlora.precision)
+    assert (cfg.model.compute_dtype, cfg.model.gradient_checkpointing) == ("auto", True)
     assert (cfg.data.max_source_len, cfg.data.max_target_len, cfg.data.train_on_source) == (384, 128, False)
     assert (cfg.seed, cfg.device) == (0, "auto")
 
@@ -68,7 +74,7 @@ def test_optimizer_registry():
 
 
 def test_blocksizes_match_the_format_floor():
-    from qlora.config_checks import SUPPORTED_BLOCKSIZES as checked
+    from qlora.config import SUPPORTED_BLOCKSIZES as checked
     from qlora.quant.blockwise import SUPPORTED_BLOCKSIZES
 
     assert checked == SUPPORTED_BLOCKSIZES
@@ -318,3 +324,70 @@ def test_paper_defaults_follow_model_size():
     assert resolve_size_defaults(None, None, 32.5e9) == (1e-4, 0.05)  # LLaMA-33B
     assert resolve_size_defaults(None, None, 65.2e9) == (1e-4, 0.05)
     assert resolve_size_defaults(3e-3, 0.2, 65.2e9) == (3e-3, 0.2)  # the user's values win
+
+
+def test_one_table_of_default_targets_and_optimizers():
+    from qlora.config import DEFAULT_TARGETS
+    from qlora.optim import build_optimizer
+
+    assert _cfg().lora.target_modules == list(DEFAULT_TARGETS)
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    for name in OPTIMIZER_NAMES:  # the factory builds every name of the config's registry
+        assert build_optimizer(name, p, lr=1e-3) is not None
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        build_optimizer("sgd", p, lr=1e-3)
+
+
+@pytest.mark.parametrize(
+    "alias, canonical",
+    [
+        ("bf16", "bfloat16"),
+        ("BF16", "bfloat16"),
+        ("fp16", "float16"),
+        ("fp32", "float32"),
+        ("bfloat16", "bfloat16"),
+        ("auto", "auto"),
+    ],
+)
+def test_dtype_aliases_are_accepted_and_stored_canonical(alias, canonical, tmp_path):
+    assert _cfg(model={"compute_dtype": alias}).model.compute_dtype == canonical
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model:\n  compute_dtype: {alias}\n")
+    assert load_config_file(path)["model"]["compute_dtype"] == alias  # checked; the dataclass canonicalises
+    if alias != "auto":  # the same table serves merge's output dtype
+        merge = MergeConfig.from_dict({"model": {"path": "m", "adapter": "a"}, "output": "o", "dtype": alias})
+        assert merge.dtype == canonical
+
+
+def test_unknown_dtype_and_unknown_keys_are_named():
+    with pytest.raises(ConfigError, match="--compute-dtype / model.compute_dtype must be one of .*'bf16' for"):
+        _cfg(model={"compute_dtype": "bf61"})
+    with pytest.raises(ConfigError, match="unknown key 'model.dtype'"):
+        GenerateConfig.from_dict({"model": {"path": "m", "dtype": "bf16"}, "prompt": ["x"]}, source="g.yaml")
+    with pytest.raises(ConfigError, match="g.yaml: unknown key 'prompts'; did you mean 'prompt'"):
+        GenerateConfig.from_dict({"model": {"path": "m"}, "prompts": ["x"]}, source="g.yaml")
+    # a shared-section key a command hides is unknown there (merge's --dtype is the output dtype)
+    with pytest.raises(ConfigError, match="unknown key 'model.compute_dtype'"):
+        MergeConfig.from_dict({"model": {"path": "m", "adapter": "a", "compute_dtype": "bf16"}, "output": "o"})
+
+
+def test_every_command_shares_the_model_source_section():
+    from qlora.config import ExportGgufConfig, ModelSource, QuantizeConfig
+
+    for cls in (GenerateConfig, EvalConfig, MergeConfig, QuantizeConfig, ExportGgufConfig):
+        assert dataclasses.fields(cls)[0].type in ("ModelSource", ModelSource), cls
+    cfg = _cfg(quant={"quant_type": "fp4", "double_quant": False}, lora={"init_from": "runs/a"}, device="cpu")
+    source = cfg.model_source()
+    assert (source.path, source.adapter, source.quant_type, source.double_quant, source.device) == \
+        ("models/tiny", "runs/a", "fp4", False, "cpu")  # fmt: skip
+
+
+def test_run_quantization_reads_the_runs_config(tmp_path):
+    from qlora.config.files import run_quantization
+
+    assert run_quantization(tmp_path) == {}
+    (tmp_path / "config.yaml").write_text("quant:\n  quant_type: fp4\n  double_quant: false\n  blocksize: 128\n")
+    assert run_quantization(tmp_path) == {"quant_type": "fp4", "double_quant": False, "blocksize": 128}
+    (tmp_path / "config.yaml").write_text("quant:\n  quant_typ: fp4\n")
+    with pytest.raises(ConfigError, match="config.yaml: unknown key 'quant.quant_typ'"):
+        run_quantization(tmp_path)

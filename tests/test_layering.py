@@ -2,7 +2,8 @@
 
 Floors (design.md): formats (quant) < kernels < ops < modules (lora) < model and loading <
 optimizers, data, training, export, generation < CLI. `config` is a leaf every floor may read
-(it imports nothing from qlora). The model knows nothing about quantization or LoRA.
+(it imports nothing from qlora); `precision` (dtypes by name, compute dtype auto) sits beside it.
+The model knows nothing about quantization or LoRA.
 """
 
 import ast
@@ -11,9 +12,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "qlora"
 
 FLOOR = {
-    "config_checks": 0,
     "config": 0,
-    "config_files": 0,
+    "precision": 0,
     "quant": 1,
     "kernels": 2,
     "ops": 3,
@@ -25,7 +25,7 @@ FLOOR = {
     "fused": 5,
     "data": 6,
     "optim": 6,
-    "adapter": 6,
+    "adapter": 5,
     "generate": 6,
     "export": 7,
     "train": 6,
@@ -83,8 +83,9 @@ def test_model_is_quantization_agnostic_and_config_is_a_leaf():
     for path in (PACKAGE / "model").rglob("*.py"):
         assert not qlora_imports(path) & MODEL_MUST_NOT_IMPORT, path
         assert "triton" not in path.read_text(encoding="utf-8"), path
-    assert qlora_imports(PACKAGE / "config.py") <= {"config_checks"}
-    assert qlora_imports(PACKAGE / "config_checks.py") == set()
+    for path in (PACKAGE / "config").rglob("*.py"):
+        assert qlora_imports(path) <= {"config"}, path
+    assert qlora_imports(PACKAGE / "precision.py") <= {"config"}
 
 
 def test_quant_floor_imports_only_torch():

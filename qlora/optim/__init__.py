@@ -1,4 +1,5 @@
-"""Optimizers selectable by name, as `--optim` / `optim.name` spells them (transformers' names).
+"""Optimizers selectable by name, as `--optim` / `optim.name` spells them (transformers' names; the
+list is `qlora.config.OPTIMIZER_NAMES`, and importing this package fails if the two disagree).
 
     adamw               torch.optim.AdamW (as `TorchAdamW`, which adds `memory_report()`)
     paged_adamw_32bit   QAdamW(optim_bits=32, paged=True)   the QLoRA paper's default; the default on CUDA
@@ -18,16 +19,19 @@ from collections.abc import Iterable
 
 import torch
 
+from qlora.config import OPTIMIZER_NAMES
 from qlora.optim.optimizer import QAdamW
 from qlora.optim.report import TorchAdamW, state_memory_report
 
-OPTIMIZER_NAMES = ("adamw", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
-
+# The names are the config's registry (`qlora.config.names.OptimName`); this says how each is built.
 _QADAMW_SETTINGS = {
     "paged_adamw_32bit": {"optim_bits": 32, "paged": True},
     "paged_adamw_8bit": {"optim_bits": 8, "paged": True},
     "adamw_8bit": {"optim_bits": 8, "paged": False},
 }
+if set(OPTIMIZER_NAMES) != {"adamw", *_QADAMW_SETTINGS}:  # a name added to one table but not the other
+    raise ImportError(f"qlora.optim builds {sorted({'adamw', *_QADAMW_SETTINGS})} but the config registry "
+                      f"(qlora.config.names.OptimName) names {sorted(OPTIMIZER_NAMES)}: make them agree")  # fmt: skip
 
 
 def build_optimizer(

@@ -1,10 +1,15 @@
 """Reading configuration files: TOML, YAML (strict: YAML 1.2 floats, no duplicated keys) or JSON, into a
-checked nested dict that `qlora.config.TrainConfig.from_dict` turns into a config; and merging a file's
-dict with the command line's. Kept apart from `qlora.config` (the typed fields) as the file formats' concept.
+checked nested dict that a root config's `from_dict` (`TrainConfig`, `GenerateConfig`, ...) turns into a
+config; and merging a file's dict with the command line's. The file formats' concept, kept apart from
+the typed fields.
+
+YAML is read with YAML 1.2 float syntax, so `lr: 2e-4` is a float (YAML 1.1, PyYAML's default, makes
+it a string); a duplicated YAML key is an error (PyYAML would silently keep the last).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping
@@ -13,7 +18,9 @@ from typing import Any
 
 import yaml
 
-from qlora.config import ConfigError, TrainConfig, check_tree
+from qlora.config.errors import ConfigError
+from qlora.config.root import check_tree
+from qlora.config.sections import QuantSection, TrainConfig
 
 try:
     import tomllib
@@ -51,8 +58,9 @@ _StrictYamlLoader.add_implicit_resolver(
 )
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a .toml, .yaml/.yml or .json config file into a checked (possibly partial) nested dict."""
+def load_config_file(path: str | Path, cls: type = TrainConfig) -> dict[str, Any]:
+    """Read a .toml, .yaml/.yml or .json config file into a nested dict checked against the root config
+    `cls` (possibly partial: the command line may add the rest)."""
     path = Path(path)
     suffix = path.suffix.lower()
     try:
@@ -81,7 +89,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: invalid JSON: {e}") from e
     else:
         raise ConfigError(f"{path}: unsupported config file type {suffix!r}; use .toml, .yaml, .yml or .json")
-    check_tree(data, source=str(path))
+    check_tree(data, source=str(path), cls=cls)
     return data
 
 
@@ -96,6 +104,27 @@ def merge_config_dicts(base: Mapping[str, Any], override: Mapping[str, Any]) -> 
     return out
 
 
-def read_config(path: str | Path) -> TrainConfig:
-    """A whole `TrainConfig` from a config file (every required key in it)."""
-    return TrainConfig.from_dict(load_config_file(path), source=str(path))
+def read_config(path: str | Path, cls: type = TrainConfig):
+    """A whole root config (default `TrainConfig`) from a config file (every required key in it)."""
+    return cls.from_dict(load_config_file(path, cls), source=str(path))
+
+
+# The resolved configuration a training run writes beside its adapter (`TrainConfig.to_yaml`).
+RUN_CONFIG = "config.yaml"
+
+
+def run_quantization(directory: str | Path) -> dict[str, Any]:
+    """How the training run in `directory` stored its frozen base: {"quant_type", "double_quant", "blocksize"}
+    from its resolved config.yaml, checked; {} when there is no such file (a PEFT adapter, say)."""
+    path = Path(directory) / RUN_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictYamlLoader) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the training run's configuration: {e}") from e
+    quant = data.get("quant") if isinstance(data, Mapping) else None
+    if not isinstance(quant, Mapping):
+        return {}
+    check_tree({"quant": dict(quant)}, source=str(path))
+    return dataclasses.asdict(QuantSection(**quant))

@@ -1,6 +1,6 @@
 """Value checks for the configuration fields: each returns None when a value is fine, else what it
-must be ("must be a positive integer"); `qlora.config` turns that into an error naming the flag and
-the key. Kept apart from the dataclasses so each file holds one concept; imports nothing from qlora.
+must be ("must be a positive integer"); `qlora.config.fields.Section` turns that into an error naming
+the flag and the key. Kept apart from the dataclasses so each file holds one concept; imports nothing.
 """
 
 from __future__ import annotations
@@ -44,9 +44,7 @@ def non_empty_str(v: Any) -> str | None:
 
 
 def blocksize(v: Any) -> str | None:
-    return (
-        None if v in SUPPORTED_BLOCKSIZES else f"must be one of {', '.join(map(str, SUPPORTED_BLOCKSIZES))}"
-    )
+    return None if v in SUPPORTED_BLOCKSIZES else f"must be one of {', '.join(map(str, SUPPORTED_BLOCKSIZES))}"
 
 
 def device(v: Any) -> str | None:
