@@ -15,11 +15,13 @@ suffix of the module name); the weights file then decides, strictly, which layer
 Per-layer r and alpha (`rank_pattern`, `alpha_pattern`) are applied as PEFT applies them: keys are
 regular expressions matched against the full module name ("model.layers.0.self_attn.q_proj") as
 `(.*\\.)?(key)`, the first matching key in the file's order wins, unmatched modules take `r` /
-`lora_alpha` (`LoraSpec.for_layer`). Every other field PEFT writes is either used, ignored because it
-does not change the adapter's maths (`IGNORED`, with the reason), or refused when set (`REFUSED`): an
-adapter we would compute differently from PEFT is an error naming the file and the field, never a
-silently different model. Fields of a newer PEFT that we do not know are refused when set, ignored when
-empty or false (PEFT's features default to off).
+`lora_alpha` (`LoraSpec.for_layer`). PEFT saves the keys sorted, so where two keys match one module the
+PEFT model that saved an adapter can differ from the one `PeftModel.from_pretrained` rebuilds; we follow
+the file, as the latter does, and write our own patterns in the spec's order. Every other field PEFT
+writes is either used, ignored because it does not change the adapter's maths (`IGNORED`, with the
+reason), or refused when set (`REFUSED`): an adapter we would compute differently from PEFT is an error
+naming the file and the field, never a silently different model. Fields of a newer PEFT that we do not
+know are refused when set, ignored when empty or false (PEFT's features default to off).
 
 Tensors are saved in float32 (exact for bfloat16-trained adapters too). Writing goes through a
 temporary file and `os.replace`, so an interrupted save never leaves a torn adapter.
