@@ -17,6 +17,34 @@ def load(*args, **kwargs):
     return _load(*args, **kwargs)
 
 
+def prepare_for_training(*args, **kwargs):
+    """Apply every speed and memory setting of `qlora train`'s step to a model (`qlora.train.prepare`)."""
+    from qlora.train.prepare import prepare_for_training as _prepare
+
+    return _prepare(*args, **kwargs)
+
+
+def __getattr__(name: str):
+    if name == "Trainer":  # the training floors load on first use only
+        from qlora.train.trainer import Trainer
+
+        return Trainer
+    if name == "LoraSpec":
+        from qlora.lora import LoraSpec
+
+        return LoraSpec
+    raise AttributeError(f"module 'qlora' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 
-__all__ = ["QuantizedTensor", "__version__", "load", "load_model", "quantize"]
+__all__ = [
+    "LoraSpec",
+    "QuantizedTensor",
+    "Trainer",
+    "__version__",
+    "load",
+    "load_model",
+    "prepare_for_training",
+    "quantize",
+]
