@@ -44,6 +44,7 @@ from qlora.fused import use_fused_elementwise
 from qlora.lora import DEFAULT_TARGETS, LoRALinear, LoraSpec, QuantSpec, replace_linears
 from qlora.model.config import ModelConfig
 from qlora.model.llama import LlamaForCausalLM
+from qlora.ops import KernelPolicy
 from qlora.precision import resolve_compute_dtype, resolve_device
 from qlora.quant.tensor import QuantizedTensor
 from qlora.tokenizer import Tokenizer
@@ -103,12 +104,15 @@ def load_model(
     blocksize: int = 64,
     lora: LoraSpec | None = None,
     quantized_modules: tuple[str, ...] = DEFAULT_TARGETS,
+    policy: KernelPolicy | None = None,
 ) -> LlamaForCausalLM:
     """Load a Llama-family checkpoint with its block linears quantized (`quant_type=None`: kept 16-bit).
 
     `path`: a Hugging Face model directory (safetensors, sharded or not), a .gguf file, or a hub id.
     `lora`: the adapters to create on the linears named by `lora.targets` (None: the frozen model
-    only). Returns the model in eval mode on `device` (default: CUDA if available, else CPU).
+    only). `policy`: which kernels the model runs (default: `KernelPolicy.from_env()`), kept as
+    `model.policy` and shared by every layer. Returns the model in eval mode on `device` (default: CUDA
+    if available, else CPU).
     """
     p = resolve_model_path(path)
     device = torch.device(device) if device is not None else _default_device()
@@ -120,8 +124,11 @@ def load_model(
     model = LlamaForCausalLM.from_config(config, device="meta")
     needed = expected_keys(model)
     quant = QuantSpec(quant_type, blocksize, double_quant)
-    swapped = set(replace_linears(model, quant, lora, quantized_modules, device="meta", dtype=compute_dtype))
-    use_fused_elementwise(model)  # RMSNorm, SwiGLU, RoPE through qlora.ops: Triton on CUDA, the same formulas elsewhere
+    policy = policy if policy is not None else KernelPolicy.from_env()
+    swapped = set(replace_linears(model, quant, lora, quantized_modules, device="meta", dtype=compute_dtype,
+                                  policy=policy))  # fmt: skip
+    use_fused_elementwise(model, policy)  # norms, SwiGLU, RoPE through qlora.ops: Triton on CUDA, the twins elsewhere
+    model.policy = policy
 
     seen: list[str] = []
     warned = False

@@ -18,9 +18,9 @@ in backward. With g = dL/dy [N, out], xd = drop(x) [N, in], h = xd A^T [N, r]:
     dL/dA  = scale * (g B)^T xd        [r, in]
     W and b are frozen: no gradient.
 
-Saved for backward: xd and the dropout's mask (or, with the hashed mask, x and a seed), h, A, B and a
-reference to the packed weight (never a dequantized copy; a test hooks saved tensors to prove it),
-except inside `qlora.lora.matmul.reusing_dense_weights()`
+Saved for backward: x and the dropout mask's seed, h, A, B and a reference to the packed weight (never
+a dequantized copy; a test hooks saved tensors to prove it), except inside
+`KernelPolicy.reusing_dense_weights()`
 (around a gradient checkpoint's two passes: the first discards what is saved, the recompute's backward
 follows at once), where the forward's dense W is saved so that it is not dequantized a third time.
 
@@ -48,15 +48,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlora import ops
+from qlora.kernels.spare_columns import rows_of
 from qlora.lora.dropout import HashedDropout
-from qlora.kernels.spare_columns import whole_rows
 from qlora.lora.matmul import (
     base_plus_adapter,
     columns_width,
     dense_weight,
     dense_with_columns,
-    reuse_dense_weights,
 )
+from qlora.ops import KernelPolicy
 from qlora.quant.tensor import QuantizedTensor
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -124,75 +124,65 @@ class LoraSpec:
 class LoRALinearFunction(torch.autograd.Function):
     """y = x W^T + b + scale * (xd A^T) B^T with W frozen and re-materialised in backward (see module doc).
 
-    The function applies the adapter's dropout itself (`torch.native_dropout`, the op `nn.Dropout`
-    runs, so the same draws) to keep its mask: the adapter's input gradient is then added into the
-    base's through the mask in one pass (`ops.add_masked_lowrank_`), where autograd through
-    `nn.Dropout` would write the [N, in] product, mask it into another tensor and sum the two
-    gradients (13 bytes per input element instead of 5). Without dropout it is one `addmm_`.
+    The adapter's dropout is the hashed mask (`qlora.lora.dropout`) in every mode: eager or graphed, padded
+    or packed, forward or recompute, on every device. Its seed is drawn here; the ops that read x apply the
+    mask on the fly (xd A^T, A's gradient, the masked input gradient: one pass each through the kernels,
+    the same hash with torch integer ops in the twins), so neither the dropped x nor a mask is written, and
+    backward keeps x itself (one tensor for q, k and v) and the seed.
 
-    In CUDA-graph-captured steps (`ops.graph_step_kernels`), the mask is a hash of a seed instead
-    (`qlora.lora.dropout`): the kernels reading x apply it on the fly (xd A^T, A's gradient, the
-    masked input gradient), so neither the dropped x nor the mask is written; backward keeps x (one
-    tensor for q, k and v) and the seed.
+    Args after the tensors: `scale`; `wide`, a dense base's [out, in + r + pad] storage with room for the
+    adapter columns, or None; `dropout`, the adapter's dropout probability (0 outside training); `policy`,
+    the model's `KernelPolicy`, also used by backward; `row_width`: x is the left columns of rows this wide
+    (`input_row_width`), stored so by the block that calls the layer, or None.
     """
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, bias, base, scale: float, wide=None, dropout: float = 0.0):
-        # x: [..., in]; lora_A: [r, in] or None; lora_B: [out, r] or None; base: [out, in];
-        # wide: a dense base's [out, in + r + pad] storage with room for the adapter columns, or None;
-        # dropout: the adapter's dropout probability (0 outside training)
-        h = keep = None
+    def forward(ctx, x, lora_A, lora_B, bias, base, scale: float, wide=None, dropout: float = 0.0,
+                policy: KernelPolicy | None = None, row_width: int | None = None):  # fmt: skip
+        policy = policy if policy is not None else KernelPolicy.from_env()
+        # x: [..., in]; lora_A: [r, in] or None; lora_B: [out, r] or None; base: [out, in]
+        h = mask = None
         if lora_A is None:
-            weight = dense_weight(base, x.dtype)
+            weight = dense_weight(base, x.dtype, policy=policy)
             y = F.linear(x, weight, None if bias is None else bias.to(x.dtype))  # [..., out]
         else:
             x2 = x.reshape(-1, x.shape[-1])  # [N, in]
-            # x's producer may have stored it inside a wider matrix, for the adapter columns (`qlora.fused`)
-            x_rows = whole_rows(x)  # [N, in + r + pad] or None
-            x_dropped, keep = x2, None
+            # the block that made x may have stored it inside wider rows, for the adapter columns (`qlora.fused`)
+            x_rows = rows_of(x, row_width) if row_width else None  # [N, in + r + pad] or None
             a = lora_A.to(x.dtype)  # [r, in] in the compute dtype
-            if dropout > 0.0 and ops.graph_step_kernels(x.device):
-                # the mask hashed from a seed inside the kernels that read x (qlora.lora.dropout): nothing
-                # [N, in] is written; backward keeps x itself and the seed (graph-captured steps)
-                keep = HashedDropout.draw(dropout, x.device)
-                h = ops.dropout_project(x2, a, keep)  # [N, r]
+            if dropout > 0.0:
+                mask = HashedDropout.draw(dropout, x.device)
+                h = ops.dropout_project(x2, a, mask, policy=policy)  # [N, r]
             else:
-                if dropout > 0.0:  # torch.native_dropout is what nn.Dropout runs (the same draws); it returns the mask
-                    if x_rows is not None:  # over the whole (contiguous) rows: a strided x takes a slow, other kernel
-                        x_dropped, keep = (t[:, : x2.shape[1]] for t in torch.native_dropout(x_rows, dropout, True))
-                    else:
-                        x_dropped, keep = torch.native_dropout(x2, dropout, True)
-                h = F.linear(x_dropped, a)  # [N, r]
-            y2, weight = base_plus_adapter(x2, base, h, lora_B, wide, x_rows, scale)  # [N, out], W [out, in]
+                h = F.linear(x2, a)  # [N, r]
+            y2, weight = base_plus_adapter(x2, base, h, lora_B, wide, x_rows, scale, policy=policy)  # [N, out]
             if bias is not None:
                 y2.add_(bias.to(x.dtype))
             y = y2.view(*x.shape[:-1], -1)
         # kept only inside a gradient checkpoint: its forward discards it, its recompute's backward follows
-        kept_weight = weight if reuse_dense_weights() and ctx.needs_input_grad[0] else None
+        reuse = policy.reuse_dense_weights()
+        kept_weight = weight if reuse and ctx.needs_input_grad[0] else None
         del weight
-        ctx.base = base
-        ctx.scale = scale
-        ctx.dropout = dropout
+        ctx.base, ctx.scale, ctx.dropout, ctx.policy = base, scale, dropout, policy
         ctx.has_adapter = lora_A is not None
         ctx.param_dtypes = (None, None) if lora_A is None else (lora_A.dtype, lora_B.dtype)
-        adapter_input = None if lora_A is None else x_dropped
-        # the hashed mask's seed is saved like a tensor, so a checkpoint's backward uses its recompute's
-        # (and refuses a recompute that took the other path); torch's mask only for the input gradient
-        ctx.hashed_dropout = isinstance(keep, HashedDropout)
-        keep = keep.seed if ctx.hashed_dropout else keep if ctx.needs_input_grad[0] else None
+        adapter_input = None if lora_A is None else x2
+        # the seed is saved like a tensor, so a checkpoint's backward uses its recompute's draw
+        seed = None if mask is None else mask.seed
         # inside a checkpoint (as the dense weight), A as cast for the forward, so backward does not cast it again
-        if lora_A is not None and reuse_dense_weights():
+        if lora_A is not None and reuse:
             lora_A = a
-        ctx.save_for_backward(adapter_input, keep, h, lora_A, lora_B, kept_weight)
+        ctx.save_for_backward(adapter_input, seed, h, lora_A, lora_B, kept_weight)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        adapter_input, keep, h, lora_A, lora_B, kept_weight = ctx.saved_tensors
+        x2, seed, h, lora_A, lora_B, kept_weight = ctx.saved_tensors
+        policy = ctx.policy
         dtype = grad_y.dtype
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
-            weight = dense_weight(ctx.base, dtype) if kept_weight is None else kept_weight.to(dtype)
+            weight = dense_weight(ctx.base, dtype, policy=policy) if kept_weight is None else kept_weight.to(dtype)
             grad_x = grad_y @ weight  # [..., out] @ [out, in] -> [..., in]
             del weight
         if ctx.has_adapter:
@@ -200,26 +190,20 @@ class LoRALinearFunction(torch.autograd.Function):
             scale = ctx.scale
             g2 = grad_y.reshape(-1, grad_y.shape[-1])  # [N, out]
             g_B = (g2 @ lora_B.to(dtype)).mul_(scale)  # [N, out] @ [out, r] -> [N, r], scaled
-            x2 = adapter_input  # [N, in]: x (no dropout, or the hashed mask's), or the dropped x
-            hashed = HashedDropout(keep, ctx.dropout) if ctx.hashed_dropout else None
+            mask = None if seed is None else HashedDropout(seed, ctx.dropout)
             a = lora_A.to(dtype)
             grad_x2 = None if grad_x is None else grad_x.view(-1, grad_x.shape[-1])
             if ctx.needs_input_grad[2]:
                 grad_B = (g2.t() @ h).mul_(scale).to(ctx.param_dtypes[1])  # [out, N] @ [N, r]
-            if hashed is not None and ctx.needs_input_grad[1]:
+            if mask is not None and ctx.needs_input_grad[1]:
                 # A's gradient [r, N] @ drop(x), and the input gradient through the mask on the same tiles
-                grad_A = ops.dropout_backward(g_B, x2, hashed, ctx.param_dtypes[0], grad_x2, a)
+                grad_A = ops.dropout_backward(g_B, x2, mask, ctx.param_dtypes[0], grad_x2, a, policy=policy)
             else:
                 if grad_x2 is not None:  # the adapter's input gradient, added into the base's in place
-                    if hashed is not None:  # through the hashed mask (its scale applied by the op)
-                        ops.add_masked_lowrank_(grad_x2, g_B, a, hashed, 1.0)
-                    elif keep is None:
-                        grad_x2.addmm_(g_B, a)
-                    else:  # through the dropout: keep / (1 - p) * (g_B A), without an [N, in] product tensor
-                        ops.add_masked_lowrank_(grad_x2, g_B, a, keep, 1.0 / (1.0 - ctx.dropout))
+                    ops.add_masked_lowrank_(grad_x2, g_B, a, mask, 1.0, policy=policy)
                 if ctx.needs_input_grad[1]:
                     grad_A = (g_B.t() @ x2).to(ctx.param_dtypes[0])  # [r, N] @ [N, in]
-        return grad_x, grad_A, grad_B, None, None, None, None, None
+        return grad_x, grad_A, grad_B, None, None, None, None, None, None, None
 
 
 class LoRALinear(nn.Module):
@@ -240,8 +224,11 @@ class LoRALinear(nn.Module):
         lora: LoraSpec | None = LoraSpec(),
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.bfloat16,
+        policy: KernelPolicy | None = None,
     ):
         super().__init__()
+        # which kernels run, shared by all layers of a model (`replace_linears`, `qlora.ops.policy.apply_policy`)
+        self.policy = policy if policy is not None else KernelPolicy.from_env()
         self.in_features, self.out_features = in_features, out_features
         self.quant = quant
         self.compute_dtype = dtype
@@ -253,7 +240,7 @@ class LoRALinear(nn.Module):
             else None  # fmt: skip
         self.r = lora.r if lora is not None else 0
         self.scale = lora.scale if lora is not None else 0.0
-        self.dropout = nn.Dropout(lora.dropout) if lora is not None and lora.dropout > 0 else nn.Identity()
+        self.dropout = lora.dropout if lora is not None else 0.0  # the adapter input's (hashed) dropout probability
         if self.r:
             # nn.Linear holders give PEFT's key names: <layer>.lora_A.weight, <layer>.lora_B.weight
             self.lora_A = nn.Linear(in_features, self.r, bias=False, device=device, dtype=lora.param_dtype)
@@ -288,7 +275,7 @@ class LoRALinear(nn.Module):
     def dense_base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         if self.base is None:
             raise RuntimeError("this layer's base weight was never loaded")
-        return dense_weight(self.base, dtype or self.compute_dtype)
+        return dense_weight(self.base, dtype or self.compute_dtype, policy=self.policy)
 
     def _apply(self, fn, recurse=True):
         """`module.to(device)` moves the base too; dtype casts leave the 4-bit codes untouched."""
@@ -325,20 +312,24 @@ class LoRALinear(nn.Module):
         in `dtype`: `in + r + pad` on CUDA in 16-bit, where the forward puts the adapter's h into the
         spare columns and multiplies `[x | h]` in one GEMM without copying x
         (`qlora.lora.matmul.adapter_columns_matmul`); None where it would not (no adapter, the CPU).
-        Producers that know their reader ask it (`qlora.fused`); layers that share one input (q, k, v)
-        take turns with the same spare columns."""
-        if not self.r or torch.device(device).type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        The decoder block asks it (`qlora.fused.FusedDecoderLayer`) and has the input stored so; layers that
+        share one input (q, k, v) take turns with the same spare columns."""
+        if not self.r or self.policy.product_rounding(device, dtype) == "addmm":
             return None
         return columns_width(self.in_features, self.r)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, row_width: int | None = None) -> torch.Tensor:
+        """y [..., out] for x [..., in]. `row_width`: given only by a block that stored x as the left columns
+        of rows that wide (`input_row_width`; `qlora.fused.FusedDecoderLayer`): h is then written into
+        their spare columns instead of copying x."""
         if self.base is None:
             raise RuntimeError("this layer's base weight was never loaded")
         if self.r:
             a, b = self.lora_A.weight, self.lora_B.weight
-            p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
-            return LoRALinearFunction.apply(x, a, b, self.bias, self.base, self.scale, self._wide_base(), p)
-        return LoRALinearFunction.apply(x, None, None, self.bias, self.base, 0.0)
+            p = self.dropout if self.training else 0.0
+            return LoRALinearFunction.apply(x, a, b, self.bias, self.base, self.scale, self._wide_base(), p,
+                                            self.policy, row_width)  # fmt: skip
+        return LoRALinearFunction.apply(x, None, None, self.bias, self.base, 0.0, None, 0.0, self.policy)
 
     def extra_repr(self) -> str:
         base = self.quant.quant_type or "dense"
@@ -352,6 +343,7 @@ def replace_linears(
     quantized_suffixes: Iterable[str] = DEFAULT_TARGETS,
     device: torch.device | str | None = "meta",
     dtype: torch.dtype = torch.bfloat16,
+    policy: KernelPolicy | None = None,
 ) -> list[str]:
     """Swap every `nn.Linear` whose name ends in one of `quantized_suffixes` for a `LoRALinear`.
 
@@ -362,13 +354,15 @@ def replace_linears(
     """
     suffixes = set(quantized_suffixes) | set(lora.targets if lora else ())
     swapped, adapted_suffixes = [], set()
+    policy = policy if policy is not None else KernelPolicy.from_env()  # one for all the swapped layers
     for name, module in list(model.named_modules()):
         leaf = name.rsplit(".", 1)[-1]
         if not isinstance(module, nn.Linear) or leaf not in suffixes:
             continue
         wants_adapter = lora is not None and leaf in lora.targets
         new = LoRALinear(module.in_features, module.out_features, bias=module.bias is not None, quant=quant,
-                         lora=lora.for_layer(name) if wants_adapter else None, device=device, dtype=dtype)  # fmt: skip
+                         lora=lora.for_layer(name) if wants_adapter else None, device=device, dtype=dtype,
+                         policy=policy)  # fmt: skip
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         setattr(parent, leaf, new)
         swapped.append(name)
