@@ -7,8 +7,10 @@ from kernel_inputs import DEVICES, bits, randn
 
 from qlora import ops
 from qlora.kernels.adamw import adamw_step_
+from qlora.ops import KernelPolicy
 from qlora.optim.adamw import adamw_coefficients, adamw_update_many_
 
+TWINS = KernelPolicy(kernels="torch")
 HYPER = {"lr": 3e-3, "eps": 1e-8, "weight_decay": 0.1}
 
 
@@ -34,8 +36,7 @@ def test_kernel_matches_the_twin_and_torch_adamw(n, beta1, step, p_dtype, device
     twin = [t.clone() for t in got]
     ref = [t.clone() for t in got]
     adamw_step_(*got, row(step, beta1, beta2, device))
-    with ops.use_implementation("torch"):
-        ops.adamw_step_(*twin, row(step, beta1, beta2, device))
+    ops.adamw_step_(*twin, row(step, beta1, beta2, device), policy=TWINS)
     adamw_update_many_([ref[0]], [ref[1]], [ref[2]], [ref[3]], step, beta1=beta1, beta2=beta2, **HYPER)
     for name, a, b, c in zip(("p", "grad", "exp_avg", "exp_avg_sq"), got, twin, ref, strict=True):
         # rounding of a contracted multiply-add at most: float32 to ~2e-7 relative, bf16 p to one unit (2^-8)
@@ -54,8 +55,7 @@ def test_a_dry_row_stores_nothing(device):
     adamw_step_(*tensors, row(3, 0.9, 0.999, device, apply=False))
     for a, b in zip(tensors, before, strict=True):
         assert torch.equal(bits(a), bits(b))
-    with ops.use_implementation("torch"):
-        ops.adamw_step_(*tensors, row(3, 0.9, 0.999, device, apply=False))
+    ops.adamw_step_(*tensors, row(3, 0.9, 0.999, device, apply=False), policy=TWINS)
     for a, b in zip(tensors, before, strict=True):
         assert torch.equal(bits(a), bits(b))
 

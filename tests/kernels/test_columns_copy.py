@@ -7,6 +7,9 @@ from kernel_inputs import DEVICES, bits, randn
 
 from qlora import ops
 from qlora.kernels.columns_copy import copy_into_columns_
+from qlora.ops import KernelPolicy
+
+TWINS = KernelPolicy(kernels="torch")
 
 
 def wider(rows, left, spare, dtype, device, fill=float("nan")):
@@ -22,8 +25,7 @@ def test_kernel_equals_the_twin_bit_for_bit(rows, left, r, pad, src_dtype, scale
     src = randn((rows, r), src_dtype, seed=1, device=device)
     got, want = wider(rows, left, r + pad, torch.bfloat16, device), wider(rows, left, r + pad, torch.bfloat16, device)
     copy_into_columns_(got[:, left:], src, scale)
-    with ops.use_implementation("torch"):
-        ops.copy_into_columns_(want[:, left:], src, scale)
+    ops.copy_into_columns_(want[:, left:], src, scale, policy=TWINS)
     assert torch.equal(bits(got), bits(want))  # NaN == NaN in the untouched left columns
     assert torch.equal(got[:, left : left + r], (src.float() * scale).bfloat16())
     assert torch.count_nonzero(got[:, left + r :]) == 0
@@ -35,8 +37,7 @@ def test_another_scale_is_detected(device):
     src = randn((9, 8), torch.float32, seed=2, device=device)
     got, want = wider(9, 16, 8, torch.bfloat16, device, 0.0), wider(9, 16, 8, torch.bfloat16, device, 0.0)
     copy_into_columns_(got[:, 16:], src, 0.5)
-    with ops.use_implementation("torch"):
-        ops.copy_into_columns_(want[:, 16:], src, 0.25)
+    ops.copy_into_columns_(want[:, 16:], src, 0.25, policy=TWINS)
     assert not torch.equal(got, want)
 
 

@@ -48,10 +48,10 @@ def test_cross_entropy(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_lora_input_gradient_through_dropout(device):
-    """The LoRA layer's backward with the masked low-rank kernel (`ops.add_masked_lowrank_`) forced:
-    dL/dx through the dropout's mask is the derivative of the forward (same draws on every call)."""
-    from qlora import ops
+    """The LoRA layer's backward with the hashed-dropout kernels forced (`ops.dropout_backward`: A's gradient
+    and dL/dx through the dropout's mask) is the derivative of the forward (same draws on every call)."""
     from qlora.lora import LoRALinearFunction
+    from qlora.ops import KernelPolicy
 
     x = randn((2, 5, 7), f64, seed=1, device=device).requires_grad_(True)
     A = randn((3, 7), f64, seed=2, device=device).requires_grad_(True)
@@ -60,7 +60,6 @@ def test_lora_input_gradient_through_dropout(device):
 
     def seeded(*args):
         torch.manual_seed(5)
-        return LoRALinearFunction.apply(*args, b, W, 0.75, None, 0.4)
+        return LoRALinearFunction.apply(*args, b, W, 0.75, None, 0.4, KernelPolicy(kernels="triton"))
 
-    with ops.use_implementation("triton"):
-        assert torch.autograd.gradcheck(seeded, (x, A, B))
+    assert torch.autograd.gradcheck(seeded, (x, A, B))

@@ -8,9 +8,12 @@ import torch
 from kernel_inputs import DEVICES, randn
 
 from qlora import ops
-from qlora.lora.dropout import HashedDropout
 from qlora.kernels import hashed_dropout as kernels
 from qlora.kernels.masked_lowrank import add_masked_lowrank_
+from qlora.lora.dropout import HashedDropout
+from qlora.ops import KernelPolicy
+
+TWINS, FORCED = KernelPolicy(kernels="torch"), KernelPolicy(kernels="triton")
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2**-7, atol=2**-6),
              torch.float64: dict(rtol=1e-7, atol=1e-9)}  # float64: the scale arrives as a float32 scalar  # fmt: skip
@@ -138,12 +141,12 @@ def test_products_match_float64(shape, dtype, device, programs):
 def test_twins_match_the_kernels(device):
     m = mask(0.2, device=device)
     x, a, g = _inputs(40, 150, 8, torch.float32, device)
-    with ops.use_implementation("torch"):
-        want_x = torch.ones_like(x)
-        want_h, want_grad = ops.dropout_project(x, a, m), ops.dropout_backward(g, x, m, grad_x=want_x, a=a)
-    with ops.use_implementation("triton"):
-        got_x = torch.ones_like(x)
-        got_h, got_grad = ops.dropout_project(x, a, m), ops.dropout_backward(g, x, m, grad_x=got_x, a=a)
+    want_x = torch.ones_like(x)
+    want_h = ops.dropout_project(x, a, m, policy=TWINS)
+    want_grad = ops.dropout_backward(g, x, m, grad_x=want_x, a=a, policy=TWINS)
+    got_x = torch.ones_like(x)
+    got_h = ops.dropout_project(x, a, m, policy=FORCED)
+    got_grad = ops.dropout_backward(g, x, m, grad_x=got_x, a=a, policy=FORCED)
     torch.testing.assert_close(got_h, want_h, **TOLERANCE[torch.float32])
     torch.testing.assert_close(got_grad, want_grad, **TOLERANCE[torch.float32])
     torch.testing.assert_close(got_x, want_x, **TOLERANCE[torch.float32])
@@ -179,7 +182,7 @@ def test_more_tiles_than_counters_run_unsplit_and_keep_the_buffer(device, monkey
 @pytest.mark.gpu
 def test_a_capture_allocates_no_counters_and_replays_right(monkeypatch):
     """Inside a capture with no counters yet, the reduction runs unsplit (a zero-fill would only be
-    recorded); warm-ups before a capture (`ops.graph_paths`) allocate them eagerly."""
+    recorded); warm-ups before a capture (`KernelPolicy.graph_step`) allocate them eagerly."""
     monkeypatch.setattr(kernels, "_arrivals", {})
     m = mask(0.1, device="cuda")
     x, a, g = _inputs(300, 1000, 16, torch.bfloat16, "cuda")
@@ -217,8 +220,7 @@ def test_masked_lowrank_with_the_hashed_mask(device, dtype):
     want = (out.double() + 0.75 * m.scale * keep.double() * (g.double() @ a.double())).to(dtype)
     got = add_masked_lowrank_(out.clone(), g, a, None, 0.75 * m.scale, seed=m.seed, threshold=m.threshold)
     torch.testing.assert_close(got, want, **TOLERANCE[dtype])
-    with ops.use_implementation("torch"):  # the twin through ops, given the HashedDropout itself
-        twin = ops.add_masked_lowrank_(out.clone(), g, a, m, 0.75)
+    twin = ops.add_masked_lowrank_(out.clone(), g, a, m, 0.75, policy=TWINS)  # the twin, given the HashedDropout
     torch.testing.assert_close(twin, want, **TOLERANCE[dtype])
 
 
@@ -238,12 +240,12 @@ def test_kernels_refuse_bad_inputs():
 
 
 # --- the LoRA layer on the hashed path --------------------------------------------------------------
-def _layer(device, dtype):
+def _layer(device, dtype, policy=FORCED):
     from qlora.lora import LoRALinear, LoraSpec, QuantSpec
 
     torch.manual_seed(0)
     layer = LoRALinear(96, 80, quant=QuantSpec("nf4"), lora=LoraSpec(r=8, alpha=16, dropout=0.3), dtype=dtype,
-                       device=device).train()  # fmt: skip
+                       device=device, policy=policy).train()  # fmt: skip
     layer.set_base_weight(torch.randn(80, 96, device=device) * 0.05)
     with torch.no_grad():
         layer.lora_B.weight.normal_(0, 0.1)  # B = 0 would leave A's gradient zero
@@ -254,9 +256,8 @@ def _layer(device, dtype):
 def test_layer_gradients_match_autograd_with_the_same_hashed_mask(device):
     layer = _layer(device, torch.float32)
     x = randn((3, 11, 96), torch.float32, seed=1, device=device).requires_grad_(True)
-    with ops.use_implementation("triton"):
-        torch.manual_seed(123)
-        layer(x).square().sum().backward()
+    torch.manual_seed(123)
+    layer(x).square().sum().backward()
     torch.manual_seed(123)
     m = HashedDropout.draw(0.3, device)  # the very seed the layer drew
     x_ref = x.detach().clone().requires_grad_(True)
@@ -270,16 +271,17 @@ def test_layer_gradients_match_autograd_with_the_same_hashed_mask(device):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     # Negative control: the gradients see another mask
     layer.zero_grad()
-    with ops.use_implementation("triton"):
-        torch.manual_seed(7)
-        layer(x.detach()).square().sum().backward()
+    torch.manual_seed(7)
+    layer(x.detach()).square().sum().backward()
     assert not torch.allclose(layer.lora_A.weight.grad, A.grad, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_layer_saves_neither_a_mask_nor_a_dropped_copy(device):
-    """Backward keeps x and the seed: no bool tensor and no second [N, in] tensor is saved."""
-    layer = _layer(device, torch.bfloat16)
+@pytest.mark.parametrize("policy", [FORCED, TWINS], ids=["kernels", "twins"])
+def test_layer_saves_neither_a_mask_nor_a_dropped_copy(device, policy):
+    """Backward keeps x and the seed, on the kernels and on the twins alike (one dropout, the hashed mask,
+    everywhere): no bool tensor and no second [N, in] tensor is saved."""
+    layer = _layer(device, torch.bfloat16, policy)
     x = randn((2, 9, 96), torch.bfloat16, seed=1, device=device).requires_grad_(True)
     saved = []
 
@@ -287,14 +289,14 @@ def test_layer_saves_neither_a_mask_nor_a_dropped_copy(device):
         saved.append(t)
         return t
 
-    with ops.use_implementation("triton"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         layer(x)
     inputs_sized = [t for t in saved if t.numel() == x.numel()]
     assert len(inputs_sized) == 1 and inputs_sized[0].data_ptr() == x.data_ptr()  # x itself, not a copy
     assert not any(t.dtype == torch.bool for t in saved)
-    saved.clear()  # negative control: torch's dropout (the plain path) saves its mask, and the hook sees it
-    with ops.use_implementation("torch"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x)
+    saved.clear()  # negative control: torch's dropout kernel saves its bool mask, and the hook sees it
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        torch.native_dropout(x, 0.3, True)
     assert any(t.dtype == torch.bool for t in saved)
 
 
@@ -310,24 +312,44 @@ def test_checkpoint_recompute_draws_the_same_hashed_mask(device):
     for checkpointed in (False, True):
         layer.zero_grad()
         x.grad = None
-        with ops.use_implementation("triton"):
-            torch.manual_seed(5)
-            y = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
-            y.square().sum().backward()
+        torch.manual_seed(5)
+        y = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
+        y.square().sum().backward()
         grads.append((x.grad.clone(), layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()))
     for plain, recomputed in zip(*grads, strict=True):
         assert torch.equal(plain, recomputed)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_recompute_on_the_other_dropout_path_is_refused(device):
-    """The seed is a saved tensor: a recompute that took torch's dropout instead (here: the kernels forced
-    for the forward only) fails loudly instead of mixing two masks into A's gradient."""
+def test_a_recompute_that_draws_no_mask_is_refused(device):
+    """The seed is a saved tensor: a recompute that drew no mask (here: the layer switched to eval mode
+    between the forward and the backward) fails loudly instead of mixing two masks into A's gradient."""
     from torch.utils.checkpoint import checkpoint
 
     layer = _layer(device, torch.float32)
     x = randn((2, 9, 96), torch.float32, seed=1, device=device)  # no input gradient: the quiet case
-    with ops.use_implementation("triton"):
-        y = checkpoint(layer, x, use_reentrant=False)
-    with ops.use_implementation("torch"), pytest.raises(Exception, match="(?i)recomput|checkpoint|saved"):
+    y = checkpoint(layer, x, use_reentrant=False)
+    layer.eval()
+    with pytest.raises(Exception, match="(?i)recomput|checkpoint|saved"):
         y.square().sum().backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_recompute_under_another_policy_draws_the_same_mask(device):
+    """One dropout: a checkpoint whose recompute runs the twins (the kernels forced for the forward only)
+    applies the same mask, so A's gradient equals the all-kernel one to float32 rounding."""
+    from torch.utils.checkpoint import checkpoint
+
+    layer = _layer(device, torch.float32)
+    x = randn((2, 9, 96), torch.float32, seed=1, device=device)
+    grads = []
+    for recompute_policy, seed in ((FORCED, 5), (TWINS, 5), (FORCED, 6)):
+        layer.zero_grad()
+        layer.policy = FORCED
+        torch.manual_seed(seed)
+        y = checkpoint(layer, x, use_reentrant=False)
+        layer.policy = recompute_policy
+        y.square().sum().backward()
+        grads.append(layer.lora_A.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], **TOLERANCE[torch.float32])
+    assert not torch.allclose(grads[2], grads[0], rtol=1e-3, atol=1e-3)  # negative control: another seed

@@ -7,6 +7,8 @@ from kernel_inputs import DEVICES, randn
 
 from qlora import ops
 from qlora.kernels.masked_lowrank import add_masked_lowrank_
+from qlora.lora.dropout import HashedDropout
+from qlora.ops import KernelPolicy
 
 # The kernel rounds once (the float32 sum); the twin rounds the product to the dtype first, then the sum.
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2**-7, atol=2**-6),
@@ -38,14 +40,16 @@ def test_kernel_matches_float64(shape, dtype, device):
 
 @pytest.mark.parametrize("implementation", ["triton", "torch"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_ops_dispatch_float_multipliers_and_a_strided_destination(device, implementation):
-    """keep as float multipliers (scale 1), out a column view of a wider matrix, through qlora.ops."""
-    out, g, a, keep = inputs(33, 70, 6, torch.bfloat16, device, keep_dtype=torch.bfloat16, seed=4)
+def test_ops_dispatch_the_hashed_mask_and_a_strided_destination(device, implementation):
+    """The mask a `HashedDropout` (what the LoRA layer hands the op), out a column view of a wider matrix,
+    through qlora.ops."""
+    out, g, a, _ = inputs(33, 70, 6, torch.bfloat16, device, seed=4)
+    mask = HashedDropout(torch.tensor([4, 5], device=device), 0.3)
     wide = torch.zeros(33, 80, dtype=torch.bfloat16, device=device)
     wide[:, :70] = out
-    with ops.use_implementation(implementation):
-        ops.add_masked_lowrank_(wide[:, :70], g, a, keep, 1.0)
-    torch.testing.assert_close(wide[:, :70], reference(out, g, a, keep, 1.0), **TOLERANCE[torch.bfloat16])
+    ops.add_masked_lowrank_(wide[:, :70], g, a, mask, 1.0, policy=KernelPolicy(kernels=implementation))
+    want = reference(out, g, a, mask.multipliers(33, 70, torch.float64), 1.0)  # keep / (1 - p)
+    torch.testing.assert_close(wide[:, :70], want, **TOLERANCE[torch.bfloat16])
     assert torch.count_nonzero(wide[:, 70:]) == 0  # nothing written beside the view
 
 

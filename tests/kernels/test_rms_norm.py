@@ -92,15 +92,15 @@ def test_refuses_a_weight_of_the_wrong_size():
 @pytest.mark.parametrize("shape", [(3, 37), (2, 5, 64)], ids=str)
 def test_row_strided_output_equals_the_contiguous_one(shape, device):
     """`row_width`: the result stored as the left columns of wider rows (for the adapter columns of the
-    projections that read it); the same values and gradients, and the rows found back by `whole_rows`."""
-    from qlora.kernels.spare_columns import whole_rows
+    projections that read it); the same values and gradients, and the rows found back by `rows_of`."""
+    from qlora.kernels.spare_columns import rows_of
 
     module, x, dy = twin_and_fused(shape, torch.bfloat16, torch.bfloat16, device)
     width = shape[-1] + 8
     want = rms_norm(x, module.weight, module.eps)
     got = rms_norm(x, module.weight, module.eps, None, width)
     assert got.shape == want.shape and got.stride()[-2:] == (width, 1) and torch.equal(got, want)
-    assert torch.equal(whole_rows(got)[:, : shape[-1]], want.reshape(-1, shape[-1]))
+    assert torch.equal(rows_of(got, width)[:, : shape[-1]], want.reshape(-1, shape[-1]))
     for g, w in zip(torch.autograd.grad(got, (x, module.weight), dy),
                     torch.autograd.grad(want, (x, module.weight), dy), strict=True):  # fmt: skip
         assert torch.equal(g, w)

@@ -48,7 +48,7 @@ def test_refuses_mismatched_inputs():
 def test_row_strided_output_equals_the_contiguous_one(shape, device):
     """`row_width`: the result stored as the left columns of a wider matrix (for a LoRA consumer's
     adapter columns), the same values and gradients; the spare columns are left to the consumer."""
-    from qlora.kernels.spare_columns import whole_rows
+    from qlora.kernels.spare_columns import rows_of
 
     gate = randn(shape, torch.bfloat16, seed=1, device=device, scale=3.0).requires_grad_(True)
     up = randn(shape, torch.bfloat16, seed=2, device=device).requires_grad_(True)
@@ -58,8 +58,8 @@ def test_row_strided_output_equals_the_contiguous_one(shape, device):
     got = swiglu(gate, up, row_width=width)
     assert got.shape == want.shape and got.stride()[-2:] == (width, 1)
     assert torch.equal(got, want)
-    assert whole_rows(got).shape == (got.numel() // shape[-1], width)
-    assert torch.equal(whole_rows(got)[:, : shape[-1]], want.reshape(-1, shape[-1]))
+    assert rows_of(got, width).shape == (got.numel() // shape[-1], width)
+    assert torch.equal(rows_of(got, width)[:, : shape[-1]], want.reshape(-1, shape[-1]))
     want_grads = torch.autograd.grad(want, (gate, up), dy)
     got_grads = torch.autograd.grad(got, (gate, up), dy)
     for g, w in zip(got_grads, want_grads, strict=True):
