@@ -69,7 +69,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
-QLORA_DEFAULT_LENS = (384, 128)  # used only when ours did not run and none were given: our and the Alpaca script's
+QLORA_DEFAULT_LENS = (384, 128)  # only when ours did not run and none were given: ours' and the QLoRA Alpaca script's
 
 
 def _num(x) -> bool:
@@ -181,6 +181,21 @@ def read_jsonl(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue  # a torn last line of a killed run
     return out
+
+
+def graph_captures(log_text: str) -> dict[int, int]:
+    """CUDA graph captures per optimizer step, from the order of `qlora train`'s log lines ("captured a CUDA
+    graph ..." lines, then the step's "step N | ..." summary line)."""
+    per_step, pending = {}, 0
+    for line in log_text.splitlines():
+        if line.startswith("captured a CUDA graph"):
+            pending += 1
+        elif line.startswith("step ") and " | " in line:
+            head = line.split(" | ", 1)[0].removeprefix("step ")
+            if head.isdigit():
+                per_step[int(head)] = pending
+                pending = 0
+    return per_step
 
 
 def summarize_ours(output: Path, events_path: Path, spawn_time: float, skip: int) -> dict:
@@ -304,6 +319,9 @@ def run_ours(args, model_dir: Path, work: Path, device: str) -> dict:
     cmd = [sys.executable, "-m", "bench.train_cli", "--probe-ours", str(events), "--", *qlora_argv]
     run = run_child(cmd, work / "ours.log", args.timeout, device == "cuda")
     summary = summarize_ours(output, events, run["spawn_time"], args.skip)
+    captures = graph_captures((work / "ours.log").read_text(encoding="utf-8", errors="replace"))
+    summary["graph_captures"] = [captures.get(k, 0) for k in range(1, summary["steps"] + 1)]
+    summary["steady_steps_with_capture"] = sum(1 for c in summary["graph_captures"][args.skip :] if c)
     return {"side": "ours", "user_command": "qlora " + shlex.join(qlora_argv), **run, **summary}
 
 
@@ -456,6 +474,11 @@ def main(argv: list[str] | None = None) -> int:
         ratio = ratios(sides[0], sides[1]) if len(sides) == 2 else None
         print()
         print(table(sides, ratio))
+        for s in sides:
+            if s.get("steady_steps_with_capture"):
+                n, per_step = s["steady_steps_with_capture"], s["graph_captures"]
+                print(f"note: {s['side']}: {n} of the steady steps captured a CUDA graph (a new padded length; "
+                      f"captures per step {per_step}); more --steps dilute them")  # fmt: skip
         truncations = {(s.get("source_max_len"), s.get("target_max_len")) for s in sides}
         if len(truncations) > 1:
             print("note: the two sides truncated examples differently (see source/target_max_len)")

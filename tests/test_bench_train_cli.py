@@ -29,7 +29,7 @@ from bench.random_checkpoint import (  # noqa: E402
     write_checkpoint,
     write_tokenizer,
 )
-from bench.train_cli import main, ratios, steady_stats, summarize_ours, table  # noqa: E402
+from bench.train_cli import graph_captures, main, ratios, steady_stats, summarize_ours, table  # noqa: E402
 
 _VOCABULARY = (
     "the a model learns quickly slowly from data every step small large token answer question write list three "
@@ -118,6 +118,20 @@ def test_steady_stats_times_each_step_from_the_previous_end():
     assert steady_stats(ends, [None] * 4, skip=1) == {"steady_steps": 0}
 
 
+def test_graph_captures_are_counted_per_step_from_the_log_order():
+    log = "\n".join([
+        "data.json: data format alpaca (detected from the fields)",
+        "captured a CUDA graph for batch shape (1, 192) (1 held, 1 captures)",
+        "captured a CUDA graph for batch shape (1, 256) (2 held, 2 captures)",
+        "step 1 | loss 10.4 | lr 0.000e+00",
+        "step 2 | loss 10.3 | lr 2.000e-04",
+        "captured a CUDA graph for batch shape (1, 128) (3 held, 3 captures)",
+        "step 3 | loss 10.2 | lr 2.000e-04",
+        "step 3: eval_loss 10.2",
+    ])  # fmt: skip
+    assert graph_captures(log) == {1: 2, 2: 0, 3: 1}
+
+
 def _write_run(output: Path, records: list[dict], counts: list[int], grad_accum: int) -> Path:
     output.mkdir()
     (output / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -201,7 +215,7 @@ def test_end_to_end_ours_on_cpu(tmp_path, capsys):
     assert ours["user_command"].startswith("qlora train --model ")
     # two independent counts of the same tokens: the loop's (tokens/s x seconds) and the probe's count_tokens calls
     assert ours["tokens_from"].startswith("metrics.jsonl") and ours["tokens"] == ours["probe_tokens"]
-    assert ours["grad_accum"] == 2
+    assert ours["grad_accum"] == 2 and ours["graph_captures"] == [0, 0, 0]  # no CUDA graphs on the CPU
     printed = capsys.readouterr().out
     assert "| tokens/s steady, median" in printed and "running the reference" not in printed
     assert (tmp_path / "results" / "run.jsonl.ours.log").is_file()
