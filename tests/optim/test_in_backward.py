@@ -4,9 +4,13 @@ tests/train/test_cuda_graph.py."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+from qlora.kernels import triton_importable
+from qlora.ops import KernelPolicy
 from qlora.optim import build_optimizer
 from qlora.optim.in_backward import StepInBackward, backward_order_groups
 
@@ -26,11 +30,11 @@ def loss_of(model, step, dtype):
     return model(torch.randn(8, SIZES[0], generator=g).to(dtype)).float().square().mean()
 
 
-def train(in_backward: bool, steps=6, dtype=torch.float32):
+def train(in_backward: bool, steps=6, dtype=torch.float32, policy=None):
     model = deep_model(dtype)
     opt = build_optimizer("paged_adamw_32bit", model.parameters(), lr=1e-2, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.8**s)  # a new lr every step
-    stepper = StepInBackward(opt, backward_order_groups(model)) if in_backward else None
+    stepper = StepInBackward(opt, backward_order_groups(model), policy=policy) if in_backward else None
     for step in range(steps):
         loss = loss_of(model, step, dtype)
         if stepper:
@@ -58,6 +62,26 @@ def test_same_parameters_and_state_as_the_optimizer_step(dtype):
         assert float(got["state"][pid]["step"]) == float(state["step"]) == 6.0
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(got["state"][pid][key], state[key], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(not triton_importable() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs triton and TRITON_INTERPRET=1 to force the kernel onto CPU tensors")  # fmt: skip
+def test_the_update_runs_with_the_steppers_policy(monkeypatch):
+    """The policy given to the stepper picks the update's implementation, not process state: forced, the
+    AdamW kernel runs (here in Triton's interpreter); the twins' stepper never calls it. Both take the
+    optimizer's own steps."""
+    import qlora.kernels.adamw
+
+    real, calls = qlora.kernels.adamw.adamw_step_, []
+    monkeypatch.setattr(qlora.kernels.adamw, "adamw_step_", lambda *a: calls.append(1) or real(*a))
+    ref_model, _ = train(False, steps=2)
+    twin_model, _ = train(True, steps=2, policy=KernelPolicy(kernels="torch"))
+    assert calls == []
+    kernel_model, _ = train(True, steps=2, policy=KernelPolicy(kernels="triton"))
+    assert len(calls) == 2 * 2 * 4  # two steps of four layers' weight and bias
+    for models in zip(twin_model.parameters(), kernel_model.parameters(), ref_model.parameters(), strict=True):
+        for got in models[:2]:
+            torch.testing.assert_close(got, models[2], rtol=1e-5, atol=1e-6)
 
 
 def test_a_different_learning_rate_is_detected():

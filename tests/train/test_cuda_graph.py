@@ -6,11 +6,12 @@ import pytest
 import torch
 from train_fixtures import VOCAB, tiny_qlora_model
 
-from qlora import ops
 from qlora.data.collate import collate
 from qlora.data.encode import EncodedExample
+from qlora.ops import KernelPolicy, apply_policy, policy_of
 from qlora.optim import build_optimizer
 from qlora.optim.in_backward import StepInBackward, backward_order_groups
+from qlora.train import cuda_graph
 from qlora.train.cuda_graph import CudaGraphStep, is_right_padded, pad_batch
 from qlora.train.loss import loss_sum, loss_sum_all_rows
 
@@ -73,19 +74,18 @@ def _eager(model, params, batch, scale):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernels", ["auto", "triton"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_replay_equals_the_eager_step(dropout):
+def test_replay_equals_the_eager_step(dropout, kernels):
     """Same seed, same dropout masks (also in the checkpoint recompute), same loss and gradients, whether the
-    call captures first or only replays. The kernels are forced, so the eager step takes the hashed dropout
-    mask too, as a captured step does (`ops.graph_step_kernels`)."""
-    with ops.use_implementation("triton"):
-        _replay_equals_the_eager_step(dropout)
-
-
-def _replay_equals_the_eager_step(dropout):
+    call captures first or only replays. The dropout is the hashed mask in eager and captured steps alike,
+    with the model's default policy ("auto": the graph-step-only kernels run in the graph, their twins
+    eagerly) as with the kernels forced."""
     model, params = tiny_qlora_model("cuda", torch.bfloat16, dropout=dropout)
+    apply_policy(model, KernelPolicy(kernels=kernels))
     batch = {k: v.cuda() for k, v in right_padded_batch().items()}
     step = CudaGraphStep(model, params)
+    assert step.policy is policy_of(model)
     torch.cuda.manual_seed(123)
     want = _eager(model, params, batch, 0.5)
     want_grads = _grads(params)
@@ -180,9 +180,48 @@ def test_training_with_graphs_follows_eager_training(tmp_path):
     losses = {}
     for graphs in (False, True):
         cfg = tiny_config(tmp_path / str(graphs), max_steps=6, cuda_graphs=graphs)
-        cfg.device, cfg.lora.dropout = "cuda", 0.0  # no dropout: the graphs' warm-up runs draw random numbers
+        # no dropout: this compares the two steps' losses; test_replay_equals_the_eager_step compares the masks
+        cfg.device, cfg.lora.dropout = "cuda", 0.0
         train(cfg, progress=False)
         records = read_metrics(tmp_path / str(graphs) / "metrics.jsonl")
         losses[graphs] = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(losses[True]) == 6
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
+@pytest.mark.gpu
+def test_warmups_and_capture_run_inside_the_policys_graph_step():
+    """The forwards before a capture and the captured one take the graph's paths (`KernelPolicy.graph_step`,
+    so the graph-step kernels compile outside the capture); an eager step after it does not."""
+    model, params = tiny_qlora_model("cuda", torch.bfloat16)
+    policy = policy_of(model)
+    seen = []
+    # the final norm runs once per forward (`loss_sum_all_rows` calls `hidden_states`, not the model's forward)
+    model.model.norm.register_forward_pre_hook(lambda module, args: seen.append(policy.in_graph_step()))
+    step = CudaGraphStep(model, params)
+    batch = {k: v.cuda() for k, v in right_padded_batch().items()}
+    step.forward_backward(batch, 1.0)
+    assert seen == [True] * (cuda_graph.WARMUP_RUNS + 1) and not policy.in_graph_step()
+    step.forward_backward(batch, 1.0)  # a replay runs no Python
+    _eager(model, params, batch, 1.0)
+    assert seen == [True] * (cuda_graph.WARMUP_RUNS + 1) + [False]
+
+
+@pytest.mark.gpu
+def test_a_failed_capture_raises_and_leaves_no_graph(monkeypatch):
+    """No eager fallback: the error reaches the caller, no graph is kept for the shape, the gradient buffers
+    are the step's own with what they held, and the policy has left its graph step."""
+    model, params = tiny_qlora_model("cuda", torch.bfloat16)
+    step = CudaGraphStep(model, params)
+    before = _grads(params)
+
+    def failing_graph(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing (injected by the test)")
+
+    monkeypatch.setattr(cuda_graph.torch.cuda, "graph", failing_graph)
+    batch = {k: v.cuda() for k, v in right_padded_batch().items()}
+    with pytest.raises(RuntimeError, match="injected"):
+        step.forward_backward(batch, 1.0)
+    assert step.graphs == {} and step.captures == 0 and not step.policy.in_graph_step()
+    for p, g, b in zip(params, step._grads, before, strict=True):
+        assert p.grad is g and torch.equal(g, b)  # the warm-ups' gradient was taken back out

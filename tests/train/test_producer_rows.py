@@ -17,8 +17,9 @@ def _recorded(fn, calls, *args):
 @pytest.mark.parametrize("quant", ["nf4", None])
 def test_stored_in_the_readers_rows_the_model_computes_the_same(quant, monkeypatch):
     """A tiny QLoRA model on CUDA: producers (norms, SwiGLU) storing their output inside the LoRA readers'
-    wider rows give the loss and adapter gradients of concatenation; and they did. Not bit for bit: the
-    adapters' skinny GEMMs read x with a wider row stride, and cuBLAS may split their sums otherwise."""
+    wider rows (the decoder block asks its readers for the width and hands it to them) give the loss and
+    adapter gradients of concatenation; and they did. Not bit for bit: the adapters' skinny GEMMs read x
+    with a wider row stride, and cuBLAS may split their sums otherwise."""
     import qlora.lora.layer
 
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3)).cuda()
@@ -26,7 +27,7 @@ def test_stored_in_the_readers_rows_the_model_computes_the_same(quant, monkeypat
     for wide in (True, False):
         model, params = tiny_qlora_model("cuda", torch.bfloat16, quant=quant)
         used = []
-        monkeypatch.setattr(qlora.lora.layer, "whole_rows", functools.partial(_recorded, qlora.lora.layer.whole_rows, used))
+        monkeypatch.setattr(qlora.lora.layer, "rows_of", functools.partial(_recorded, qlora.lora.layer.rows_of, used))
         if not wide:
             monkeypatch.setattr(qlora.lora.layer.LoRALinear, "input_row_width", lambda self, device, dtype: None)
         loss = torch.nn.functional.cross_entropy(model(ids).float().flatten(0, 1), ids.flatten())

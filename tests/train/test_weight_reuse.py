@@ -13,8 +13,9 @@ import pytest
 import torch
 from train_fixtures import VOCAB, tiny_qlora_model
 
-from qlora import lora, lora_matmul
-from qlora.lora.matmul import reusing_dense_weights
+import qlora.lora.layer
+import qlora.lora.matmul
+from qlora.ops import KernelPolicy, policy_of
 
 N_LINEARS = 2 * 7  # two decoder layers of seven 4-bit linears each
 N_INPUT_GRADIENTS = N_LINEARS - 3  # layer 0's q, k, v read the frozen embeddings: no input gradient
@@ -27,15 +28,15 @@ def tokens() -> torch.Tensor:
 def count_dequantizations(monkeypatch) -> list:
     """Record every dense weight `qlora.lora.matmul` materialises (weakly, to see when it is freed)."""
     made = []
-    real = lora_matmul.dense_weight
+    real = qlora.lora.matmul.dense_weight
 
-    def recording(base, dtype, out=None):
-        w = real(base, dtype, out)
+    def recording(base, dtype, out=None, *, policy):
+        w = real(base, dtype, out, policy=policy)
         made.append(weakref.ref(w))
         return w
 
-    monkeypatch.setattr(lora_matmul, "dense_weight", recording)  # the forward's
-    monkeypatch.setattr(lora, "dense_weight", recording)  # the backward's
+    monkeypatch.setattr(qlora.lora.matmul, "dense_weight", recording)  # the forward's
+    monkeypatch.setattr(qlora.lora.layer, "dense_weight", recording)  # the backward's
     return made
 
 
@@ -52,7 +53,7 @@ def test_same_loss_and_gradients_with_two_dequantizations_instead_of_three(dtype
     want_loss, want_grads = step(model, params)
     assert len(made) == 2 * N_LINEARS + N_INPUT_GRADIENTS  # forward, recompute, input gradient
     made.clear()
-    model.checkpoint_context = reusing_dense_weights
+    model.checkpoint_context = policy_of(model).reusing_dense_weights
     got_loss, got_grads = step(model, params)
     assert len(made) == 2 * N_LINEARS
     assert torch.equal(got_loss, want_loss)
@@ -65,7 +66,8 @@ def test_no_dense_weight_is_held_between_forward_and_backward(monkeypatch):
     time the forward returns. Negative control: the same context without checkpointing holds them."""
     model, params = tiny_qlora_model("cpu", dtype=torch.bfloat16)
     made = count_dequantizations(monkeypatch)
-    model.checkpoint_context = reusing_dense_weights
+    policy = policy_of(model)
+    model.checkpoint_context = policy.reusing_dense_weights
     loss = model(tokens()).float().logsumexp(-1).mean()
     gc.collect()
     assert len(made) == N_LINEARS and all(ref() is None for ref in made)
@@ -73,7 +75,14 @@ def test_no_dense_weight_is_held_between_forward_and_backward(monkeypatch):
 
     made.clear()
     model.gradient_checkpointing = False
-    with reusing_dense_weights():  # misuse: outside a checkpoint, saved weights live until backward
+    with KernelPolicy().reusing_dense_weights():  # another model's policy: this model saves no weight
+        loss = model(tokens()).float().logsumexp(-1).mean()
+    gc.collect()
+    assert len(made) == N_LINEARS and all(ref() is None for ref in made)
+    del loss
+
+    made.clear()
+    with policy.reusing_dense_weights():  # misuse: outside a checkpoint, saved weights live until backward
         loss = model(tokens()).float().logsumexp(-1).mean()
     gc.collect()
     assert sum(ref() is not None for ref in made) == N_INPUT_GRADIENTS  # those its backward will need
