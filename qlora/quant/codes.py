@@ -16,7 +16,9 @@ Provenance of each table:
   the maximum. Computing it needs scipy, so like bitsandbytes we store the float32 result (exact
   bit patterns below); `tests/quant/test_codes.py` regenerates it from the quantiles.
 - FP4 (E2M1, bitsandbytes' table): stored in *bit-pattern order*: bit 3 is the sign, the low three
-  bits index the magnitudes 0, 0.0625, 8, 12, 4, 6, 2, 3 divided by 12.
+  bits index the magnitudes 0, 0.0625, 8, 12, 4, 6, 2, 3 divided by 12. Code 8 decodes to -0.0 (the
+  sign bit, as bitsandbytes' kernels decode it), but the `quant_map` bitsandbytes *saves* holds +0.0
+  there (its source writes the integer `-0`): `saved_table_4bit` is that table, byte for byte.
 - INT4 (for the paper's data-type comparison, not a bitsandbytes format): symmetric absmax
   integer quantization, code = k + 8 for the integer k in [-8, 7], value k / 7. Code 0 (-8/7) lies
   outside [-1, 1] and is never chosen, so the 15 levels -7/7 .. 7/7 are symmetric around zero.
@@ -65,8 +67,21 @@ def _table_4bit_cpu(quant_type: str) -> torch.Tensor:
 
 
 def table_4bit(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 16 float32 values of a 4-bit data type, indexed by code."""
+    """The 16 float32 values of a 4-bit data type, indexed by code: what each code decodes to."""
     return _table_4bit_cpu(quant_type).to(device)
+
+
+@functools.cache
+def _saved_table_4bit_cpu(quant_type: str) -> torch.Tensor:
+    table = _table_4bit_cpu(quant_type)
+    return torch.where(table == 0, torch.zeros_like(table), table)  # -0.0 == 0: becomes +0.0
+
+
+def saved_table_4bit(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 4-bit table as bitsandbytes saves it (`quant_map`), a fresh tensor: `table_4bit` with
+    every zero +0.0. Equal in value; only FP4's code 8 differs in its bytes (+0.0 there, -0.0 in
+    `table_4bit`)."""
+    return _saved_table_4bit_cpu(quant_type).to(device, copy=True)
 
 
 @functools.cache

@@ -10,11 +10,15 @@ State and the bitsandbytes state-dict keys it maps to (format-spec 1.6), for a p
 
     weight                                   packed codes, uint8 [(n+1)//2, 1]
     weight.absmax                            float32 [nblocks], or uint8 [nblocks] when double-quantized
-    weight.quant_map                         float32 [16], the 4-bit table
+    weight.quant_map                         float32 [16], the 4-bit table as bitsandbytes saves it
     weight.nested_absmax                     float32 [ceil(nblocks/256)]       (double-quantized only)
     weight.nested_quant_map                  float32 [256], signed dynamic map (double-quantized only)
     weight.quant_state.bitsandbytes__nf4     uint8 bytes of a JSON blob: quant_type, blocksize, dtype,
                                              shape, and nested_blocksize/nested_dtype/nested_offset
+
+The container's `table` is what each code decodes to (`table_4bit`); the saved `quant_map` is
+`saved_table_4bit`, equal in value but with +0.0 where FP4's code 8 decodes to -0.0, because that is
+what bitsandbytes writes. Loading checks the saved map's values and keeps the decoding table.
 
 INT4 has no bitsandbytes encoding (it exists for the paper's data-type comparison), so it cannot
 be written in these keys; everything else round-trips bit-exactly through bitsandbytes.
@@ -34,7 +38,7 @@ from qlora.quant.blockwise import (
     dequantize_4bit_blockwise,
     quantize_4bit_blockwise,
 )
-from qlora.quant.codes import QUANT_TYPES_4BIT, dynamic_map, table_4bit
+from qlora.quant.codes import QUANT_TYPES_4BIT, dynamic_map, saved_table_4bit, table_4bit
 from qlora.quant.double_quant import NESTED_BLOCKSIZE, double_quantize, restore_absmax
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -64,7 +68,7 @@ class QuantizedTensor:
     packed: torch.Tensor  # uint8 [(n+1)//2, 1]
     absmax: torch.Tensor | None  # float32 [nblocks]; None when double-quantized (see `nested`)
     nested: NestedAbsmax | None
-    table: torch.Tensor  # float32 [16]
+    table: torch.Tensor  # float32 [16]: what each code decodes to (`table_4bit`)
     quant_type: str
     blocksize: int
     shape: torch.Size
@@ -169,7 +173,7 @@ class QuantizedTensor:
             "dtype": _DTYPE_NAMES[self.dtype],
             "shape": list(self.shape),
         }
-        out = {prefix: self.packed, f"{prefix}.quant_map": self.table.clone()}
+        out = {prefix: self.packed, f"{prefix}.quant_map": saved_table_4bit(self.quant_type, self.table.device)}
         if self.nested is not None:
             n = self.nested
             blob.update(nested_blocksize=n.blocksize, nested_dtype="float32", nested_offset=n.offset.item())
@@ -239,7 +243,14 @@ class QuantizedTensor:
             absmax = None
         else:
             absmax = absmax.float()
-        return cls(packed, absmax, nested, keys["quant_map"].float(), quant_type, blocksize, shape,
+        table = table_4bit(quant_type, packed.device)
+        saved = keys["quant_map"].reshape(-1).float()
+        if saved.numel() != 16 or not torch.equal(saved.to(table.device), table):  # value equality: -0.0 == 0.0
+            raise ValueError(
+                f"{head}quant_map: not bitsandbytes' {quant_type} table (got {saved.tolist()}). "
+                "The checkpoint is damaged or not a bitsandbytes one; re-export it from the original model."
+            )
+        return cls(packed, absmax, nested, table, quant_type, blocksize, shape,
                    _DTYPES_BY_NAME[blob["dtype"]])  # fmt: skip
 
 
