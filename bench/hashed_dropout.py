@@ -7,7 +7,8 @@ Triton's Python launcher does not hide the kernels), microseconds per call:
 
 - forward:  torch.native_dropout over the producer's whole rows [N, in + r + pad] + F.linear(xd, A)
             against the hashed mask applied while reading x (`kernels.hashed_dropout.dropout_project`);
-- backward: the masked input gradient with the stored bool mask + g^T @ xd (cuBLAS) against
+- backward: the masked input gradient with the stored bool mask (`kernels.masked_lowrank`, which
+            takes a stored mask as well as a seed) + g^T @ xd (cuBLAS) against
             `dropout_backward` (both on the same tiles, the mask hashed once);
 
 with `--sweep`, at other tiles and split targets too (7B shapes). Prints a JSON line per shape.
@@ -21,9 +22,9 @@ import json
 import torch
 import torch.nn.functional as F
 
-from qlora import ops
-from qlora.lora.dropout import HashedDropout
 from qlora.kernels import hashed_dropout as kernels
+from qlora.kernels.masked_lowrank import add_masked_lowrank_
+from qlora.lora.dropout import HashedDropout
 from qlora.lora.matmul import columns_width
 
 SHAPES = {"7b q/k/v/o, gate/up": (4096,), "7b down": (11008,), "65b q/k/v/o": (8192,), "65b down": (22016,)}
@@ -69,7 +70,7 @@ def one_shape(n_tokens: int, n_in: int, sweep: bool, rank: int = 64, p: float = 
     row: dict = {"tokens": n_tokens, "in": n_in, "rank": rank}
     row["forward_torch"] = graphed_us(lambda: F.linear(torch.native_dropout(x_rows, p, True)[0][:, :n_in], a))
     row["backward_torch"] = graphed_us(
-        lambda: (ops.add_masked_lowrank_(grad_x, g, a, keep, 1.0), (g.t() @ dropped).float()))
+        lambda: (add_masked_lowrank_(grad_x, g, a, keep, 1.0), (g.t() @ dropped).float()))
     row["forward_hashed (default tiles)"] = graphed_us(
         lambda: kernels.dropout_project(x, a, mask.seed, mask.threshold, mask.scale))
     row["backward_hashed (default tiles)"] = graphed_us(

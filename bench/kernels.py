@@ -200,10 +200,9 @@ def bench_elementwise(device: str, timer: Timer, smoke: bool) -> list[dict]:
 
 def ops_twin(op: Callable, *args):
     """The op's plain-PyTorch twin, whatever device the tensors are on."""
-    from qlora import ops
+    from qlora.ops import KernelPolicy
 
-    with ops.use_implementation("torch"):
-        return op(*args)
+    return op(*args, policy=KernelPolicy(kernels="torch"))
 
 
 def print_table(rows: list[dict]) -> None:

@@ -38,9 +38,9 @@ import types
 import torch
 
 from bench.llama_shapes import BENCH_LORA, SHAPES, Shape, build_model, reference_batches, train_step
-from qlora import ops
 from qlora.lora import LoRALinear
 from qlora.model import llama
+from qlora.ops import KernelPolicy
 from qlora.optim import build_optimizer
 from qlora.train.loss import loss_sum
 
@@ -185,7 +185,8 @@ def run_ours(variant: str, adapters: dict, probes: dict, args, device, steps: in
     """-> (Run, base comparison). `adapters` (our names): lora_A only (the reference's init) or A and B."""
     s = our_shape(args)
     lora = dataclasses.replace(BENCH_LORA, dropout=args.dropout)
-    model = build_model(s, "nf4", device, seed=args.seed, lora=lora)
+    policy = KernelPolicy(kernels="torch" if variant == "torch" else "auto")
+    model = build_model(s, "nf4", device, seed=args.seed, lora=lora, policy=policy)
     if variant == "fp32res":
         model.residual_dtype = torch.float32
     if variant in ("fp32", "lin_bf16", "attn_bf16"):
@@ -205,7 +206,7 @@ def run_ours(variant: str, adapters: dict, probes: dict, args, device, steps: in
         llama.F = types.SimpleNamespace(**{**vars(torch.nn.functional), "scaled_dot_product_attention":
             lambda q, k, v, **kw: attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), **kw).float()})  # fmt: skip
     try:
-        run = _train_ours(model, variant, optimizer, batches, args, steps)
+        run = _train_ours(model, optimizer, batches, args, steps)
     finally:
         llama.F = torch.nn.functional
     model = optimizer = params = None  # freed before the next build
@@ -213,21 +214,20 @@ def run_ours(variant: str, adapters: dict, probes: dict, args, device, steps: in
     return run, base_check
 
 
-def _train_ours(model, variant, optimizer, batches, args, steps) -> Run:
+def _train_ours(model, optimizer, batches, args, steps) -> Run:
     losses = []
 
     def loss_of(batch):
         total, n = loss_sum(model, batch)
         return total / n
 
-    with ops.use_implementation("torch" if variant == "torch" else "auto"):
-        loss_of(batches[0]).backward()
-        grads = adapter_tensors(model, "lora_B", grads=True)
-        optimizer.zero_grad(set_to_none=True)
-        for i in range(args.steps if steps is None else steps):
-            losses.append(train_step(model, batches[i % len(batches)], optimizer))
-        with torch.no_grad():
-            after = float(loss_of(batches[0]))
+    loss_of(batches[0]).backward()
+    grads = adapter_tensors(model, "lora_B", grads=True)
+    optimizer.zero_grad(set_to_none=True)
+    for i in range(args.steps if steps is None else steps):
+        losses.append(train_step(model, batches[i % len(batches)], optimizer))
+    with torch.no_grad():
+        after = float(loss_of(batches[0]))
     return Run(losses, after, adapter_tensors(model), grads)
 
 

@@ -25,6 +25,7 @@ from qlora.fused import use_fused_elementwise
 from qlora.lora import LoRALinear, LoraSpec, QuantSpec, mark_only_lora_trainable, replace_linears
 from qlora.model.config import ModelConfig
 from qlora.model.llama import LlamaForCausalLM
+from qlora.ops import KernelPolicy, apply_policy
 from qlora.optim.in_backward import StepInBackward
 from qlora.train.cuda_graph import CudaGraphStep
 from qlora.train.loss import loss_sum
@@ -92,13 +93,17 @@ def build_model(
     seed: int = 0,
     lora: LoraSpec = BENCH_LORA,
     fused: bool = True,
+    policy: KernelPolicy | None = None,
 ) -> LlamaForCausalLM:
-    """Random-weight model on `device`: built on meta, then filled (and quantized) one module at a time."""
+    """Random-weight model on `device`: built on meta, then filled (and quantized) one module at a time.
+    `policy`: the kernels it runs (default `KernelPolicy.from_env()`), kept as `model.policy`."""
     dtype = torch.bfloat16
+    policy = policy if policy is not None else KernelPolicy.from_env()
     model = LlamaForCausalLM.from_config(model_config(s), device="meta", dtype=dtype)
-    replace_linears(model, QuantSpec(quant_type, 64, True), lora, device="meta", dtype=dtype)
+    replace_linears(model, QuantSpec(quant_type, 64, True), lora, device="meta", dtype=dtype, policy=policy)
     if fused:
-        use_fused_elementwise(model)  # as load_model does
+        use_fused_elementwise(model, policy)  # as load_model does
+    apply_policy(model, policy)
     gen = torch.Generator(device=device).manual_seed(seed)
     for module in reference_draw_order(model):
         if isinstance(module, LoRALinear):

@@ -1,8 +1,9 @@
 """The LoRA layer's forward product `x W^T + h B^T` (4-bit W): what rounding it once costs, per path.
 
 For Llama-2-7B and Llama-3.1-8B projection shapes (bf16, r = 64, NF4 + double quant), times each
-way to compute the product, dequantization included, as 20 calls captured in a CUDA graph (the
-training step runs graphed, so launch overhead is not counted):
+way to compute the product, dequantization included, as 20 calls captured in a CUDA graph inside the
+kernel policy's graph step (the training step runs graphed, so launch overhead is not counted, and
+the graph-step kernels run as they do there):
 
 - `plain`: dequantize + GEMM, no adapter (the floor);
 - `two_roundings`: dequantize, GEMM, then + the term (what the layer did before 2026-11-27: loses
@@ -33,6 +34,7 @@ import qlora
 from bench.kernels import Timer
 from qlora import ops
 from qlora.lora.matmul import adapter_columns_matmul, adapter_columns_pay, add_product_rounding_once
+from qlora.ops import KernelPolicy
 
 # (name, tokens, in, out): 7B 4x512 projections (q/k/v/o, gate/up, down), 8B 1x8192 (MLP)
 SHAPES = [("7b qkvo", 2048, 4096, 4096), ("7b gate/up", 2048, 4096, 11008), ("7b down", 2048, 11008, 4096),
@@ -40,24 +42,24 @@ SHAPES = [("7b qkvo", 2048, 4096, 4096), ("7b gate/up", 2048, 4096, 11008), ("7b
 RANK = 64
 
 
-def paths(x, q, h, b):
+def paths(x, q, h, b, policy: KernelPolicy):
     def plain():
-        return F.linear(x, ops.dequantize(q, x.dtype))
+        return F.linear(x, ops.dequantize(q, x.dtype, policy=policy))
 
     def two_roundings():
-        return F.linear(x, ops.dequantize(q, x.dtype)) + h @ b.t()
+        return F.linear(x, ops.dequantize(q, x.dtype, policy=policy)) + h @ b.t()
 
     def fp32_product():
-        return add_product_rounding_once(h @ b.t(), x, ops.dequantize(q, x.dtype))
+        return add_product_rounding_once(h @ b.t(), x, ops.dequantize(q, x.dtype, policy=policy), policy=policy)
 
     def adapter_columns():
-        return adapter_columns_matmul(x, q, h, b)[0]
+        return adapter_columns_matmul(x, q, h, b, policy=policy)[0]
 
     def addmm_no_reduced_precision():
         flag = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
         try:
-            return torch.addmm(h @ b.t(), x, ops.dequantize(q, x.dtype).t())
+            return torch.addmm(h @ b.t(), x, ops.dequantize(q, x.dtype, policy=policy).t())
         finally:
             torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = flag
 
@@ -70,14 +72,16 @@ def measure(name, n_tokens, n_in, n_out, timer) -> list[dict]:
     q = qlora.quantize(torch.randn(n_out, n_in, device="cuda", generator=g) * n_in**-0.5, "nf4", 64, True)
     h = torch.randn(n_tokens, RANK, device="cuda", generator=g).bfloat16()
     b = (torch.randn(n_out, RANK, device="cuda", generator=g) * 1e-3 * RANK**-0.5).bfloat16()  # term ~1e-3
-    w = ops.dequantize(q, torch.bfloat16).double()
+    policy = KernelPolicy.from_env()
+    w = ops.dequantize(q, torch.bfloat16, policy=policy).double()
     base = (x.double() @ w.t()).bfloat16().double()  # round(x W^T)
     term = h.double() @ b.double().t()
     rows = []
-    for path, fn in paths(x, q, h, b).items():
+    for path, fn in paths(x, q, h, b, policy).items():
         y = fn().double()
         slope = float(((y - base) * term).sum() / term.square().sum()) if path != "plain" else None
-        ms = timer(fn, graph=True)
+        with policy.graph_step():  # warm-ups and capture on the graph's paths (the columns copy's kernel)
+            ms = timer(fn, graph=True)
         rows.append({"shape": name, "tokens": n_tokens, "in": n_in, "out": n_out, "r": RANK, "path": path,
                      "ms": round(ms, 4), "slope": None if slope is None else round(slope, 3)})  # fmt: skip
     plain_ms = rows[0]["ms"]

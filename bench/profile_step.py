@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from bench.llama_shapes import SHAPES, build_model, random_batch
 from qlora import ops
 from qlora.lora import LoRALinear
+from qlora.ops import policy_of
 from qlora.optim import build_optimizer
 from qlora.train.loss import loss_sum
 
@@ -100,8 +101,9 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(args.optim, params, lr=2e-4, weight_decay=0.0)
     batch = random_batch(s, args.batch, args.seq, device, seed=0)
+    policy = policy_of(model)
     result: dict = {"compile": args.compile, "shape": args.shape, "mode": args.mode, "batch": args.batch,
-                    "seq": args.seq, "dequantize_impl": ops.implementation_for("cuda")}  # fmt: skip
+                    "seq": args.seq, "dequantize_impl": policy.implementation_for("cuda")}  # fmt: skip
 
     state: dict = {}
 
@@ -138,7 +140,7 @@ def main() -> None:
         w = module.dense_base_weight()
         entry = {"dense_matmul_s": cuda_time(lambda x=x, w=w: F.linear(x, w))}
         if args.mode == "qlora":
-            entry["dequantize_s"] = cuda_time(lambda m=module: ops.dequantize(m.base, torch.bfloat16))
+            entry["dequantize_s"] = cuda_time(lambda m=module: ops.dequantize(m.base, torch.bfloat16, policy=policy))
         entry["lora_forward_s"] = cuda_time(lambda m=module, x=x: m(x))
         entry["lora_fwd_bwd_s"] = cuda_time(lambda m=module, x=x: m(x).sum().backward())
         entry["dense_fwd_bwd_s"] = cuda_time(lambda x=x, w=w: F.linear(x, w).sum().backward())

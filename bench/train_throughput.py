@@ -50,8 +50,8 @@ from bench.llama_shapes import (
     train_step,
 )
 from bench.profile_step import top_kernels
-from qlora.lora.matmul import reusing_dense_weights
 from qlora.model.offload import CheckpointOffload
+from qlora.ops import policy_of
 from qlora.optim import build_optimizer
 from qlora.optim.in_backward import StepInBackward, backward_order_groups
 from qlora.train.cuda_graph import CudaGraphStep
@@ -73,14 +73,15 @@ def run_ours(shape: str, mode: str, pairs, args) -> list[dict]:
     lora = dataclasses.replace(BENCH_LORA, param_dtype=getattr(torch, args.lora_dtype))
     model = build_model(s, "nf4" if mode == "qlora" else None, device, seed=args.seed, lora=lora)
     model.residual_dtype = torch.float32 if args.residual_dtype == "float32" else None
-    model.checkpoint_context = reusing_dense_weights if args.reuse_dense_weights else None
+    kernels = policy_of(model)  # QLORA_KERNELS, read when the model was built
+    model.checkpoint_context = kernels.reusing_dense_weights if args.reuse_dense_weights else None
     model.checkpoint_offload = CheckpointOffload(device) if args.offload_checkpoints else None
     torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
     model_gib = torch.cuda.memory_allocated() / GiB
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(args.optim, params, lr=2e-4, weight_decay=0.0, page_policy=args.page_policy)
-    stepper = StepInBackward(optimizer, backward_order_groups(model)) if args.step_in_backward else None
+    stepper = StepInBackward(optimizer, backward_order_groups(model), kernels) if args.step_in_backward else None
     records = []
     for b, seq in pairs:
         batches = reference_batches(s, b, seq, device, args.seed)  # the very tokens the reference trains on
@@ -183,7 +184,8 @@ def main() -> int:
                     help="our residual stream dtype (model.residual_dtype; the reference hf recipe holds it in fp32)")
     ap.add_argument("--reuse-dense-weights", action=argparse.BooleanOptionalAction, default=True,
                     help="keep each layer's dequantized weights from the recompute for its backward "
-                         "(model.reuse_dense_weights, on by default as in qlora train)")
+                         "(the kernel policy's reusing_dense_weights as model.checkpoint_context, on by default "
+                         "as in qlora train)")
     ap.add_argument("--page-policy", default="auto", choices=["auto", "always"], help="paged optimizers' policy")
     ap.add_argument("--step-in-backward", action="store_true",
                     help="update each layer's adapters during backward, states paged through three slots "
