@@ -15,8 +15,8 @@ wanted() { [[ " $ROWS " == *" $1 "* ]]; }
 run() { local name=$1 limit=$2; shift 2; wanted "$name" || return 0; timeout "$limit" python -m bench.train_throughput "$@" --out "$OUT/$name.jsonl" \
     > "$OUT/$name.log" 2>&1; echo "== $name (exit $?)"; grep '^|' "$OUT/$name.log" | tail -n +3; }
 wanted tests && timeout 480 python -m pytest -q -p no:cacheprovider tests/train/test_cuda_graph.py tests/optim/test_optim_gpu.py \
-    tests/test_lora.py tests/test_lora_matmul.py tests/test_fused.py tests/train/test_weight_reuse.py tests/kernels \
-    tests/optim/test_in_backward.py tests/model/test_offload.py tests/test_ops.py tests/train/test_loop.py 2>&1 | tail -2
+    tests/lora tests/test_fused.py tests/train/test_weight_reuse.py tests/kernels \
+    tests/optim/test_in_backward.py tests/model/test_offload.py tests/ops tests/train/test_loop.py 2>&1 | tail -2
 run t7b 300 --reference "$REFERENCE" --workloads 7b:qlora:4x512,1x2048,1x512 7b:lora16:4x512 --steps 10 --warmup 3 \
     --cuda-graph $LEAN
 run t7b_plain 90 --workloads 7b:qlora:4x512,1x2048 --steps 10 --warmup 3 --cuda-graph

@@ -4,7 +4,7 @@ The model (`qlora.model.llama`) knows nothing about kernels: it computes RMSNorm
 in plain PyTorch, each in a module of its own (`RMSNorm`, `SiluMul`, `Rotary`). This pass, like
 the LoRA module swap, replaces those modules by type with subclasses whose forward goes through
 the dispatch point with the model's `KernelPolicy`: the fused kernels on CUDA, elsewhere the twins,
-which are bit-identical to the model's own formulas (tests/test_ops.py), so swapping is always safe.
+which are bit-identical to the model's own formulas (tests/ops/test_dispatch.py), so swapping is always safe.
 Norm weights stay the same `Parameter` objects: state dicts, adapters and optimizers see no change.
 
 Each `DecoderLayer` becomes a `FusedDecoderLayer`, the block that owns the wide rows: where its LoRA

@@ -22,10 +22,10 @@ drawn from torch's generator on x's device (`HashedDropout.draw`), so `torch.man
 it, a gradient checkpoint's recompute (which restores the generator) draws the same one, and a CUDA
 graph draws a new one at every replay.
 
-The masks differ from `torch.native_dropout`'s draws (same distribution, other random numbers); the
-plain-PyTorch path and eager CUDA steps keep torch's dropout, this one runs in CUDA-graph steps and
-wherever the kernels are forced (`qlora.ops.graph_step_kernels`, `qlora.lora`). `HashedDropout.keep`
-is the twin: the same hash with torch integer ops.
+The masks differ from `torch.native_dropout`'s draws (same distribution, other random numbers). This
+is the adapter's only dropout: eager, graphed, packed and recomputed steps, on every device, so a
+run's masks do not depend on how its batches were shaped or run (`qlora.lora.layer`).
+`HashedDropout.keep` is the twin: the same hash with torch integer ops.
 """
 
 from __future__ import annotations

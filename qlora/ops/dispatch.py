@@ -6,7 +6,7 @@ picks:
 
 - the Triton kernel (`qlora.kernels`) when the tensors are on CUDA and Triton is importable;
 - otherwise the plain-PyTorch twin: the reference in `qlora.quant` for dequantization, and for the
-  fused elementwise ops the same formula the model computes (tests/test_ops.py checks the twins
+  fused elementwise ops the same formula the model computes (tests/ops/test_dispatch.py checks the twins
   equal the model's own modules bit for bit, so the two cannot drift apart).
 """
 
