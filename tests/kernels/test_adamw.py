@@ -76,3 +76,36 @@ def test_refuses_mismatched_moments():
         adamw_step_(p, g, m[:9], v, row(1, 0.9, 0.999, "cpu"))
     with pytest.raises(ValueError, match="coefficients"):
         adamw_step_(p, g, m, v, row(1, 0.9, 0.999, "cpu").double())
+
+
+def adamw_float64(p, g, m, v, step, beta1, beta2, lr, eps, weight_decay):
+    """Decoupled-weight-decay Adam (Loshchilov & Hutter) in float64, written from the definition."""
+    p, g, m, v = (t.double() for t in (p, g, m, v))
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    m_hat, v_hat = m / (1 - beta1**step), v / (1 - beta2**step)
+    return p * (1 - lr * weight_decay) - lr * m_hat / (v_hat.sqrt() + eps), m, v
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("beta1,step", [(0.9, 1), (0.6, 5)], ids=str)
+def test_kernel_matches_the_float64_formula(beta1, step, p_dtype, device):
+    """The kernel (fp32 arithmetic, p stored in its dtype) against the definition in float64. fp32: a
+    handful of fp32 roundings in the update, rtol 1e-5 (the update is ~lr, so p itself is far more
+    exact); bf16 p: the stored p is rounded once to bf16, rtol 2^-8 (one bf16 ulp)."""
+    beta2 = 0.999
+    tensors = [t.clone() for t in inputs(1023, p_dtype, device)]
+    want_p, want_m, want_v = adamw_float64(*tensors, step, beta1, beta2, **HYPER)
+    adamw_step_(*tensors, row(step, beta1, beta2, device))
+    p, _, m, v = tensors
+    p_tol = dict(rtol=2.0**-8, atol=1e-6) if p_dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(p.double(), want_p, **p_tol)
+    # m and v: two fp32 products and a sum; where they nearly cancel the error is absolute, a few
+    # ulps of the operands (|g| ~ 0.5: ulp 6e-8; g^2 ~ 0.25, v ~ 0.01: ulp 1e-9)
+    torch.testing.assert_close(m.double(), want_m, rtol=1e-6, atol=2e-7)
+    torch.testing.assert_close(v.double(), want_v, rtol=1e-6, atol=4e-9)
+    # control: without the bias correction (step -> large) the float32 p is measurably different
+    if p_dtype == torch.float32:
+        uncorrected, _, _ = adamw_float64(*inputs(1023, p_dtype, device), 10**6, beta1, beta2, **HYPER)
+        assert not torch.allclose(p.double(), uncorrected, **p_tol)

@@ -71,3 +71,24 @@ def test_refuses_labels_outside_the_vocabulary():
         cross_entropy_sum(torch.zeros(2, 10), torch.tensor([3, 10]))
     with pytest.raises(ValueError, match="power of two"):
         cross_entropy_sum(torch.zeros(2, 10), torch.tensor([3, 1]), block_v=24)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_loss_and_gradient_match_the_float64_formula(dtype, device):
+    """Against log_softmax in float64: loss = -sum over kept rows of log_softmax(x)[label], gradient
+    (softmax(x) - onehot(label)) * upstream on kept rows, 0 on ignored ones. The kernel works in fp32
+    (a few fp32 ulps of the row's exp-sum: rtol 1e-5 on the loss) and rounds the gradient to the
+    logits' dtype once (TOLERANCE above: 1 ulp there)."""
+    logits, labels = inputs(7, 100, dtype, device)
+    got = cross_entropy_sum(logits, labels, block_v=32)
+    (got_grad,) = torch.autograd.grad(got * 0.7, (logits,))
+    x64 = logits.detach().double()
+    kept = labels != IGNORE
+    log_p = torch.log_softmax(x64, dim=-1)
+    want = -log_p[kept, labels[kept]].sum()
+    onehot = F.one_hot(labels.clamp(min=0), 100).double()
+    want_grad = (log_p.exp() - onehot) * 0.7 * kept[:, None]
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad.double(), want_grad, **TOLERANCE[dtype])
+    assert not torch.allclose(got.double(), -log_p[kept, (labels[kept] + 1) % 100].sum(), rtol=1e-5)  # control

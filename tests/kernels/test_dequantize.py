@@ -108,3 +108,34 @@ def test_a_state_loaded_from_bitsandbytes_keys_dequantizes_the_same(device):
     q = qlora.quantize(randn((6, 100), torch.float16, seed=4, device=device), "fp4", 64, True)
     loaded = qlora.QuantizedTensor.from_bnb_state_dict(q.to_bnb_state_dict("w"), prefix="w")
     assert torch.equal(bits(dequantize_4bit(loaded)), bits(q.dequantize()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "plain"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_dequantize_matches_the_table_lookup_formula(quant_type, double_quant, device):
+    """Against the format written out here: nibbles (high first) index the code table, times the
+    block's absmax; double quantization restores absmax as fp32(fp32(map[c] * nested) + offset). The
+    products are exact in float64 and rounded to float32 as the format does, then to the output dtype
+    (rounding the exact float32 value): bit-exact, no tolerance."""
+    from qlora.quant.codes import dynamic_map, table_4bit
+
+    shape, blocksize = (5, 123), 32
+    q = qlora.quantize(randn(shape, torch.bfloat16, seed=3, device=device), quant_type, blocksize, double_quant)
+    packed = q.packed.reshape(-1).cpu().long()
+    codes = torch.stack((packed >> 4, packed & 0xF), dim=1).reshape(-1)[: shape[0] * shape[1]]
+    if double_quant:
+        n = q.nested
+        nested = n.absmax.cpu().double().repeat_interleave(256)[: n.codes.numel()]
+        scaled = (dynamic_map(True).double()[n.codes.cpu().long()] * nested).float()
+        absmax = (scaled.double() + n.offset.cpu().double()).float()
+    else:
+        absmax = q.absmax.cpu()
+    per_element = absmax.double().repeat_interleave(blocksize)[: codes.numel()]
+    exact = (table_4bit(quant_type).double()[codes] * per_element).float().reshape(shape)
+    for dtype in OUT_DTYPES:
+        got = dequantize_4bit(q, dtype).cpu()
+        assert torch.equal(bits(got), bits(exact.to(dtype))), f"{dtype}: {(bits(got) != bits(exact.to(dtype))).sum()}"
+    # control: the other nibble order is another tensor
+    swapped = torch.stack((packed & 0xF, packed >> 4), dim=1).reshape(-1)[: codes.numel()]
+    assert not torch.equal(table_4bit(quant_type)[swapped].reshape(shape), table_4bit(quant_type)[codes].reshape(shape))

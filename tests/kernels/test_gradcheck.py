@@ -30,6 +30,7 @@ def test_swiglu(device):
     assert torch.autograd.gradcheck(swiglu, (g, u))
 
 
+@pytest.mark.slow  # >5 s under the interpreter
 @pytest.mark.parametrize("device", DEVICES)
 def test_rotary(device):
     # tiny: the interpreter runs one program per (batch, position) for every finite difference
@@ -46,6 +47,7 @@ def test_cross_entropy(device):
     assert torch.autograd.gradcheck(lambda z: cross_entropy_sum(z, labels, block_v=16), (logits,))
 
 
+@pytest.mark.slow  # >5 s under the interpreter
 @pytest.mark.parametrize("device", DEVICES)
 def test_lora_input_gradient_through_dropout(device):
     """The LoRA layer's backward with the hashed-dropout kernels forced (`ops.dropout_backward`: A's gradient

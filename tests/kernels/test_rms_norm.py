@@ -106,3 +106,32 @@ def test_row_strided_output_equals_the_contiguous_one(shape, device):
         assert torch.equal(g, w)
     with pytest.raises(ValueError, match="narrower"):
         rms_norm(x, module.weight, module.eps, None, shape[-1] - 1)
+
+
+def rms_norm_float64(x, weight, eps):
+    """The definition, in float64: x / sqrt(mean(x^2) + eps) * w (independent of the model's module)."""
+    x64 = x.double()
+    return x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(3, 37), (7, 257)], ids=str)
+def test_forward_and_backward_match_the_float64_formula(shape, dtype, device):
+    """Against the definition in float64 (autograd for the gradients). fp32: a few fp32 ulps of the
+    row sums (rtol 1e-5). bf16: inputs and outputs are bf16, the kernel computes in fp32 and rounds
+    the output once (half a bf16 ulp, 2^-9 relative) and dw once more over the row sum: rtol 8e-3
+    (one bf16 ulp, 2^-8, doubled); dw's absolute error grows with the number of rows summed."""
+    module, x, dy = twin_and_fused(shape, dtype, dtype, device)
+    weight = module.weight.detach().requires_grad_(True)
+    got = rms_norm(x, weight, 1e-6)
+    got_dx, got_dw = torch.autograd.grad(got, (x, weight), dy)
+    x64, w64 = x.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
+    want = rms_norm_float64(x64, w64, 1e-6)
+    want_dx, want_dw = torch.autograd.grad(want, (x64, w64), dy.double())
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.double(), want, **tol)
+    torch.testing.assert_close(got_dx.double(), want_dx, **tol)
+    torch.testing.assert_close(got_dw.double(), want_dw, rtol=tol["rtol"], atol=tol["atol"] * x.numel() / shape[-1])
+    # the formula is not the kernel's mirror: with eps 1e-2 it is far from the kernel's result
+    assert not torch.allclose(got.double(), rms_norm_float64(x * 0.05, weight, 1e-2) / 0.05, **tol)

@@ -51,3 +51,31 @@ def test_refuses_mismatched_tables():
         apply_rotary(x, torch.ones(1, 4, 8), torch.ones(1, 5, 8))
     with pytest.raises(ValueError, match="even head_dim"):
         apply_rotary(torch.ones(1, 2, 5, 7), torch.ones(1, 5, 7), torch.ones(1, 5, 7))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_forward_and_backward_match_the_float64_formula(dtype, device):
+    """Against the definition in float64, from the same (dtype) cos/sin tables: pairs (x_i, x_{i+hd/2})
+    rotate: y_i = x_i cos - x_{i+hd/2} sin, y_{i+hd/2} = x_{i+hd/2} cos + x_i sin; the gradient is the
+    rotation by the opposite angle. The kernel rounds two products and their sum in the dtype's
+    arithmetic, as the twin does: within 2 ulps of the dtype (relative), plus an absolute ulp near 0."""
+    B, heads, T, hd = 2, 3, 7, 16
+    x = randn((B, heads, T, hd), dtype, seed=4, device=device).requires_grad_(True)
+    cos, sin = cos_sin(torch.arange(2, 2 + T)[None], hd, dtype, device)
+    dy = randn((B, heads, T, hd), dtype, seed=5, device=device)
+    got = apply_rotary(x, cos, sin)
+    (got_dx,) = torch.autograd.grad(got, (x,), dy)
+    c, s = cos.double()[:, None], sin.double()[:, None]  # [1, 1, T, hd]: broadcast over heads
+    half = hd // 2
+
+    def rotate(v, sign):  # by the angle (sign +1) or its opposite (sign -1)
+        first, second = v[..., :half], v[..., half:]
+        return torch.cat((first * c[..., :half] - sign * second * s[..., :half],
+                          second * c[..., half:] + sign * first * s[..., half:]), dim=-1)  # fmt: skip
+
+    ulp = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
+    tol = dict(rtol=2 * ulp, atol=2 * ulp)
+    torch.testing.assert_close(got.double(), rotate(x.detach().double(), 1), **tol)
+    torch.testing.assert_close(got_dx.double(), rotate(dy.double(), -1), **tol)
+    assert not torch.allclose(got.double(), rotate(x.detach().double(), -1), **tol)  # the sign matters

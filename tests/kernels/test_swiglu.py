@@ -66,3 +66,29 @@ def test_row_strided_output_equals_the_contiguous_one(shape, device):
         assert torch.equal(g, w)
     with pytest.raises(ValueError, match="narrower"):
         swiglu(gate, up, row_width=shape[-1] - 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_forward_and_backward_match_the_float64_formula(dtype, device):
+    """Against the definition in float64: y = g * sigmoid(g) * u, autograd for the gradients.
+
+    The kernel rounds where torch does: silu(g) to the dtype, then the product (two roundings of half
+    an ulp each, so 1 ulp relative: 2^-8 bf16, 2^-11 fp16, a few 2^-24 fp32); the gradients take one
+    more rounding. Tolerance: 2 ulps of the dtype, relative, plus a tiny absolute term near zero."""
+    shape = (7, 129)
+    gate = randn(shape, dtype, seed=1, device=device, scale=3.0).requires_grad_(True)
+    up = randn(shape, dtype, seed=2, device=device).requires_grad_(True)
+    dy = randn(shape, dtype, seed=3, device=device)
+    got = swiglu(gate, up)
+    got_grads = torch.autograd.grad(got, (gate, up), dy)
+    g64, u64 = gate.detach().double().requires_grad_(True), up.detach().double().requires_grad_(True)
+    want = g64 * torch.sigmoid(g64) * u64
+    want_grads = torch.autograd.grad(want, (g64, u64), dy.double())
+    ulp = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
+    tol = dict(rtol=2 * ulp, atol=1e-6)
+    torch.testing.assert_close(got.double(), want, **tol)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g.double(), w, **tol)
+    # negative control: the formula with the arguments swapped is far outside the tolerance
+    assert not torch.allclose(got.double(), u64 * torch.sigmoid(u64) * g64, **tol)
