@@ -510,7 +510,7 @@ class LlamaForCausalLM(nn.Module):
             for window in {layer.self_attn.sliding_window for layer in self.model.layers}
         }
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
-        offload = self.checkpoint_offload if use_checkpoint and h.is_cuda else None
+        offload = self.checkpoint_offload if use_checkpoint else None  # made only on CUDA (prepare_for_training)
         if offload is not None:
             offload.start_forward()
         last = len(self.model.layers) - 1
