@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlora import ops
+from qlora.config import DEFAULT_TARGETS
 from qlora.kernels.spare_columns import rows_of
 from qlora.lora.dropout import HashedDropout
 from qlora.lora.matmul import (
@@ -58,8 +59,6 @@ from qlora.lora.matmul import (
 )
 from qlora.ops import KernelPolicy
 from qlora.quant.tensor import QuantizedTensor
-
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ from qlora.model.config import ModelConfig
 from qlora.ops import KernelPolicy
 from qlora.optim import build_optimizer
 from qlora.optim.in_backward import StepInBackward, backward_order_groups
-from qlora.precision import resolve_compute_dtype, resolve_device, torch_dtype
+from qlora.precision import dtype_name, resolve_compute_dtype, resolve_device, torch_dtype
 from qlora.tokenizer import Tokenizer
 from qlora.train.checkpoint import (
     capture_rng_state,
@@ -158,7 +158,7 @@ class Trainer:
             raise ConfigError(f"optim.step_in_backward needs optim.name paged_adamw_32bit; this run's optimizer is "
                               f"{optimizer_name!r} (optim.name, or the default on {self.device.type})")  # fmt: skip
         self.dtype, why = resolve_compute_dtype(cfg.model.compute_dtype, self.device)
-        log.info("compute dtype %s: %s", str(self.dtype).removeprefix("torch."), why)
+        log.info("%s", why)
         seed_everything(cfg.seed)
 
         self.tokenizer = Tokenizer.from_pretrained(cfg.model.path)
@@ -187,7 +187,9 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.batches = BatchIterator(items, cfg.train.micro_batch_size, pad_id=self.pad_id, seed=cfg.seed,
                                      group_by_length=cfg.data.group_by_length)  # fmt: skip
-        (self.output / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+        resolved = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compute_dtype=dtype_name(self.dtype)))
+        # the dtype the run computed in, not "auto": merge and export rebuild the trained-against base from it
+        (self.output / "config.yaml").write_text(resolved.to_yaml(), encoding="utf-8")
         self.train_step = None  # built after a resume (the update in backward holds the optimizer's states)
         return self
 
