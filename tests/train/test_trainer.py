@@ -139,3 +139,17 @@ def test_errors_inside_a_step_are_raised_not_swallowed(tmp_path):
     with pytest.raises(torch.cuda.OutOfMemoryError):
         step([batch])
     assert step.graphs is not None  # nothing switched to another path for later steps
+
+
+def test_the_run_config_records_the_resolved_compute_dtype(tmp_path):
+    """`auto` is resolved once and written as the dtype the run computed in (merge rebuilds the base from it)."""
+    import yaml
+
+    from qlora.precision import dtype_name
+
+    tree = tiny_config(tmp_path, max_steps=2).to_dict()
+    tree["model"]["compute_dtype"] = "auto"
+    trainer = Trainer(tree, progress=False).setup()
+    written = yaml.safe_load((tmp_path / "config.yaml").read_text(encoding="utf-8"))["model"]["compute_dtype"]
+    assert written == dtype_name(trainer.dtype) and written != "auto"
+    assert trainer.config.model.compute_dtype == "auto"  # the user's config object is left as given
