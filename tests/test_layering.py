@@ -40,6 +40,7 @@ FLOOR = {
     "cli_args": 7,
     "cli": 8,
     "__init__": 8,
+    "__main__": 8,
 }
 MODEL_MUST_NOT_IMPORT = {"quant", "kernels", "ops", "lora", "loading"}
 # A soft target is 400 lines (style-anchors principle 2); this is the hard ceiling CI enforces.
