@@ -3,9 +3,9 @@
 Where it sits: the LoRA forward writes the adapter's B (float32, scaled, as bf16) into the spare
 columns of the dequantized weight `[W | B]`, and h into those of its input `[x | h]`
 (`qlora.lora.matmul`). Both are narrow ([rows, r + pad]) and strided (rows in + r + pad apart):
-torch's copy takes its generic element-by-element kernel for such a destination (4.5 us for a 4096 x 64
-B, measured on an H100: 2.0 ms of a 7B step over 448 copies), while here each program stores whole
-rows of the block with 16-byte vectors. The scale rides along for free, so h needs no separate multiply.
+torch's copy takes its generic element-by-element kernel for such a destination (measured: docs/LOG.md,
+2026-11-27 (fourth session), item 3), while here each program stores whole rows of the block with
+16-byte vectors. The scale rides along for free, so h needs no separate multiply.
 
 Twin: `dst[:, :c].copy_(src * scale); dst[:, c:].zero_()` (`qlora.ops.copy_into_columns_`); both
 round `float32(src) * scale` once to dst's dtype, so they agree bit for bit.

@@ -27,13 +27,14 @@ import triton.language as tl
 
 from qlora.kernels.rounding import emulate_rounding, round_to
 
-# Tiles (measured on an H100 with bench/hashed_dropout.py --sweep, 7B shapes, sixth session): the forward's
-# (BLOCK_M rows, BLOCK_K reduced columns, warps), another for few rows; the backward's (BLOCK_N columns,
-# BLOCK_K reduced rows, warps). The rank is padded to a power of two >= 16 (one MMA operand).
-PROJECT_TILES = (64, 64, 4)  # 2,048 rows: 14.5 us (q) and 33.5 us (down) against 16.1-21.9 and 35.1-38.1
-PROJECT_TILES_FEW_ROWS = (32, 128, 4)  # 512 rows: 11.2 and 15.3 us against 15.8 and 18.0 with the tiles above
+# Tiles, the fastest of `bench/hashed_dropout.py --sweep` on 7B shapes (measured: docs/LOG.md, 2026-11-27
+# (sixth session), item 2; per-tile timings in docs/design-notes.md): the forward's (BLOCK_M rows, BLOCK_K
+# reduced columns, warps), another for few rows; the backward's (BLOCK_N columns, BLOCK_K reduced rows, warps).
+# The rank is padded to a power of two >= 16 (one MMA operand).
+PROJECT_TILES = (64, 64, 4)  # 2,048 rows
+PROJECT_TILES_FEW_ROWS = (32, 128, 4)  # 512 rows
 FEW_ROWS = 1024
-BACKWARD_TILES = (64, 64, 4)  # 34.0 / 70.1 us at 2,048 rows against 34.4-57.1 / 88.5-113.2 for (128-256) x 32
+BACKWARD_TILES = (64, 64, 4)
 FLOAT64_TILES = (16, 16, 4)  # gradcheck only: float64 has no MMA, its broadcast product must fit shared memory
 NUM_STAGES = 3
 PROGRAMS_PER_SM = 2  # split the reduction until about this many programs per SM are running

@@ -23,8 +23,8 @@ import triton.language as tl
 from qlora.kernels.hashed_dropout import check_mask, dot_accumulate, dropout_keep
 from qlora.kernels.rounding import emulate_rounding, round_to
 
-# tiles measured on an H100 (bench/masked_lowrank.py, 2,048 tokens): 32 x 128 with 4 warps moved 2.1 TB/s at
-# in = 8192-22016, against 1.9 for 64 x 128 and 1.7-1.8 for 64 x 256 or 128 x 128 with 8 warps
+# tiles: the fastest of bench/masked_lowrank.py at 2,048 tokens (measured: docs/LOG.md, 2026-11-27 (fourth
+# session), item 1; the other tiles' figures in docs/design-notes.md)
 BLOCK_M = 32
 BLOCK_N = 128
 NUM_WARPS = 4

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+
 def left_columns(wide: torch.Tensor, d: int) -> torch.Tensor:
     """`wide[..., :d]` sharing wide's storage, not an autograd view of it. `wide` must be contiguous."""
     if not wide.is_contiguous() or d > wide.shape[-1]:
