@@ -1,31 +1,24 @@
 """The LoRA dropout's mask as a hash of (seed, row, column): drawn again wherever it is needed, never stored.
 
-Why. `torch.native_dropout` over an adapter's input x [N, in] reads x and writes the dropped copy and
-a bool mask (5 bytes per element), and the copy is then read again by the `xd A^T` GEMM and saved for
-backward. A 7B 1 x 2048 step spends ~10 ms (5%) in those passes alone (H100 profile, docs/LOG.md,
-sixth session). With a mask that is a pure function of a seed and the element's position, the
-kernels that read x anyway apply it on the fly: `xd A^T` (forward and checkpoint recompute),
-`(g B)^T xd` (A's gradient) and the masked input gradient (`qlora.kernels.masked_lowrank`). Nothing
-[N, in] is written or saved: backward keeps x itself (shared by q, k and v) and the seed.
+Why. `torch.native_dropout` over an adapter's input x [N, in] writes the dropped copy and a bool mask
+(5 bytes per element), which the `xd A^T` GEMM reads again and backward keeps: a measurable share of a
+step (measured: docs/LOG.md, 2026-11-27 (sixth session)). A mask that is a pure function of a seed and
+the element's position is applied on the fly by the kernels that read x anyway: `xd A^T` (forward and
+checkpoint recompute), `(g B)^T xd` (A's gradient) and the masked input gradient
+(`qlora.kernels.masked_lowrank`). Nothing [N, in] is written or saved: backward keeps x and the seed.
 
 The mask. For the column pair (2k, 2k + 1) of row i, with seed (s0, s1), all arithmetic on 32-bit
 unsigned integers, one hash gives both columns' draws (its low and high 16 bits):
 
     h = pcg(pcg(i ^ s0) + pcg(k ^ s1));  keep[i, 2k] = (h & 0xFFFF) >= t,  keep[i, 2k + 1] = (h >> 16) >= t
 
-with t = round(p * 2^16). `pcg` is the PCG-based integer hash of Jarzynski and Olano, "Hash
-Functions for GPU Rendering" (JCGT 2020), nested per dimension as they describe. Two draws per hash
-because the hash, not memory, bounds the kernels (~10 integer operations per hash; measured on an
-H100, docs/LOG.md). The drop probability is t / 2^16 (p to within 8e-6), and kept elements are
-scaled by 1 / (1 - t / 2^16), so the expectation is kept exactly. The seed is two 32-bit words
-drawn from torch's generator on x's device (`HashedDropout.draw`), so `torch.manual_seed` governs
-it, a gradient checkpoint's recompute (which restores the generator) draws the same one, and a CUDA
-graph draws a new one at every replay.
-
-The masks differ from `torch.native_dropout`'s draws (same distribution, other random numbers). This
-is the adapter's only dropout: eager, graphed, packed and recomputed steps, on every device, so a
-run's masks do not depend on how its batches were shaped or run (`qlora.lora.layer`).
-`HashedDropout.keep` is the twin: the same hash with torch integer ops.
+with t = round(p * 2^16); `pcg` is the PCG integer hash of Jarzynski and Olano, "Hash Functions for
+GPU Rendering" (JCGT 2020), nested per dimension. Two draws per hash because the hash, not memory,
+bounds the kernels (docs/LOG.md, 2026-11-27 (sixth session), item 1). Kept elements are scaled by
+1 / (1 - t / 2^16), so the expectation is exact. The seed is two 32-bit words from torch's generator
+on x's device (`HashedDropout.draw`): `torch.manual_seed` governs it, a checkpoint's recompute draws
+the same one, a CUDA graph a new one at every replay. This is the adapter's only dropout, on every
+path and device (`qlora.lora.layer`); `HashedDropout.keep` is the twin (torch integer ops).
 """
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
 """`CheckpointOffload`: the checkpointed layers' inputs wait for backward in pinned host memory, not on the GPU.
 
 Why. With gradient checkpointing the only activations kept between forward and backward are each
-decoder layer's input (the residual stream): layers x tokens x hidden values, 0.6 GiB for a 65B
-model at 512 tokens and 2 GiB for an 8B model at 8,192. Backward needs them one layer at a time,
-last layer first, and each layer's backward takes far longer than the copy (8 MB of a 65B layer
-cross the host link in ~0.2 ms; the layer's backward takes ~5 ms), so they can leave the GPU during
-forward and come back just ahead of their recompute at no cost in time.
+decoder layer's input (the residual stream): layers x tokens x hidden values. Backward needs them one
+layer at a time, last layer first, and each layer's backward takes far longer than its input's copy
+across the host link, so they can leave the GPU during forward and come back just ahead of their
+recompute at no cost in time (measured: docs/LOG.md, 2026-11-27 (fifth session), item 2).
 
 How, per decoder layer i (all in stream order, so it runs eagerly and inside a captured CUDA graph):
 
@@ -18,16 +17,10 @@ How, per decoder layer i (all in stream order, so it runs eagerly and inside a c
               storage its size back, the H2D stream copies the bytes in; layer i-1's recompute
               waits for that copy
 
-The storage copies do not touch autograd's version counters. The last layer's input stays on the
-GPU (backward needs it first). A layer input that does not own its whole storage (a view) is left
-where it is.
-
-Host memory. Each layer has pinned buffers of power-of-two sizes; an input is copied into the
-smallest that holds it. None is ever freed, because a captured graph may copy into any of them, and
-a run of varied lengths still keeps at most a few per layer: less than 4x the largest input's bytes.
-
-Contract: one forward, then its backward (or none: a forward whose backward never runs is dropped by
-the next forward, which first waits for every copy still in flight).
+The last layer's input stays on the GPU (backward needs it first); a view is left where it is.
+Pinned buffers are per layer, of power-of-two sizes, never freed (a captured graph may copy into
+any of them). Contract: one forward, then its backward (or none: the next forward drops it after
+waiting for every copy still in flight). Details: docs/design-notes.md, qlora/model/offload.py.
 """
 
 from __future__ import annotations
