@@ -17,7 +17,7 @@ With step t (counted from 1), lr, betas (b1, b2), eps and weight decay wd:
 
 Weight-decay order: bitsandbytes' kernels (format-spec 3.3) decay AFTER the Adam step
 (`p <- (p + step) * (1 - lr*wd)`), torch decays BEFORE. The two differ by lr*wd*step, second order
-in lr (measured 5e-3 at lr 0.1, wd 0.5). We follow torch, so `adamw` and `paged_adamw_32bit` are
+in lr. We follow torch, so `adamw` and `paged_adamw_32bit` are
 interchangeable and a run can switch between them on resume.
 
 Non-finite gradients are not skipped (torch does not skip them either; bitsandbytes' 8-bit kernels

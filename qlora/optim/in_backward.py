@@ -1,12 +1,10 @@
 """`StepInBackward`: each layer's AdamW update runs during backward, the moment its gradients exist.
 
-Why. An optimizer step after backward needs every adapter gradient at once (a 65B model at r=64
-has 800M adapter values: 1.5 GiB of bf16 gradients, 3 GiB float32), and a paged optimizer then
-moves every state across the host link twice, with nothing left to overlap it with (12.8 GB at
-65B, ~30% of its step on an H100; docs/LOG.md). Backward finishes the layers one by one, last
-first. Updating a layer as soon as its gradients are in frees them at once (one layer's
-gradients live at a time), and its paged states can travel while the GPU works on the layers
-below: the host link and the update leave the critical path.
+Why. An optimizer step after backward needs every adapter gradient at once, and a paged optimizer
+then moves every state across the host link twice with nothing left to overlap it with (at 65B a
+large share of the step: docs/LOG.md, 2026-11-27 (fifth session)). Backward finishes the layers one
+by one, last first: updating a layer as soon as its gradients are in frees them at once, and its
+paged states travel while the GPU works on the layers below, off the critical path.
 
 The pipeline, over groups 0..G-1 in the order backward completes them and three GPU slots:
 
@@ -14,20 +12,15 @@ The pipeline, over groups 0..G-1 in the order backward completes them and three 
     compute:     backward of group k | wait loaded(k), update(k), free its gradients | backward of k+1
     d2h stream:                                          wait updated(k), D2H(k), record written(k)
 
-Slot k % 3 holds group k; H2D(k+2) refills the slot that group k-1 used, after its write-back (the
-slot's last write-back, however many groups back: groups with nothing paged use no slot), so
-the two directions of the link run at once and each copy has a whole layer's backward to finish.
-Every step is in stream order with events, so the same code runs eagerly and inside a captured
-CUDA graph (`qlora.train.cuda_graph`: the copies, events and kernels become graph nodes). The
-update is `qlora.ops.adamw_step_` (a Triton kernel on CUDA), whose learning rate and bias
-corrections come from a device row per parameter that `prepare()` rewrites before each step, so a
-graph captured once keeps following the schedule.
+Slot k % 3 holds group k; H2D(k+2) refills the slot of the last group written back. Everything is in
+stream order with events, so it runs eagerly and inside a captured CUDA graph; the update is
+`qlora.ops.adamw_step_`, whose lr and bias corrections come from a device row per parameter that
+`prepare()` rewrites before each step, so a graph captured once follows the schedule.
 
-Semantics: the optimizer's own AdamW on the optimizer's own state tensors (same keys, step counts
-and `state_dict`), only earlier. What it cannot do, and refuses: gradient clipping by the global
-norm (unknown until the last layer is done), accumulation over micro-batches, fp16 loss scaling,
-8-bit states. Every parameter it owns must receive a gradient in every backward, and groups must
-complete in the order given (both checked, with an error saying which).
+Semantics: the optimizer's own AdamW on its own state tensors (same keys, step counts and
+`state_dict`), only earlier. Refused: global-norm clipping, accumulation over micro-batches, fp16
+loss scaling, 8-bit states. Every owned parameter must get a gradient in every backward, and groups
+must complete in the order given (both checked, with an error saying which).
 
 Use:
     stepper = StepInBackward(optimizer, backward_order_groups(model))

@@ -1,11 +1,10 @@
 """`QAdamW`: AdamW with float32 or 8-bit blockwise states, optionally paged to pinned host memory.
 
-One class covers the three bitsandbytes-style choices of the registry (`qlora.optim`):
-`paged_adamw_32bit` (optim_bits=32, paged=True; the QLoRA paper's default), `paged_adamw_8bit`
-(8, True) and `adamw_8bit` (8, False). The maths is `qlora.optim.adamw.adamw_update_many_` (torch's
-AdamW, weight decay first); 8-bit storage is `qlora.optim.state8bit`; paging is
-`qlora.optim.paging`. On the CPU "paged" changes nothing: the state already lives in host memory,
-so `paged_adamw_32bit` on the CPU is exactly `torch.optim.AdamW`.
+One class for the three bitsandbytes-style registry choices (`qlora.optim`): `paged_adamw_32bit`
+(optim_bits=32, paged=True; the QLoRA paper's default), `paged_adamw_8bit` (8, True) and `adamw_8bit`
+(8, False). The maths is `qlora.optim.adamw` (torch's AdamW), 8-bit storage `qlora.optim.state8bit`,
+paging `qlora.optim.paging`; on the CPU "paged" changes nothing, so `paged_adamw_32bit` there is
+exactly `torch.optim.AdamW`.
 
 Per parameter with a gradient, `self.state[p]` holds
 
@@ -13,38 +12,14 @@ Per parameter with a gradient, `self.state[p]` holds
     exp_avg, exp_avg_sq        float32, shape of p                      (32-bit, or numel < min_8bit_size)
     state1, absmax1, state2, absmax2   uint8 [n], float32 [ceil(n/256)]  (8-bit)
 
-Where they live: on p's device; for a CUDA parameter of a paged optimizer with
-numel >= page_min_numel (1e5), in pinned host memory (`is_pinned()`), staged through two GPU slots
-for the update, when the page policy says so. Parameters whose `grad` is None (frozen, or unused
-this step) are skipped and get no state, like torch.
+on p's device, or in pinned host memory for a large state of a paged CUDA optimizer when the page
+policy says so: `"always"`, or `"auto"` (the default), which pages only when the states would not
+fit beside the memory peak seen so far, as bitsandbytes' managed pages do in effect.
+`qlora.optim.in_backward.StepInBackward` can run a 32-bit QAdamW's update per layer inside backward.
 
-Page policy. `page_policy="always"` pages every large state. `"auto"` (the default) pages only
-under memory pressure, which is what bitsandbytes' managed-memory pages do in effect: its pages
-stay on the GPU until the driver needs the memory back. At its first step on a device, `auto`
-keeps the states GPU-resident if they fit below the device's limit (total memory times the
-per-process fraction, or less if other processes hold memory) together with the highest memory
-reserved so far (the forward/backward peak has already happened by then) and a margin of
-max(1 GiB, 10%); otherwise it pages them. While resident, each step checks the peak again and
-pages the states out, for good, once peak + margin reaches the limit. What `auto` cannot do is
-what managed memory does: give memory back in the middle of a forward pass. A run whose first
-steps are short and whose later batches are much longer is safer with `"always"`.
-
-`qlora.optim.in_backward.StepInBackward` can instead run a 32-bit QAdamW's update per layer inside
-backward (same state tensors and state dict; its large states are paged whatever the policy, and
-cross the host link while backward computes). While one is attached, `load_state_dict` refuses.
-
-Resident 32-bit states are updated all at once (`adamw_update_many_`,
-torch's multi-tensor ops: ~8 launches instead of ~8 per tensor); paged and 8-bit states one
-parameter at a time, around their copies.
-
-Checkpoints. `state_dict()` is torch's format (integer parameter ids, `param_groups` with every
-hyper-parameter as plain python, state as tensors), loadable with `torch.load(weights_only=True)`.
-A 32-bit state dict has exactly torch.optim.AdamW's keys, so the two load each other's state.
-`load_state_dict` is overridden because torch's would cast float states to the parameter's dtype
-and move every state tensor to the parameter's device, undoing both float32 moments (for bf16
-parameters) and host paging; ours checks each saved tensor's dtype and shape and puts it back
-where this optimizer keeps it. The 8-bit state is saved as its codes and absmax, so a resume is
-exact for 8-bit too.
+`state_dict()` is torch's format (a 32-bit one has exactly torch.optim.AdamW's keys);
+`load_state_dict` is our own so that float32 moments and host pages stay where this optimizer keeps
+them. Details of the page policy and the checkpoint format: docs/design-notes.md, qlora/optim/optimizer.py.
 """
 
 from __future__ import annotations

@@ -1,46 +1,21 @@
 """Paged optimizer state: explicit pinned host pages, staged to the GPU around each parameter's update.
 
-What it is for. QLoRA's "paged optimizers" keep optimizer state out of GPU memory so that
-transient spikes (a long batch under gradient checkpointing) do not end the run. bitsandbytes does
-it with CUDA managed (unified) memory: `cudaMallocManaged` + `cudaMemPrefetchAsync`, and the driver
-migrates pages on demand (format-spec 3.1).
-
-Why explicit pinned pages instead of managed memory. On our shared GPU machines nobody may request
-managed memory beyond what the GPU has free: oversubscribing it can hang the GPU for everyone, and
-managed allocations are invisible to PyTorch's allocator and to `torch.cuda.memory_allocated`, so
-nothing warns before it happens. Explicit pages make every byte accountable: the state lives in
-page-locked host memory (`pin_memory=True`, which the GPU can DMA from at full PCIe/NVLink-C2C
-speed and which is never swapped out), and the GPU holds only two staging slots, ordinary caching-
-allocator tensors sized for the largest paged parameter. Peak GPU memory for optimizer state is
-therefore 2 x (largest paged state) plus the states left resident, deterministically, with no
-driver page faults, no per-parameter device synchronisation (bitsandbytes syncs after every
-parameter) and no dependence on `cudaDevAttrConcurrentManagedAccess`.
+QLoRA's "paged optimizers" keep optimizer state out of GPU memory so that transient spikes (a long
+batch under gradient checkpointing) do not end the run. bitsandbytes uses CUDA managed memory
+(format-spec 3.1); we use explicit page-locked host memory and two GPU staging slots, because
+oversubscribed managed memory can hang a shared GPU and is invisible to PyTorch's allocator: here
+peak GPU memory for optimizer state is 2 x (largest paged state) plus the resident states,
+deterministically, with no page faults and no per-parameter synchronisation.
 
 The pipeline (`StagedPager.run`), per step, over the paged parameters 0..N-1 and slots i % 2:
 
     side stream:    H2D(0)  H2D(1) | wait upd(0), D2H(0), H2D(2) | wait upd(1), D2H(1), H2D(3) ...
     compute stream:   wait H2D(0), upd(0) | wait H2D(1), upd(1) | wait H2D(2), upd(2) ...
 
-One side stream carries both directions, so a slot is refilled (H2D(i+2)) only after its previous
-contents were written back (D2H(i)): stream order is the only synchronisation needed, while the
-copies of parameters i-1 and i+1 overlap the update of parameter i. The step does not block the
-host: `synchronize()` (called by `state_dict`, `load_state_dict` and `memory_report`) waits for
-the last write-back before the host pages are read or written from Python. The compute stream
-never waits for the final write-backs: the next step's copies are queued behind them on the side
-stream, and the slots are never freed while in use (re-sizing synchronises first).
-
-Cost, measured (H100 80GB HBM3, torch 2.11.0+cu130, `tests/optim/bench_optim_paging.py`, 67M parameters,
-mean of 20 steps): 32-bit AdamW step 1.6 ms (16 x 4M) / 4.4 ms (64 x 1M) with GPU-resident state,
-20.1 / 21.9 ms paged: each paged state crosses the bus twice per step (16 bytes/param for 32-bit),
-1.07 GB in ~20 ms = ~53 GB/s, so the paged step is bound by the host link, not the update. Peak GPU
-memory during the step fell from 1056 to 608 MiB (16 x 4M; state 512 MiB, slots 2 x 32 MiB) and
-from 1032 to 536 MiB (64 x 1M; slots 2 x 8 MiB). 8-bit states move 4x fewer bytes: the paged 8-bit
-step costs +2 ms (16 x 4M: 9.0 -> 11.1 ms), but the plain-PyTorch 8-bit update itself is slow
-(see `state8bit.py`). For QLoRA adapters (tens of millions of parameters) paging adds tens of ms per
-optimizer step, against seconds of forward/backward per step with gradient accumulation. Possible
-later gain: a second copy stream so H2D and D2H use both directions of the link at once. Only tensors with
-numel >= `PAGE_MIN_NUMEL` (1e5, bitsandbytes' rule) are paged; smaller states stay on the GPU,
-where their copies would cost more in latency than they save in memory.
+One side stream carries both directions, so stream order alone keeps a slot from being refilled before
+its write-back; the host is not blocked (`synchronize()` waits for the last write-back before Python
+reads or writes the host pages). Only states with numel >= `PAGE_MIN_NUMEL` (1e5, bitsandbytes' rule)
+are paged. The paged step is bound by the host link (measured: docs/design-notes.md, qlora/optim/paging.py).
 """
 
 from __future__ import annotations
