@@ -1,56 +1,25 @@
 """The demo (`qlora demo`, `bash scripts/demo.sh`): QLoRA-finetune SmolLM2-135M-Instruct on a task it
 cannot do, and show the held-out exact-match accuracy before and after.
 
-The task: date normalisation. "Rewrite the date in ISO 8601 format (YYYY-MM-DD)." with an input
-such as "March 5, 2021", "5 Mar 2021", "Friday, March 5, 2021", "the 5th of March, 2021" or
-"03/05/2021 (month/day/year)", and the output "2021-03-05". Why this task:
-
-- the base model cannot do it: through the Alpaca prompt that training uses, the 4-bit
-  SmolLM2-135M-Instruct answers with a sentence ("The original date in ISO 8601 format") or copies
-  the input; measured exact match 0 of 100 held-out examples (seed 0);
-- it is learnable in minutes on two CPU cores: the answer is a short deterministic function of the
-  input (a month name to its number, zero padding, reordering), 10 tokens plus EOS;
-- exact match is unambiguous: every input names one calendar date (the slashed forms state their
-  field order, so "03/05/2021" is never ambiguous) and has exactly one right answer;
-- the held-out set tests the skill, not memory: held-out dates are disjoint from the training
-  dates (so no input string, in any spelling, is shared), drawn by the same seeded generator.
-
-Everything is a function of `--seed`: the same seed writes the same `task_train.jsonl` and
-`task_heldout.jsonl` and, on the same machine and versions, trains the same adapter.
+The task is date normalisation ("Rewrite the date in ISO 8601 format (YYYY-MM-DD)."; "March 5,
+2021", "5 Mar 2021", "03/05/2021 (month/day/year)", ... -> "2021-03-05") because the 4-bit base
+cannot do it, it is learnable in minutes on two CPU cores (a short deterministic function of the
+input), every input has exactly one right answer, and held-out dates are disjoint from the training
+dates, so the score tests the skill, not memory. Everything is a function of `--seed`.
 
 The phases, each timed into `demo_result.json`:
 
   data     generate the train and held-out sets, write them as Alpaca JSON Lines;
-  before   load the 4-bit base (NF4 + double quantization), greedy-generate an answer to every
-           held-out prompt, and score `output.strip() == expected`. The prompt is
-           `qlora.data.alpaca.format_alpaca(record)[0]` with BOS: exactly what training conditions on;
-  train    `qlora.train.loop.train` on the train file (it loads its own model and writes the
-           adapter, metrics.jsonl, loss.png and a checkpoint into the output directory);
-  after    reload the base with the *saved* adapter (so the files on disk are what is measured,
-           which also proves they load) and score the same prompts the same way.
+  before   load the 4-bit base, greedy-generate an answer to every held-out prompt (the prompt
+           training conditions on: `qlora.data.alpaca.format_alpaca(record)[0]` with BOS), and
+           score `output.strip() == expected`;
+  train    `qlora.train.loop.train` on the train file (adapter, metrics and checkpoint into the output);
+  after    reload the base with the *saved* adapter (so the files on disk are what is scored) and
+           score the same prompts the same way.
 
-The compute dtype is `auto` (`qlora.precision.resolve_compute_dtype`), resolved once and printed:
-bfloat16 only on a CPU that computes it natively (AVX-512 BF16 or AMX), float32 elsewhere. On an
-AVX2-only CPU PyTorch emulates bf16 matmuls, measured 37x slower than float32 (see
-`qlora/precision.py`), so a bf16 demo there would take hours instead of minutes.
-
-Measurements behind the other settings (2-core CPU machine, torch 2.13.0, SmolLM2-135M NF4, r=16,
-16 examples of ~88 tokens per step; these machines are shared, so each number is the best of repeats):
-
-- gradient checkpointing off: it recomputes each block's forward, and at this size the activations
-  are small, so there is nothing to save (measured ~1.5x more tokens/s with it off);
-- lr 1e-3, r 16, alpha 32, cosine schedule, 40 steps of 16: the train loss falls from 1.2 to ~0.08
-  by step 7 and ~0.01 by step 30; held-out exact match 0.94 after 30 and after 40 steps (the
-  remaining errors are mostly day/month swaps in the slashed forms). The paper's lr 2e-4 / r 64 are
-  for thousands of steps; a demo has a few dozen;
-- the whole demo in float32 (auto) on that AVX2 machine, shared with another test run: 886 s (40 steps
-  in 660 s, 10-22 s each), held-out exact match 0% -> 94%.
-
-A trap measured on the shared machine: when another process keeps the cores busy, PyTorch's
-OpenMP threads spin-wait for each other and a 2-thread forward+backward fell from ~300 to ~25
-tokens/s (ten times slower; one thread kept ~250). `OMP_WAIT_POLICY=PASSIVE` keeps 2 threads at
-~240 tokens/s under that load for ~15% less speed on an idle machine; `scripts/demo.sh` sets it
-(it must be in the environment before torch is imported, so this module cannot set it).
+The compute dtype is `auto` (`qlora.precision`): float32 on a CPU that would emulate bf16. The other
+settings, and `OMP_WAIT_POLICY=PASSIVE` in `scripts/demo.sh`, were chosen by measurement
+(docs/design-notes.md, qlora/demo.py).
 """
 
 from __future__ import annotations
@@ -144,7 +113,7 @@ def write_jsonl(records: Sequence[dict], path: Path) -> None:
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """The demo's knobs; the defaults are the measured ones of the module docstring."""
+    """The demo's knobs; the defaults were chosen by measurement (docs/design-notes.md, qlora/demo.py)."""
 
     model: Path
     output: Path
@@ -155,7 +124,7 @@ class DemoSettings:
     micro_batch_size: int = 16
     lr: float = 1e-3
     lora_r: int = 16
-    lora_dropout: float = 0.0  # 0.05 made a step ~35% slower on CPU and is not needed for 40 steps
+    lora_dropout: float = 0.0  # slows a CPU step (docs/design-notes.md) and is not needed for 40 steps
     max_new_tokens: int = 12  # "YYYY-MM-DD" is 10 tokens, then EOS; a wrong answer may run on
     gen_batch_size: int = 50
     compute_dtype: str = "auto"  # resolved once by run() (qlora.precision), see the module docstring

@@ -5,15 +5,13 @@ device `auto` (CUDA if available, else the CPU).
 The names (canonical and aliases) are `qlora.config.names`' one table; this module adds the torch
 side (`torch_dtype("bf16") is torch.bfloat16`) and the device question. Why `auto` and not a fixed
 bfloat16: on a CPU without bf16 instructions (AVX-512 BF16 or AMX) PyTorch emulates every bf16
-matmul; measured on a 2-core AVX2 machine (torch 2.13.0+cpu, one thread, a [512, 576] x [576, 576]
-matmul): 4.5 ms in float32, 166 ms in bfloat16, 37x slower. CUDA GPUs from Ampere on and CPUs with
-AVX-512 BF16 or AMX compute bf16 at full speed or faster, and there bf16 (the QLoRA paper's compute
-dtype) halves activation memory.
+matmul, many times slower than float32 (measured: docs/LOG.md, 2026-12-06, "Compute dtype auto").
+CUDA GPUs from Ampere on and CPUs with AVX-512 BF16 or AMX compute bf16 at full speed or faster,
+and there bf16 (the QLoRA paper's compute dtype) halves activation memory.
 
 The CPU's instruction sets come from `/proc/cpuinfo` (Linux) and
-`torch.backends.cpu.get_cpu_capability()` (which names the best ISA torch's kernels use: "AVX2",
-"AVX512", "AMX"...; it does not tell AVX-512 BF16 apart). Tests inject the flags
-(`cpu_flags=...`), so the decision is checked without depending on the machine that runs them.
+`torch.backends.cpu.get_cpu_capability()`; tests inject the flags (`cpu_flags=...`), so the
+decision is checked without depending on the machine that runs them.
 """
 
 from __future__ import annotations

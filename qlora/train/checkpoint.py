@@ -5,38 +5,21 @@ Layout under the run directory `root`:
     root/checkpoints/step-000123/    one complete checkpoint (what the caller gave, plus MANIFEST.json)
     root/checkpoints/latest          "step-000123\\n": the newest one, for people and scripts
 
-A save (`save_checkpoint`) goes through three states, and only the last is visible as a checkpoint:
-
-1. Write every file into a hidden sibling, `checkpoints/.tmp-step-000123-<pid>-<random>/`; then
-   `MANIFEST.json` (format version, step, and the byte size of every file), written last; then
-   fsync every file and directory inside it.
-2. Commit: `os.rename` the directory to `step-000123` (atomic on POSIX within one filesystem) and
-   fsync `checkpoints/`. This rename is the single commit point.
-3. Point `latest` at it (write `latest.tmp`, fsync, `os.replace`, fsync the directory), then prune
-   to `keep_last` and delete leftovers of earlier crashes.
-
-`find_latest_checkpoint` trusts the manifests, not the pointer: it returns the highest-step
-directory whose manifest matches the files on disk (every file present with its recorded size). A
-crash in step 1 leaves only a hidden `.tmp-*` directory, which is never a candidate (and is deleted
-by the next save); a crash between 2 and 3 leaves a complete checkpoint that `latest` does not name
-yet, and it is correctly found; a directory that lost files (a truncated copy, a disk full) fails
-validation and the next older one is used. Sizes, not hashes: truncation is what interrupted writes
-produce, and hashing gigabytes of optimizer state at every save would cost seconds; silent bit rot
-is the filesystem's problem. Re-saving an existing step moves the old directory to
-`.old-step-N-*` first; if a crash lands between that move and the commit, the `.old` copy is still
-found (it is complete) and it is deleted after the next successful save.
+A save (`save_checkpoint`) writes every file into a hidden `checkpoints/.tmp-step-000123-*/`, then
+`MANIFEST.json` (format version, step, every file's byte size), fsyncs, and commits with one
+`os.rename` to `step-000123`; only then does it repoint `latest` and prune to `keep_last`.
+`find_latest_checkpoint` trusts the manifests, not the pointer: the highest step whose files are all
+present at their recorded sizes (sizes, not hashes: truncation is what interrupted writes produce).
+Why each crash point is safe: docs/design-notes.md, qlora/train/checkpoint.py.
 
 What a checkpoint holds is the caller's choice: `files` maps relative names to contents, encoded by
 the name's suffix (and decoded the same way by `load_checkpoint_state`):
 
     callable        called with the destination path; writes a file or a whole directory there
-                    (e.g. a PEFT adapter folder written by the export code)
     .json           json.dump of plain data (strict JSON: no NaN)
     .safetensors    safetensors.torch.save_file of a dict of tensors
-    .pt             torch.save of tensors, numbers, strings, lists, tuples and dicts only, because
-                    loading uses `torch.load(weights_only=True)`: no arbitrary unpickling, ever.
-                    Optimizer and LambdaLR state dicts qualify; so does `capture_rng_state()`,
-                    which stores every RNG state as tensors for that reason.
+    .pt             torch.save of tensors, numbers, strings, lists, tuples and dicts only, loaded with
+                    `torch.load(weights_only=True)`: no arbitrary unpickling, ever
     bytes / str     written as is (any other suffix)
 
 Single writer: this assumes one process (rank 0) saves into `root`.
