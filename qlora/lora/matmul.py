@@ -23,8 +23,8 @@ Three ways to get one rounding, chosen by device and by the bytes each moves bey
   `adapter_columns_pay` picks between the two CUDA paths (measured rule).
 
 Each function returns the product and the dense weight it multiplied (a view into the wider matrix
-for the adapter columns): under `KernelPolicy.reusing_dense_weights()` the LoRA layer saves that weight for its
-backward instead of dequantizing it again there.
+for the adapter columns): under `KernelPolicy.reusing_dense_weights()` the LoRA layer saves that
+weight for its backward instead of dequantizing it again there.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def adapter_columns_matmul(
         ops.copy_into_columns_(inputs[:, n_in:], h, policy=policy)  # [N, r + pad]: small; x's own columns are untouched
     else:
         # one concatenation, not copies into column slices: torch copies into a strided destination
-        # element by element, at half the speed (measured on an H100: 19 against 9 us at 2048 x 4096)
+        # element by element, at about half the speed (docs/LOG.md, 2026-11-27)
         padded_h = h if width == n_in + r else F.pad(h, (0, width - n_in - r))
         inputs = torch.cat((x, padded_h), dim=1)  # [N, in + r + pad]
     return inputs @ weight.t(), weight[:, :n_in]  # [N, out], and W [out, in] as a view

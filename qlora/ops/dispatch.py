@@ -168,9 +168,9 @@ def copy_into_columns_(
     """dst [R, C]: its first c columns = scale * src [R, c] (rounded once), the rest zero; dst is
     typically the spare columns of a wider matrix (B beside W, h beside x).
 
-    The kernel runs only in graph steps (`KernelPolicy.graph_step_kernels`), where its launch is paid once: it saves
-    ~3 us of GPU time a copy, while Triton's Python launcher costs ~70 us of host time a call, and an
-    eager step is host-bound (docs/LOG.md, fourth session). Kernel and twin agree bit for bit, so a step
+    The kernel runs only in graph steps (`KernelPolicy.graph_step_kernels`), where its launch is paid once;
+    an eager step is bound by the host's launches, and Triton's launcher costs more host time than the
+    kernel saves GPU time (docs/LOG.md, fourth session). Kernel and twin agree bit for bit, so a step
     computes the same either way."""
     if dst.stride(-1) == 1 and dst.is_floating_point() and policy.graph_step_kernels(dst.device):
         from qlora.kernels.columns_copy import copy_into_columns_ as fused

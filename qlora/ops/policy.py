@@ -129,7 +129,7 @@ class KernelPolicy:
     def graph_step_kernels(self, device: torch.device | str) -> bool:
         """Whether kernels that pay only when their launch is paid once per replay run now: where the
         kernels run, in graph steps, or always when "triton" is forced. An eager CUDA step is bound by
-        the host, where Triton's launcher costs ~70 us a call (docs/LOG.md, fourth session)."""
+        the host, where each Triton launch costs host time (docs/LOG.md, fourth session)."""
         if not self.uses_kernels(device):
             return False
         return self.kernels == "triton" or self.in_graph_step()
