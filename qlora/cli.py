@@ -2,9 +2,8 @@
 
 Each subcommand is a thin shell over a library function; its flags are generated from its typed
 configuration (`qlora.config`, `qlora.cli_args`), so `qlora COMMAND --help` documents every option
-from that one source (`qlora data check` keeps its own parser in `qlora.data.check`). Errors a user
-can fix (bad config, bad data, a missing model) are
-printed as one message and exit with status 2, not as a traceback.
+from that one source. Errors a user can fix (bad config, bad data, a missing model) are printed as one
+message and exit with status 2, not as a traceback.
 """
 
 from __future__ import annotations
@@ -43,9 +42,14 @@ def _data(argv: Sequence[str]) -> int:
     if not argv or argv[0] != "check":
         print("usage: qlora data check FILE --model PATH [options]   (qlora data check --help)", file=sys.stderr)
         return 2
-    from qlora.data.check import main as check_main
+    from qlora.cli_args import parse_config_args
+    from qlora.config import DataCheckConfig
 
-    return check_main(list(argv[1:]))
+    cfg = parse_config_args(DataCheckConfig, argv[1:], prog="qlora data check",
+                            usage="%(prog)s FILE --model PATH [--config FILE] [options]")  # fmt: skip
+    from qlora.data.check import check
+
+    return check(cfg)
 
 
 def _demo(argv: Sequence[str]) -> int:

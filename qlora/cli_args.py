@@ -14,6 +14,11 @@ values or a comma-separated one (`--lora.target_modules q_proj,v_proj`), except 
 `append` (`--prompt A --prompt B`: one item per flag, commas kept). Dtype choices also accept their
 aliases (`bf16` for `bfloat16`, `qlora.config.names.DTYPE_ALIASES`).
 
+A command may also take a field as a positional argument, declared by its root config as
+`POSITIONAL = {"data.path": "FILE"}` (key: metavar): `qlora data check data.jsonl` is
+`qlora data check --data data.jsonl`; giving both is an error. Such a command should have no list
+flag of several values (`nargs="+"` would swallow a positional written after it).
+
 Precedence is defaults < `--config FILE` < flags. To know which flags the user actually typed, every
 flag has `default=argparse.SUPPRESS`: a flag that was not given is absent from the namespace, so it
 cannot override the file with a default. The defaults still appear in `--help`, written into the
@@ -42,6 +47,7 @@ from qlora.config import (
 )
 
 CONFIG_DEST = "config"
+POSITIONAL_PREFIX = "positional:"  # namespace attribute of a positional field: "positional:data.path"
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
@@ -63,6 +69,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfi
         if not opt.section and "" not in groups:
             groups[""] = parser.add_argument_group(getattr(cls, "COMMAND", "") or "run")
         _add_option(groups[opt.section], opt)
+    options = {opt.key: opt for opt in config_options(cls)}
+    for key, metavar in getattr(cls, "POSITIONAL", {}).items():
+        # A positional's dest is its name (argparse takes no dest= for one); the metavar is what --help shows.
+        text = f"The same as {options[key].flag}: {options[key].help}".replace("%", "%%")
+        parser.add_argument(POSITIONAL_PREFIX + key, nargs="?", default=argparse.SUPPRESS, metavar=metavar, help=text)
 
 
 def _help_text(opt: Option) -> str:
@@ -114,12 +125,21 @@ def _optional_number(base: type) -> Any:
 
 
 def namespace_to_dict(ns: argparse.Namespace, cls: type = TrainConfig) -> dict[str, Any]:
-    """The flags the user gave, as a nested config dict (absent flags are absent)."""
+    """The flags the user gave, as a nested config dict (absent flags are absent); ConfigError for a field given
+    both as a positional argument and as a flag."""
+    given = dict(vars(ns))
+    for key, metavar in getattr(cls, "POSITIONAL", {}).items():
+        if POSITIONAL_PREFIX + key not in given:
+            continue
+        if key in given:
+            flags = " / ".join(next(o for o in config_options(cls) if o.key == key).aliases + (f"--{key}",))
+            raise ConfigError(f"{key} is given twice, as {metavar} and as {flags}: give it once")
+        given[key] = given.pop(POSITIONAL_PREFIX + key)
     out: dict[str, Any] = {}
     for opt in config_options(cls):
-        if not hasattr(ns, opt.key):
+        if opt.key not in given:
             continue
-        value = getattr(ns, opt.key)
+        value = given[opt.key]
         if get_origin(unwrap_optional(opt.type)[0]) is list and not opt.append:
             value = [part.strip() for item in value for part in item.split(",") if part.strip()]
         if opt.section:

@@ -17,6 +17,7 @@ from qlora.cli_args import (
 from qlora.config import (
     AnswerConfig,
     ConfigError,
+    DataCheckConfig,
     DatatypesConfig,
     EvalConfig,
     ExportGgufConfig,
@@ -174,6 +175,7 @@ COMMANDS = {
     ("quantize",): QuantizeConfig,
     ("export-gguf",): ExportGgufConfig,
     ("demo",): DemoConfig,
+    ("data", "check"): DataCheckConfig,
 }
 
 
@@ -192,6 +194,8 @@ def test_every_commands_help_lists_its_typed_fields(command, capsys):
         for alias in opt.aliases:
             assert alias in text, alias
     assert "--config FILE" in text
+    for metavar in getattr(COMMANDS[command], "POSITIONAL", {}).values():
+        assert f"{metavar}  " in text.split("positional arguments:")[1], metavar
 
 
 def _parse(cls, argv):
@@ -249,6 +253,30 @@ def test_readme_spellings_of_the_export_commands():
                               "--train-examples", "5", "--seed", "6"])  # fmt: skip
     assert (cfg.model, cfg.steps, cfg.heldout, cfg.train_examples, cfg.seed, cfg.compute_dtype) == \
         ("m", 3, 4, 5, 6, "auto")  # fmt: skip
+
+
+def test_readme_spellings_of_data_check():
+    cfg = _parse(DataCheckConfig, ["data.jsonl", "--model", "m"])  # README: qlora data check data.jsonl --model PATH
+    assert (cfg.model, cfg.data.path, cfg.data.format, cfg.data.languages) == ("m", "data.jsonl", "auto", None)
+    cfg = _parse(DataCheckConfig, ["--format", "oasst1", "--max-source-len", "8", "--max-target-len", "4",
+                                   "--train-on-source", "--lang", "de", "d.jsonl", "--lang", "en,es", "--model", "m",
+                                   "--data.block_size", "16"])  # fmt: skip
+    assert (cfg.data.path, cfg.data.format, cfg.data.max_source_len, cfg.data.max_target_len) == \
+        ("d.jsonl", "oasst1", 8, 4)  # fmt: skip
+    assert cfg.data.train_on_source is True and cfg.data.block_size == 16
+    assert cfg.data.languages == ["de", "en,es"]  # one language per flag, as the first parser took them
+    cfg = _parse(DataCheckConfig, ["--data", "d.jsonl", "--model", "m"])
+    assert cfg.data.path == "d.jsonl"
+
+
+def test_positional_field_given_twice_is_an_error(capsys):
+    with pytest.raises(SystemExit) as err:
+        _parse(DataCheckConfig, ["a.jsonl", "--data.path", "b.jsonl", "--model", "m"])
+    assert err.value.code == 2
+    assert "data.path is given twice, as FILE and as --data / --data.path: give it once" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a command without POSITIONAL takes no positional argument
+        _parse(GenerateConfig, ["m", "--prompt", "x"])
+    assert "unrecognized arguments: m" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

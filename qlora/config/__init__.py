@@ -11,7 +11,7 @@ knobs; flags and `--help` (`qlora.cli_args`), config files (`files`) and error m
     source.py    ModelSource: the model a command loads, shared by every command
     sections.py  TrainConfig and its sections
     commands.py  GenerateConfig, EvalConfig, AnswerConfig, JudgeConfig, DatatypesConfig, MergeConfig,
-                 QuantizeConfig, ExportGgufConfig
+                 QuantizeConfig, ExportGgufConfig, DataCheckConfig (+ DataCheckSection)
     files.py     TOML / YAML / JSON config files
 
 Precedence when a command is configured: dataclass defaults < config file < command-line flags.
@@ -23,6 +23,8 @@ from qlora.config.checks import SUPPORTED_BLOCKSIZES
 from qlora.config.coercion import coerce, describe_type, unwrap_optional
 from qlora.config.commands import (
     AnswerConfig,
+    DataCheckConfig,
+    DataCheckSection,
     DatatypesConfig,
     EvalConfig,
     ExportGgufConfig,
@@ -79,6 +81,8 @@ __all__ = [
     "ComputeDtype",
     "Config",
     "ConfigError",
+    "DataCheckConfig",
+    "DataCheckSection",
     "DataSection",
     "DatatypesConfig",
     "DtypeName",

@@ -1,9 +1,12 @@
 """The typed configuration of every command besides `qlora train` (`qlora.config.sections`): `generate`,
-`eval` and its modes (`answer`, `judge`, `datatypes`), `merge`, `quantize`, `export-gguf`, `demo`.
+`eval` and its modes (`answer`, `judge`, `datatypes`), `merge`, `quantize`, `export-gguf`, `data check`
+(`demo`'s is beside it, in `qlora.demo`).
 
 Each is a root `Config`, so its flags, `--help`, config files and error messages are derived exactly
 as `train`'s are (`qlora.cli_args`). The model a command loads is the shared `ModelSource` section;
-the flag spellings that scripts and the README use are the fields' aliases (`--model`, `--adapter`,
+`data check` reads its file with `train`'s own `DataSection` (less the keys about splitting and
+batching), so a data file is checked with exactly the settings training will use. The flag
+spellings that scripts and the README use are the fields' aliases (`--model`, `--adapter`,
 `--prompt`, `--quant-type`, `--double-quant/--no-double-quant`, ...) or a command's own `ALIASES`
 (`--dtype` is the compute dtype of `generate`/`eval` but the output dtype of `merge`/`quantize`;
 `--type` of `export-gguf` is a GGUF tensor type, not a dtype, and takes only GGUF's names).
@@ -19,6 +22,7 @@ from qlora.config.errors import ConfigError
 from qlora.config.fields import Section, _opt
 from qlora.config.names import ComputeDtype, DtypeName, SourceQuantType
 from qlora.config.root import Config
+from qlora.config.sections import DataSection
 from qlora.config.source import (
     ModelSource,
     compute_dtype_field,
@@ -295,3 +299,39 @@ class ExportGgufConfig(Config):
                           "f32). A file format, not a compute dtype.", alias="--type")  # fmt: skip
     onto: MergeOnto | None = _opt(None, doc="With --adapter: merge onto the dequantized 4-bit base or the 16-bit "
                                   "originals; none = dequantized.", alias="--onto")  # fmt: skip
+
+
+@dataclass(kw_only=True)
+class DataCheckSection(DataSection):
+    """The data file and how training cuts it into examples; `--lang` takes one language per flag."""
+
+    # One item per flag, as `qlora data check --lang de --lang en` always took it: a list flag taking several
+    # values would also swallow the positional FILE after it (`--lang de data.jsonl`).
+    languages: list[str] | None = _opt(
+        None,
+        doc="OASST1 only: keep conversations in these language codes, one per flag (--lang en --lang es); none = all.",
+        alias="--lang",
+        append=True,
+    )
+
+
+@dataclass(kw_only=True)
+class DataCheckConfig(Config):
+    """`qlora data check`: read a data file as `qlora train` would (same tokenizer, same limits) and audit it."""
+
+    COMMAND: ClassVar[str] = "data check"
+    # How training splits and batches the examples does not change what each example is.
+    HIDDEN: ClassVar[frozenset[str]] = frozenset(
+        {"data.eval_fraction", "data.eval_max_examples", "data.pack_len", "data.group_by_length"}
+    )
+    POSITIONAL: ClassVar[dict[str, str]] = {"data.path": "FILE"}  # qlora data check data.jsonl --model PATH
+    # The spellings of the command's first parser (README, scripts).
+    ALIASES: ClassVar[dict[str, str]] = {
+        "data.format": "--format",
+        "data.max_source_len": "--max-source-len",
+        "data.max_target_len": "--max-target-len",
+        "data.train_on_source": "--train-on-source",
+    }
+
+    model: str = model_path_field()
+    data: DataCheckSection = _opt(doc="The data file and how training cuts it into examples.")

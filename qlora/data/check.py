@@ -14,19 +14,21 @@ cannot render a conversation stops the run an hour in. `check_file` runs the rea
 - statistics: records, examples, tokens, trained (target) tokens and their fraction, truncated
   examples, exact duplicates (same input ids as an earlier example), longest example.
 
-`main(argv)` is the command line: `qlora data check FILE --model PATH [--format F]
-[--max-source-len N] [--max-target-len N] [--train-on-source] [--lang CODE ...]`; it prints the
-report (problems first, each on its own line) and returns the exit status.
+`check(cfg)` is the command (`qlora data check FILE --model PATH [--config FILE] [options]`, parsed
+by `qlora.cli`): its flags are `qlora.config.DataCheckConfig`'s, whose `data` section is `train`'s
+own, so `--data.max_source_len`, `--format`, `--lang CODE` (once per language) and the rest mean
+what they mean to `qlora train`, and a file is checked with the settings training will use. It
+prints the report (problems first, each on its own line) and returns the exit status.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from qlora.config import DataCheckConfig
 from qlora.data.encode import IGNORE_INDEX, EncodedExample
 from qlora.data.errors import DataError
 from qlora.data.formats import FORMAT_REGISTRY, load_dataset
@@ -102,6 +104,7 @@ def check_file(
     max_target_len: int = 128,
     train_on_source: bool = False,
     languages: set[str] | None = None,
+    block_size: int | None = None,
 ) -> CheckReport:
     """Load `path` as training would and audit it (see the module docstring)."""
     report = CheckReport(str(path))
@@ -114,6 +117,7 @@ def check_file(
             max_target_len=max_target_len,
             train_on_source=train_on_source,
             languages=languages,
+            block_size=block_size,
         )
     except DataError as err:
         report.problems.append(str(err))
@@ -134,36 +138,31 @@ def check_file(
     return report
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qlora data check", description="Check a training data file.")
-    parser.add_argument("file", help="the data file (.json, .jsonl, .csv, .tsv, .parquet, .txt)")
-    parser.add_argument("--model", required=True, help="model directory or .gguf file (its tokenizer is used)")
-    parser.add_argument("--format", default="auto", choices=["auto", *FORMAT_REGISTRY], help="data format")
-    parser.add_argument("--max-source-len", type=int, default=384)
-    parser.add_argument("--max-target-len", type=int, default=128)
-    parser.add_argument("--train-on-source", action="store_true")
-    parser.add_argument("--lang", action="append", help="oasst1: keep threads in this language (repeatable)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`qlora data check ...`; returns 0 when the file is fit to train on, 1 when not, 2 on usage errors."""
-    args = build_parser().parse_args(argv)
+def check(cfg: DataCheckConfig) -> int:
+    """`qlora data check`: check `cfg.data` with the tokenizer of `cfg.model` and print the report. Returns 0 when
+    the file is fit to train on, 1 when not, 2 when the check cannot run as asked (no tokenizer, unknown format)."""
+    d = cfg.data
+    if d.format != "auto" and d.format not in FORMAT_REGISTRY:
+        print(f"qlora data check: error: --format / data.format: unknown data format {d.format!r}; use auto or "
+              f"one of {', '.join(FORMAT_REGISTRY)}", file=sys.stderr)  # fmt: skip
+        return 2
+    from qlora.loading import resolve_model_path
     from qlora.tokenizer import Tokenizer
 
     try:
-        tokenizer = Tokenizer.from_pretrained(args.model)
+        tokenizer = Tokenizer.from_pretrained(resolve_model_path(cfg.model))
     except (OSError, ValueError) as err:
-        print(f"cannot load the tokenizer of {args.model}: {err}", file=sys.stderr)
+        print(f"qlora data check: error: cannot load the tokenizer of {cfg.model}: {err}", file=sys.stderr)
         return 2
     report = check_file(
-        args.file,
+        d.path,
         tokenizer,
-        args.format,
-        max_source_len=args.max_source_len,
-        max_target_len=args.max_target_len,
-        train_on_source=args.train_on_source,
-        languages=set(args.lang) if args.lang else None,
+        d.format,
+        max_source_len=d.max_source_len,
+        max_target_len=d.max_target_len,
+        train_on_source=d.train_on_source,
+        languages=set(d.languages) if d.languages else None,
+        block_size=d.block_size,
     )
     print(report.render(), file=sys.stdout if report.ok else sys.stderr)
     return 0 if report.ok else 1

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from qlora.cli import main as qlora_main
 from qlora.data import IGNORE_INDEX, EncodedExample, check_file, load_dataset
-from qlora.data.check import example_problems, main
+from qlora.data.check import example_problems
 from qlora.tokenizer import Tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "formats"
@@ -74,6 +75,10 @@ def test_example_audit_rules():
     assert example_problems(user_turn, eos, needs_eos=True) == []
 
 
+def main(argv):
+    return qlora_main(["data", "check", *argv])
+
+
 def test_main_exit_status(smollm2_gguf, capsys):
     assert main([str(FIXTURES / "io_good.jsonl"), "--model", str(smollm2_gguf)]) == 0
     assert "format input-output, 2 records -> 2 examples" in capsys.readouterr().out
@@ -84,5 +89,64 @@ def test_main_exit_status(smollm2_gguf, capsys):
     assert main([str(FIXTURES / "oasst_messages.jsonl"), "--model", str(smollm2_gguf), "--lang", "de"]) == 0
     assert "11 records -> 1 examples" in capsys.readouterr().out
     assert main([str(FIXTURES / "io_good.jsonl"), "--model", "/no/such/model"]) == 2
-    with pytest.raises(SystemExit):
-        main([str(FIXTURES / "io_good.jsonl")])  # --model is required
+    assert "cannot load the tokenizer of /no/such/model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        main([str(FIXTURES / "io_good.jsonl")])
+    assert done.value.code == 2 and "--model / model is required" in capsys.readouterr().err
+
+
+def test_every_spelling_reaches_the_check(stories260k_dir, tmp_path, capsys):
+    """The first parser's flags (FILE, --lang once per language, --format, --max-*-len, --train-on-source) and
+    train's own (`--data`, `--data.*`, `--config FILE`) all reach `check_file`."""
+    model, oasst = str(stories260k_dir), str(FIXTURES / "oasst_messages.jsonl")
+    # --lang before FILE takes one value; both languages are kept (each alone keeps one conversation)
+    assert main(["--lang", "de", oasst, "--model", model, "--lang", "en"]) == 0
+    assert "11 records -> 2 examples" in capsys.readouterr().out
+    assert main(["--data", oasst, "--model", model, "--data.languages", "en"]) == 0
+    assert "11 records -> 1 examples" in capsys.readouterr().out
+    io = str(FIXTURES / "io_duplicate.jsonl")
+    short = ["--format", "input-output", "--max-source-len", "2", "--max-target-len", "2"]
+    assert main([io, "--model", model, *short]) == 0
+    assert "3 truncated" in capsys.readouterr().out
+    assert main([io, "--model", model]) == 0
+    assert "0 truncated" in capsys.readouterr().out
+    trained = {}
+    for flag in ("--train-on-source", "--no-train-on-source"):
+        assert main([io, "--model", model, flag]) == 0
+        trained[flag] = capsys.readouterr().out.split("tokens (")[1].split("%")[0]
+    assert float(trained["--train-on-source"]) == 100.0 > float(trained["--no-train-on-source"])
+    story = str(FIXTURES / "story.txt")  # plain text: 12 tokens, one block unless data.block_size says otherwise
+    assert main([story, "--model", model, "--data.block_size", "8"]) == 0
+    assert "1 records -> 2 examples" in capsys.readouterr().out
+    config = tmp_path / "check.yaml"  # a config file, with the flags winning over it
+    config.write_text(f"model: {model}\ndata:\n  path: {io}\n  max_source_len: 2\n  max_target_len: 2\n")
+    assert main(["--config", str(config)]) == 0
+    assert "3 truncated" in capsys.readouterr().out
+    assert main(["--config", str(config), "--max-source-len", "384", "--max-target-len", "128"]) == 0
+    assert "0 truncated" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["a.jsonl", "--data", "b.jsonl", "--model", "m"], "data.path is given twice, as FILE and as --data"),
+        (["--model", "m"], "--data / data.path is required"),
+        (["a.jsonl", "--model", "m", "--data.eval_fraction", "0"], "unrecognized arguments: --data.eval_fraction"),
+        (["a.jsonl", "--model", "m", "--max-source-len", "0"], "data.max_source_len must be a positive integer, got 0"),
+    ],
+)
+def test_usage_errors_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_unknown_format_and_strict_config_file(stories260k_dir, tmp_path, capsys):
+    io = str(FIXTURES / "io_good.jsonl")
+    assert main([io, "--model", str(stories260k_dir), "--format", "alpacca"]) == 2
+    assert "unknown data format 'alpacca'; use auto or one of alpaca" in capsys.readouterr().err
+    config = tmp_path / "check.yaml"
+    config.write_text(f"model: {stories260k_dir}\ndata:\n  path: {io}\n  pack_len: 64\n")  # not a check setting
+    with pytest.raises(SystemExit) as done:
+        main(["--config", str(config)])
+    assert done.value.code == 2 and "check.yaml: unknown key 'data.pack_len'" in capsys.readouterr().err
