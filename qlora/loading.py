@@ -148,25 +148,46 @@ def load_model(
                                 "of quantizing as %s", source, stored, quant)  # fmt: skip
                     warned = True
                 module.quant = stored
-                module.set_base_quantized(tensor.to(device))
+                module.set_base_quantized(_to_device(tensor, device))
                 continue
             tensor = tensor.dequantize(compute_dtype)  # a dense model was asked for, or a layer we keep dense
         if module_name in swapped and leaf == "weight":
-            module.set_base_weight(tensor.to(device))
+            module.set_base_weight(_to_device(tensor, device))  # quantized there, on the device
         else:
-            module._parameters[leaf] = nn.Parameter(tensor.to(device, compute_dtype), requires_grad=False)
+            module._parameters[leaf] = nn.Parameter(_to_device(tensor, device, compute_dtype), requires_grad=False)
         del tensor
     check_keys(seen, needed, source=source)
     model.tie_weights()
-    for module in model.modules():
-        if isinstance(module, LoRALinear) and module.r:
-            module.lora_A.to_empty(device=device)
-            module.lora_B.to_empty(device=device)
-            module.reset_adapter()
+    _init_adapters(model, device)
     left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left_on_meta:
         raise RuntimeError(f"{source}: these tensors were never loaded: {left_on_meta[:10]}")
     return model.eval()
+
+
+def _to_device(
+    tensor: torch.Tensor | QuantizedTensor, device: torch.device, dtype: torch.dtype | None = None
+) -> torch.Tensor | QuantizedTensor:
+    """A checkpoint tensor on `device` (and in `dtype`): the one place where the loader's bytes cross to the
+    device, so `bench/load_time.py` can time the transfer apart from the quantization that follows it."""
+    if isinstance(tensor, QuantizedTensor):
+        return tensor.to(device)
+    return tensor.to(device, dtype) if dtype is not None else tensor.to(device)
+
+
+def _init_adapters(model: nn.Module, device: torch.device) -> None:
+    """Give every LoRA layer's adapter (built on meta) storage on `device` and its default init, in module order
+    (the order draws from the global RNG, which the pinned golden losses depend on).
+
+    New `torch.empty` parameters rather than `Module.to_empty`: that calls `empty_like` on the meta tensors,
+    which runs torch's Python reference of it, whose first call imports sympy (0.85 s on a CPU, torch 2.13)."""
+    for module in model.modules():
+        if isinstance(module, LoRALinear) and module.r:
+            for holder in (module.lora_A, module.lora_B):
+                old = holder.weight
+                holder.weight = nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device=device),
+                                             requires_grad=old.requires_grad)  # fmt: skip
+            module.reset_adapter()
 
 
 @dataclass(frozen=True)

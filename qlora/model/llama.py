@@ -66,6 +66,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from qlora.model.config import ModelConfig
@@ -372,6 +373,33 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(cfg)
 
 
+# What `nn.Module` constructors call to fill their parameters (nn.init's functions and the tensor methods
+# they and `nn.Embedding`'s padding row use); all take the tensor first (positionally or as `tensor=`).
+_INITIALISERS = frozenset({
+    nn.init.uniform_, nn.init.normal_, nn.init.trunc_normal_, nn.init.constant_, nn.init.ones_, nn.init.zeros_,
+    nn.init.eye_, nn.init.dirac_, nn.init.xavier_uniform_, nn.init.xavier_normal_, nn.init.kaiming_uniform_,
+    nn.init.kaiming_normal_, nn.init.orthogonal_, nn.init.sparse_,
+    torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.fill_, torch.Tensor.zero_,
+})  # fmt: skip
+
+
+class SkipInitOnMeta(TorchFunctionMode):
+    """While entered (this thread only), an initialiser called on a meta tensor returns it untouched.
+
+    A meta tensor has no values to fill, yet building a module on meta still runs its `reset_parameters`;
+    meta has no `normal_` kernel, so `nn.Embedding`'s init runs torch's Python reference of it, whose first
+    call imports torch._dynamo (4 s on a CPU, torch 2.13). Initialisers on real tensors run as usual.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _INITIALISERS:
+            target = args[0] if args else kwargs.get("tensor")
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def _entered_in_turn(factories: list[Callable[[], contextlib.AbstractContextManager]]):
     """One context that makes and enters each factory's context in turn (and leaves them in reverse)."""
@@ -415,8 +443,16 @@ class LlamaForCausalLM(nn.Module):
         cls, cfg: ModelConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> LlamaForCausalLM:
         """Build on `device` ("meta" allocates nothing: load with `load_state_dict(assign=True)`,
-        then call `tie_weights()`), parameters in `dtype` if given."""
-        with torch.device(device) if device is not None else contextlib.nullcontext():
+        then call `tie_weights()`), parameters in `dtype` if given.
+
+        On "meta" the initialisers are skipped (`SkipInitOnMeta`): there is nothing to fill, and the first
+        meta `normal_` (the embedding's) would import torch._dynamo, seconds of a load. On a real device
+        the parameters are initialised as `cls(cfg)` does."""
+        on_meta = device is not None and torch.device(device).type == "meta"
+        with (
+            torch.device(device) if device is not None else contextlib.nullcontext(),
+            SkipInitOnMeta() if on_meta else contextlib.nullcontext(),
+        ):
             model = cls(cfg)
         if dtype is not None:
             model.to(dtype)

@@ -33,9 +33,12 @@ Conventions where bitsandbytes' own backends disagree (format-spec 1.2, 2.2), an
   and every such code dequantizes to exactly 0. NF4 has a single zero and is unaffected.
 - NaN/Inf inputs have no defined encoding in any backend: we refuse them with an error.
 
-Work proceeds in chunks of whole blocks (`chunk_elements`, default 2^20), so the extra memory is a
-few float32 copies of one chunk (~12 MiB), never a float32 copy of the whole weight: an 8192 x 28672
-bf16 matrix (448 MiB) quantizes with well under 5% extra. Chunking never changes a byte (tested).
+Work proceeds in chunks of whole blocks (`chunk_elements`, default 2^20 on the CPU), so the extra memory
+is a few float32 copies of one chunk (~12 MiB), never a float32 copy of the whole weight: an 8192 x 28672
+bf16 matrix (448 MiB) quantizes with well under 5% extra. On a GPU each chunk costs a dozen kernel launches
+whatever its size, so the default there is 2^22 (~70 MiB of temporaries): a 7B model is ~1,600 chunks, not
+~6,400. Chunking never changes a byte (tested). The NaN/Inf check reads the absmax once per tensor, after the
+last chunk, so a GPU never waits on the host between chunks.
 """
 
 from __future__ import annotations
@@ -46,13 +49,19 @@ from qlora.quant.codes import table_4bit, thresholds_and_order
 
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DEFAULT_CHUNK_ELEMENTS = 1 << 20
+DEFAULT_CHUNK_ELEMENTS = 1 << 20  # on the CPU (see the module docstring)
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 22  # on any other device
 _MIN_ABSMAX = 1e-38  # reciprocal of a zero block's absmax is taken of this instead (see docstring)
 
 
 def check_blocksize(blocksize: int) -> None:
     if blocksize not in SUPPORTED_BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {SUPPORTED_BLOCKSIZES}, got {blocksize}")
+
+
+def default_chunk_elements(device: torch.device) -> int:
+    """How many elements one chunk of quantization work covers on `device` (see the module docstring)."""
+    return DEFAULT_CHUNK_ELEMENTS if device.type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
 
 
 def _chunk_length(blocksize: int, chunk_elements: int) -> int:
@@ -91,9 +100,11 @@ def quantize_4bit_blockwise(
     t: torch.Tensor,
     quant_type: str = "nf4",
     blocksize: int = 64,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize `t` (any shape, fp32/fp16/bf16) -> (packed uint8 [(n+1)//2, 1], absmax float32 [nblocks])."""
+    """Quantize `t` (any shape, fp32/fp16/bf16) -> (packed uint8 [(n+1)//2, 1], absmax float32 [nblocks]).
+
+    `chunk_elements`: the work per step (default `default_chunk_elements(t.device)`); never changes a byte."""
     check_blocksize(blocksize)
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"4-bit quantization takes float32, float16 or bfloat16 tensors, got {t.dtype}")
@@ -102,18 +113,15 @@ def quantize_4bit_blockwise(
     if n == 0:
         raise ValueError("cannot quantize an empty tensor")
     thresholds, order = thresholds_and_order(quant_type, t.device)
-    zero_code = int(order[torch.bucketize(torch.zeros((), device=t.device), thresholds)])
+    cpu_thresholds, cpu_order = thresholds_and_order(quant_type)  # the same table, read without a device sync
+    zero_code = int(cpu_order[torch.bucketize(torch.zeros(()), cpu_thresholds)])
     n_blocks = (n + blocksize - 1) // blocksize
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=t.device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=t.device)
-    step = _chunk_length(blocksize, chunk_elements)
+    step = _chunk_length(blocksize, chunk_elements or default_chunk_elements(t.device))
     for start in range(0, n, step):
         x = flat[start : start + step].float()
         xn, chunk_absmax = normalise_blocks(x, blocksize, divide_partial=True)
-        if not torch.isfinite(chunk_absmax).all():
-            raise ValueError(
-                f"cannot quantize a tensor with NaN or Inf values (first in elements {start}..{start + x.numel()})"
-            )
         absmax[start // blocksize : start // blocksize + chunk_absmax.numel()] = chunk_absmax
         codes = torch.bucketize(xn, thresholds, out_int32=True)
         del xn
@@ -122,6 +130,10 @@ def quantize_4bit_blockwise(
             codes = torch.cat([codes, codes.new_tensor([zero_code])])
         pairs = codes.view(-1, 2)  # [L/2, 2]: element 2k, element 2k+1
         packed[start // 2 : start // 2 + pairs.shape[0], 0] = (pairs[:, 0] << 4) | pairs[:, 1]
+    if not torch.isfinite(absmax).all():  # a block's absmax is NaN or Inf exactly when one of its elements is
+        block = int(torch.isfinite(absmax).logical_not().nonzero()[0])
+        raise ValueError(f"cannot quantize a tensor with NaN or Inf values (first in elements "
+                         f"{block * blocksize}..{min(n, (block + 1) * blocksize)})")  # fmt: skip
     return packed, absmax
 
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from qlora.precision import DTYPES, dtype_name
 from qlora.quant.blockwise import (
-    DEFAULT_CHUNK_ELEMENTS,
     check_blocksize,
     dequantize_4bit_blockwise,
     quantize_4bit_blockwise,
@@ -41,8 +41,8 @@ from qlora.quant.blockwise import (
 from qlora.quant.codes import QUANT_TYPES_4BIT, dynamic_map, saved_table_4bit, table_4bit
 from qlora.quant.double_quant import NESTED_BLOCKSIZE, double_quantize, restore_absmax
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+# The blob's "dtype" is torch's attribute name (bitsandbytes writes str(dtype) less "torch."): the canonical
+# names of qlora.precision's one table (floor 0, below this one). Exact names only: no aliases in a file.
 _BNB_QUANT_TYPES = ("nf4", "fp4")
 _BNB_STATE_KEYS = frozenset(
     {"absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_type", "blocksize", "dtype", "shape",
@@ -82,7 +82,7 @@ class QuantizedTensor:
         quant_type: str = "nf4",
         blocksize: int = 64,
         double_quant: bool = True,
-        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        chunk_elements: int | None = None,
     ) -> QuantizedTensor:
         if quant_type not in QUANT_TYPES_4BIT:
             raise ValueError(f"quant_type must be one of {QUANT_TYPES_4BIT}, got {quant_type!r}")
@@ -170,7 +170,7 @@ class QuantizedTensor:
         blob: dict[str, object] = {
             "quant_type": self.quant_type,
             "blocksize": self.blocksize,
-            "dtype": _DTYPE_NAMES[self.dtype],
+            "dtype": dtype_name(self.dtype),
             "shape": list(self.shape),
         }
         out = {prefix: self.packed, f"{prefix}.quant_map": saved_table_4bit(self.quant_type, self.table.device)}
@@ -218,8 +218,8 @@ class QuantizedTensor:
                 raise KeyError(f"{head}{blob_key}: JSON blob lacks {blob_field!r}")
         if blob["quant_type"] != quant_type:
             raise ValueError(f"{head}{blob_key}: blob says quant_type {blob['quant_type']!r}")
-        if blob["dtype"] not in _DTYPES_BY_NAME:
-            raise ValueError(f"{head}{blob_key}: unsupported dtype {blob['dtype']!r}")
+        if blob["dtype"] not in DTYPES:
+            raise ValueError(f"{head}{blob_key}: unsupported dtype {blob['dtype']!r} (one of {', '.join(DTYPES)})")
         blocksize = int(blob["blocksize"])
         check_blocksize(blocksize)
         packed = state_dict[prefix]
@@ -251,7 +251,7 @@ class QuantizedTensor:
                 "The checkpoint is damaged or not a bitsandbytes one; re-export it from the original model."
             )
         return cls(packed, absmax, nested, table, quant_type, blocksize, shape,
-                   _DTYPES_BY_NAME[blob["dtype"]])  # fmt: skip
+                   DTYPES[blob["dtype"]])  # fmt: skip
 
 
 def quantize(

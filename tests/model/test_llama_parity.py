@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from qlora.checkpoint_io import check_keys, expected_keys, iter_tensors, read_config
@@ -202,6 +203,39 @@ def test_build_on_meta_then_assign_load(arch):
         assert ours.lm_head.weight is ours.model.embed_tokens.weight
     x = tokens(2, T)
     torch.testing.assert_close(ours.eval()(x), hf(x).logits)
+
+
+class _Calls(TorchFunctionMode):
+    """Records every torch function that reaches it (it is entered outside the code under test)."""
+
+    def __init__(self):
+        super().__init__()
+        self.funcs = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.funcs.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_building_on_meta_runs_no_initialiser_and_real_devices_still_initialise():
+    cfg = ModelConfig.from_hf(hf_config("llama-bias").to_dict() | {"pad_token_id": 0})  # padding row: a fill_
+    inits = {torch.nn.init.normal_, torch.nn.init.kaiming_uniform_, torch.nn.init.uniform_, torch.Tensor.fill_}
+    with _Calls() as calls:
+        meta = LlamaForCausalLM.from_config(cfg, device="meta")
+    assert all(p.is_meta for p in meta.parameters())
+    assert not inits & set(calls.funcs)
+    with _Calls() as calls, torch.device("meta"):
+        LlamaForCausalLM(cfg)  # negative control: a plain build on meta does call them (the recorder sees them)
+    assert inits <= set(calls.funcs)
+    # a real device: the same parameters as the plain constructor under the same seed, and really random
+    torch.manual_seed(3)
+    built = LlamaForCausalLM.from_config(cfg, device="cpu")
+    torch.manual_seed(3)
+    plain = LlamaForCausalLM(cfg)
+    for (name, a), (_, b) in zip(built.named_parameters(), plain.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    assert meta.model.embed_tokens.weight.shape == built.model.embed_tokens.weight.shape
+    assert built.model.embed_tokens.weight[1:].std() > 0.5 and not built.model.embed_tokens.weight[0].any()
 
 
 @torch.no_grad()
