@@ -24,6 +24,12 @@ reference's load time; later rows are warm. The shards are read once before timi
 skips that), as the side-by-side runs had them in the page cache. The last row is one load with no
 wrappers (no per-phase synchronisation), to show what the probes cost. On CUDA the context is created
 before any timing.
+
+`--staged` (CUDA, an experiment for the loader) replaces the plain `tensor.to(device)` of every dense
+checkpoint tensor by `PinnedStager.to_device`: the bytes go through two pinned host buffers, copied in by
+torch's multi-threaded CPU copy (which also faults the memory-mapped pages in) while the previous buffer's
+asynchronous DMA and the quantization kernels run; a pageable `.to` copies single-threaded through the
+driver's staging and waits for the stream first. The staged copy is checked bit-equal to `.to` before timing.
 """
 
 from __future__ import annotations
@@ -47,6 +53,55 @@ from qlora.model.llama import LlamaForCausalLM
 
 PHASES = ("construct", "swap", "fused", "keys", "read", "to_device", "quantize", "adapters", "other")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class PinnedStager:
+    """Host tensors to a CUDA device through two pinned buffers of `nbytes` each, in turn.
+
+    Per piece: wait until the DMA that last read this buffer is done (its event), copy the piece in on the
+    CPU, start the DMA on the current stream (so later kernels on it see the data), record the event.
+    """
+
+    def __init__(self, device: torch.device, nbytes: int = 64 << 20) -> None:
+        self.device = device
+        self.buffers = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.events = [torch.cuda.Event() for _ in range(2)]
+        self.turn = 0
+
+    def to_device(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        src = t.contiguous().reshape(-1).view(torch.uint8)  # [numel * itemsize] bytes
+        out = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+        dst = out.reshape(-1).view(torch.uint8)
+        nbytes = self.buffers[0].numel()
+        for start in range(0, src.numel(), nbytes):
+            stop = min(start + nbytes, src.numel())
+            buf, event = self.buffers[self.turn], self.events[self.turn]
+            self.turn ^= 1
+            event.synchronize()
+            buf[: stop - start].copy_(src[start:stop])
+            dst[start:stop].copy_(buf[: stop - start], non_blocking=True)
+            event.record()
+        return out if dtype is None else out.to(dtype)
+
+
+def staged_to_device(stager: PinnedStager, original: Callable) -> Callable:
+    """`qlora.loading._to_device` with dense CPU tensors going through `stager`."""
+
+    def to_device(tensor, device, dtype=None):
+        if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu" and torch.device(device).type == "cuda":
+            return stager.to_device(tensor, dtype)
+        return original(tensor, device, dtype)
+
+    return to_device
+
+
+def check_stager(stager: PinnedStager) -> None:
+    """Bit-equality of the staged copy with `.to` on a tensor of several buffers with a ragged end."""
+    n = 2 * stager.buffers[0].numel() + 12_345
+    for dtype in (torch.bfloat16, torch.float32):
+        t = torch.randn(n // 2, generator=torch.Generator().manual_seed(0)).to(dtype)
+        if not torch.equal(stager.to_device(t), t.to(stager.device)):
+            raise SystemExit(f"PinnedStager gave different bytes from .to for {dtype}: not timing it")
 
 
 class Clock:
@@ -108,11 +163,17 @@ def probes(clock: Clock):
         yield
 
 
-def load_once(args: argparse.Namespace, device: torch.device, instrumented: bool) -> dict[str, float]:
+def load_once(
+    args: argparse.Namespace, device: torch.device, instrumented: bool, stager: PinnedStager | None
+) -> dict[str, float]:
     clock = Clock(device)
     lora = LoraSpec(r=args.lora_r) if args.lora_r else None
     quant_type = None if args.quant_type == "none" else args.quant_type
-    with probes(clock) if instrumented else contextlib.nullcontext():
+    staged = staged_to_device(stager, qlora.loading._to_device) if stager else None
+    with (
+        mock.patch.object(qlora.loading, "_to_device", staged) if staged else contextlib.nullcontext(),
+        probes(clock) if instrumented else contextlib.nullcontext(),
+    ):
         clock.sync()
         start = time.perf_counter()
         model = qlora.loading.load_model(args.model, quant_type, not args.no_double_quant, DTYPES[args.compute_dtype],
@@ -142,11 +203,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lora-r", type=int, default=64, help="adapter rank on every block linear; 0: none")
     parser.add_argument("--repeat", type=int, default=2, help="instrumented loads (the first is the cold one)")
     parser.add_argument("--no-warm-cache", action="store_true", help="do not read the shards before timing")
+    parser.add_argument("--staged", action="store_true", help="CUDA: copy through pinned buffers (see above)")
     parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.empty(1, device=device)  # the CUDA context, outside every timing
+    if args.staged and device.type != "cuda":
+        parser.error("--staged needs a CUDA device")
+    stager = PinnedStager(device) if args.staged else None  # allocated outside the timing: a loader would too
+    if stager:
+        check_stager(stager)
     files = list_checkpoint_files(args.model)
     if not args.no_warm_cache:
         for file in files:
@@ -158,13 +225,14 @@ def main(argv: list[str] | None = None) -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "quant_type": args.quant_type,
         "double_quant": not args.no_double_quant, "compute_dtype": args.compute_dtype, "lora_r": args.lora_r,
+        "staged": args.staged,
     }  # fmt: skip
     print(json.dumps(header))
     rows = []
     for i in range(args.repeat + 1):
         instrumented = i < args.repeat
         row = {"run": i + 1, "kind": "cold" if i == 0 else "warm", "probes": instrumented}
-        row.update(load_once(args, device, instrumented))
+        row.update(load_once(args, device, instrumented, stager))
         rows.append(row)
     columns = ["total", *PHASES] + (["max_allocated_gib"] if device.type == "cuda" else [])
     print("run  kind  probes  " + "  ".join(f"{c:>9}" for c in columns))
