@@ -29,10 +29,11 @@ import torch
 from safetensors.torch import save_file
 
 from qlora.checkpoint_io.safetensors_dir import INDEX_FILE, SINGLE_FILE
+from qlora.precision import DTYPES, dtype_name
 
-# Output dtypes by the names the CLI takes.
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+# torch dtype -> canonical name, a view of qlora.precision's one table (bnb_checkpoint reads it; new code
+# calls qlora.precision.dtype_name).
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3  # 2 GiB, a common Hub shard size
 # Files of a model directory that describe the tokenizer (transformers' names) and are copied as they are.
 TOKENIZER_FILES = (
@@ -102,9 +103,13 @@ class ShardedSafetensorsWriter:
 
 
 def write_config(directory: Path, config: dict[str, Any], dtype: torch.dtype, **extra: Any) -> dict[str, Any]:
-    """config.json: the source config with its dtype set and any old quantization_config dropped."""
+    """config.json: the source config with its dtype (one of qlora.precision.DTYPES) set and any old
+    quantization_config dropped."""
+    name = dtype_name(dtype)
+    if name not in DTYPES:
+        raise ValueError(f"cannot write a model in {dtype}: the written dtype is one of {', '.join(DTYPES)}")
     out = {k: v for k, v in config.items() if k != "quantization_config"}
-    out["dtype"] = out["torch_dtype"] = DTYPE_NAMES[dtype]
+    out["dtype"] = out["torch_dtype"] = name
     out.update(extra)
     (Path(directory) / "config.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return out

@@ -14,9 +14,12 @@ What W is is the choice users argue about, so `onto` names it:
   measures by how much); it is what PEFT's `merge_and_unload` on a 16-bit base gives.
 
 How the base was quantized in training (type, double quantization, block size, and the dtype the
-weights were cast to before quantizing, i.e. the compute dtype) is read from the `config.yaml` that
-`qlora train` writes beside the adapter; without it the QLoRA defaults apply (nf4, double
-quantization, block 64, bfloat16), and explicit arguments win over both. A pre-quantized
+weights were cast to before quantizing, i.e. the compute dtype the run resolved) is read from the
+`config.yaml` that `qlora train` writes beside the adapter (`quant.*` through
+`qlora.config.files.run_quantization`, `model.compute_dtype` by `qlora.precision`'s table); without
+it the QLoRA defaults apply (nf4, double quantization, block 64, bfloat16), and explicit arguments
+win over both. A compute dtype there that names no dtype ("auto" included: that is what was asked,
+not what the run computed in) is an error naming the file and key, never a guess. A pre-quantized
 bitsandbytes base has no 16-bit weights: "original" is refused there, "dequantized" uses the
 stored codes.
 
@@ -37,6 +40,8 @@ import yaml
 from qlora.adapter import read_adapter
 from qlora.checkpoint_io.gguf_file import read_gguf
 from qlora.checkpoint_io.safetensors_dir import iter_weights, read_config
+from qlora.config.files import RUN_CONFIG, run_quantization
+from qlora.config.names import canonical_dtype_name
 from qlora.export.hf_dir import (
     DEFAULT_MAX_SHARD_BYTES,
     ShardedSafetensorsWriter,
@@ -46,11 +51,10 @@ from qlora.export.hf_dir import (
 )
 from qlora.loading import resolve_model_path
 from qlora.lora import DEFAULT_TARGETS, LoraSpec
+from qlora.precision import DTYPES
 from qlora.quant.tensor import QuantizedTensor
 
 ONTO = ("dequantized", "original")
-TRAIN_CONFIG = "config.yaml"
-_DTYPES_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class MergeError(ValueError):
@@ -76,25 +80,42 @@ class TrainedBase:
 
 def read_trained_base(adapter_dir: str | Path, **overrides: Any) -> TrainedBase:
     """The `TrainedBase` recorded in `adapter_dir/config.yaml` (if present), then `overrides` (non-None)."""
-    base = TrainedBase()
-    path = Path(adapter_dir) / TRAIN_CONFIG
-    if path.is_file():
-        try:
-            cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise MergeError(f"{path}: not valid YAML ({e})") from None
-        quant, model = cfg.get("quant") or {}, cfg.get("model") or {}
-        quant_type = quant.get("quant_type", "nf4")
-        base = TrainedBase(
-            quant_type=None if quant_type == "none" else quant_type,
-            double_quant=bool(quant.get("double_quant", True)),
-            blocksize=int(quant.get("blocksize", 64)),
-            dtype=_DTYPES_BY_NAME.get(model.get("compute_dtype", "bfloat16"), torch.bfloat16),
-        )
+    quant = run_quantization(adapter_dir)  # {} without a config.yaml or its quant section
+    recorded: dict[str, Any] = {}
+    if quant:
+        recorded = {"quant_type": None if quant["quant_type"] == "none" else quant["quant_type"],
+                    "double_quant": quant["double_quant"], "blocksize": quant["blocksize"]}  # fmt: skip
+    dtype = run_compute_dtype(adapter_dir)
+    if dtype is not None:
+        recorded["dtype"] = dtype
     given = {k: v for k, v in overrides.items() if v is not None}
     if given.get("quant_type") == "none":
         given["quant_type"] = None
-    return replace(base, **given)
+    return replace(TrainedBase(**recorded), **given)
+
+
+def run_compute_dtype(directory: str | Path) -> torch.dtype | None:
+    """The compute dtype the training run in `directory` resolved (`model.compute_dtype` of its config.yaml);
+    None without a config.yaml or that key. MergeError, naming the file and key, for a value that is no dtype."""
+    path = Path(directory) / RUN_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise MergeError(f"{path}: cannot read the training run's configuration: {e}") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or "compute_dtype" not in model:
+        return None
+    value = model["compute_dtype"]
+    dtype = DTYPES.get(canonical_dtype_name(value)) if isinstance(value, str) else None
+    if dtype is None:
+        asked = " ('auto' is what the run was asked for, not the dtype it resolved)" if value == "auto" else ""
+        raise MergeError(
+            f"{path}: model.compute_dtype is {value!r}, not one of {', '.join(DTYPES)}{asked}. Set it to the dtype "
+            "the run computed in (its log says 'compute dtype ...'); the merge rebuilds the 4-bit base from it."
+        )
+    return dtype
 
 
 def is_block_linear_weight(name: str, suffixes: set[str]) -> bool:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qlora.checkpoint_io.safetensors_dir import iter_tensors
-from qlora.export.hf_dir import ShardedSafetensorsWriter
+from qlora.export.hf_dir import ShardedSafetensorsWriter, write_config
 
 
 def test_shards_fill_up_to_the_limit_and_the_index_lists_every_tensor(tmp_path):
@@ -32,3 +32,14 @@ def test_one_shard_is_model_safetensors_and_duplicates_are_refused(tmp_path):
         writer.add("a", torch.ones(3))
     assert [f.name for f in writer.finish()] == ["model.safetensors"]
     assert not (tmp_path / "model.safetensors.index.json").exists()
+
+
+def test_config_json_names_the_dtype_from_the_one_table(tmp_path):
+    source = {"model_type": "llama", "torch_dtype": "float32", "quantization_config": {"load_in_4bit": True}}
+    for dtype, name in [(torch.bfloat16, "bfloat16"), (torch.float16, "float16"), (torch.float32, "float32")]:
+        written = write_config(tmp_path, source, dtype)
+        on_disk = json.loads((tmp_path / "config.json").read_text())
+        assert on_disk == written and (on_disk["dtype"], on_disk["torch_dtype"]) == (name, name)
+        assert "quantization_config" not in on_disk and on_disk["model_type"] == "llama"
+    with pytest.raises(ValueError, match="cannot write a model in torch.float64"):
+        write_config(tmp_path, source, torch.float64)

@@ -16,6 +16,7 @@ import torch
 import qlora
 from qlora.adapter import load_adapter_weights
 from qlora.cli import main
+from qlora.config import ConfigError
 from qlora.export.merge import MergeError, TrainedBase, merge, read_trained_base
 
 IDS = torch.tensor([[1, 403, 407, 261, 378, 30, 5, 60, 2, 17, 99]])
@@ -82,6 +83,25 @@ def test_trained_base_comes_from_the_run_config(tmp_path):
     assert read_trained_base(tmp_path) == TrainedBase("fp4", False, 128, torch.float16)
     assert read_trained_base(tmp_path, quant_type="none").quant_type is None
     assert read_trained_base(tmp_path / "absent") == TrainedBase()
+    # What a run writes now: the compute dtype it resolved ("auto" on a CPU without bf16 -> float32).
+    (tmp_path / "config.yaml").write_text("model:\n  compute_dtype: float32\n")
+    assert read_trained_base(tmp_path) == TrainedBase(dtype=torch.float32)
+    assert read_trained_base(tmp_path, blocksize=256) == TrainedBase(blocksize=256, dtype=torch.float32)
+
+
+@pytest.mark.parametrize(("value", "hint"), [("auto", "not the dtype it resolved"), ("bfloat61", "not one of"),
+                                             ("[bfloat16]", "not one of")])  # fmt: skip
+def test_a_compute_dtype_that_names_no_dtype_is_an_error(tmp_path, value, hint):
+    (tmp_path / "config.yaml").write_text(f"model:\n  compute_dtype: {value}\nquant:\n  quant_type: nf4\n")
+    with pytest.raises(MergeError, match="model.compute_dtype is") as err:
+        read_trained_base(tmp_path)
+    assert str(tmp_path / "config.yaml") in str(err.value) and hint in str(err.value)
+
+
+def test_run_quantization_errors_name_the_file_and_key(tmp_path):
+    (tmp_path / "config.yaml").write_text("model:\n  compute_dtype: bfloat16\nquant:\n  quant_type: nf5\n")
+    with pytest.raises(ConfigError, match="config.yaml.*quant.quant_type"):
+        read_trained_base(tmp_path)
 
 
 def test_merge_errors_name_the_problem(stories260k_dir, tmp_path, capsys, make_adapter):
@@ -98,3 +118,8 @@ def test_merge_errors_name_the_problem(stories260k_dir, tmp_path, capsys, make_a
                str(tmp_path / "o2"), "--no-report"])  # fmt: skip
     err = capsys.readouterr().err  # the adapter reader's refusal, naming the file and the field
     assert rc == 2 and "adapter_config.json: use_dora is True" in err and "not supported" in err
+    (tmp_path / "adapter" / "config.yaml").write_text("model:\n  compute_dtype: auto\n")
+    rc = main(["merge", "--model", str(stories260k_dir), "--adapter", str(tmp_path / "adapter"), "--output",
+               str(tmp_path / "o3"), "--no-report"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "config.yaml: model.compute_dtype is 'auto'" in err

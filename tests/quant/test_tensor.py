@@ -94,6 +94,13 @@ def test_bad_state_dicts_name_the_key():
         QuantizedTensor.from_bnb_state_dict(wrong_table, "lm.weight")
     with pytest.raises(ValueError, match="no bitsandbytes encoding"):
         qlora.quantize(torch.randn(64), "int4").to_bnb_state_dict()
+    blob_key = "lm.weight.quant_state.bitsandbytes__nf4"
+    blob = json.loads(bytes(sd[blob_key].tolist()))
+    for name in ("bf16", "float64"):  # a file holds torch's exact names: no aliases, nothing outside the table
+        bad = {**sd, blob_key: torch.tensor(list(json.dumps({**blob, "dtype": name}).encode()), dtype=torch.uint8)}
+        with pytest.raises(ValueError, match=f"unsupported dtype '{name}' \\(one of bfloat16, float16, float32\\)"):
+            QuantizedTensor.from_bnb_state_dict(bad, "lm.weight")
+    assert QuantizedTensor.from_bnb_state_dict(sd, "lm.weight").dtype == torch.float32  # blob "dtype": "float32"
 
 
 def test_bad_inputs_are_refused():
