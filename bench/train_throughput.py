@@ -22,6 +22,10 @@ policy (`--page-policy auto|always`), the adapters' dtype (`--lora-dtype`), the 
 (`--step-in-backward`, `optim.step_in_backward`) and the checkpoints in host memory
 (`--offload-checkpoints`, `model.offload_checkpoints`). Both sides train on the same token batches
 (`reference_batches`).
+
+Each of our rows records what produced it: the commit (`git rev-parse HEAD`) and whether tracked files
+differed from it (`git_dirty`), `steps`, `warmup` and the GPU's name. A copy of the tree without its
+`.git` (as on a lent GPU machine) takes the commit from `--git-rev REV`; `git_dirty` is then null.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import get_args
 
 import torch
 
@@ -50,11 +56,35 @@ from bench.llama_shapes import (
     train_step,
 )
 from bench.profile_step import top_kernels
+from qlora.config.sections import AdapterDtype, ResidualDtype
 from qlora.model.offload import CheckpointOffload
 from qlora.ops import policy_of
 from qlora.optim import build_optimizer
 from qlora.optim.in_backward import StepInBackward, backward_order_groups
+from qlora.precision import torch_dtype
 from qlora.train.cuda_graph import CudaGraphStep
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def source_revision(repo: Path = REPO, given: str | None = None) -> dict:
+    """{"git_rev", "git_dirty"}: `repo`'s HEAD and whether its tracked files differ from it (untracked files,
+    such as results, do not count); `given` (--git-rev) where the tree is a copy without `.git`, dirty unknown."""
+    if given:
+        return {"git_rev": given, "git_dirty": None}
+
+    def git(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(repo), *argv], capture_output=True, text=True, timeout=60)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=no") if head.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        head = status = None
+    if head is None or head.returncode != 0:
+        return {"git_rev": None, "git_dirty": None}
+    dirty = bool(status.stdout.strip()) if status is not None and status.returncode == 0 else None
+    return {"git_rev": head.stdout.strip(), "git_dirty": dirty}
 
 
 def parse_workload(text: str) -> tuple[str, str, list[tuple[int, int]]]:
@@ -65,14 +95,15 @@ def parse_workload(text: str) -> tuple[str, str, list[tuple[int, int]]]:
     return shape, mode, pairs  # type: ignore[return-value]
 
 
-def run_ours(shape: str, mode: str, pairs, args) -> list[dict]:
+def run_ours(shape: str, mode: str, pairs, args, provenance: dict) -> list[dict]:
+    """Our rows of one workload; `provenance` (commit, dirty, device, steps, warmup) goes into each."""
     device = torch.device("cuda")
     s = SHAPES[shape]
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    lora = dataclasses.replace(BENCH_LORA, param_dtype=getattr(torch, args.lora_dtype))
+    lora = dataclasses.replace(BENCH_LORA, param_dtype=torch_dtype(args.lora_dtype))
     model = build_model(s, "nf4" if mode == "qlora" else None, device, seed=args.seed, lora=lora)
-    model.residual_dtype = torch.float32 if args.residual_dtype == "float32" else None
+    model.residual_dtype = None if args.residual_dtype == "compute" else torch_dtype(args.residual_dtype)
     kernels = policy_of(model)  # QLORA_KERNELS, read when the model was built
     model.checkpoint_context = kernels.reusing_dense_weights if args.reuse_dense_weights else None
     model.checkpoint_offload = CheckpointOffload(device) if args.offload_checkpoints else None
@@ -109,7 +140,8 @@ def run_ours(shape: str, mode: str, pairs, args) -> list[dict]:
                "build_s": round(build_s, 1), "model_GiB": round(model_gib, 2),
                "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                "peak_alloc_GiB": round(torch.cuda.max_memory_allocated() / GiB, 3),
-               "peak_reserved_GiB": round(torch.cuda.max_memory_reserved() / GiB, 3), "error": error}  # fmt: skip
+               "peak_reserved_GiB": round(torch.cuda.max_memory_reserved() / GiB, 3), "error": error,
+               **provenance}  # fmt: skip
         if times:
             med = statistics.median(times)
             rec.update({"step_s_median": round(med, 4), "tokens_per_s": round(b * seq / med, 1),
@@ -178,9 +210,9 @@ def main() -> int:
     ap.add_argument("--optim", default="paged_adamw_32bit")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cuda-graph", action="store_true", help="replay forward+backward as a CUDA graph")
-    ap.add_argument("--lora-dtype", default="float32", choices=["float32", "bfloat16"],
+    ap.add_argument("--lora-dtype", default="float32", choices=get_args(AdapterDtype),
                     help="our adapter weights' dtype (the reference keeps float32; the QLoRA script used bfloat16)")
-    ap.add_argument("--residual-dtype", default="compute", choices=["compute", "float32"],
+    ap.add_argument("--residual-dtype", default="compute", choices=get_args(ResidualDtype),
                     help="our residual stream dtype (model.residual_dtype; the reference hf recipe holds it in fp32)")
     ap.add_argument("--reuse-dense-weights", action=argparse.BooleanOptionalAction, default=True,
                     help="keep each layer's dequantized weights from the recompute for its backward "
@@ -197,21 +229,27 @@ def main() -> int:
                     help="after the timed steps, list the N kernels with most GPU time in one more step")
     ap.add_argument("--peak-flops", type=float, default=989e12, help="H100 SXM dense bf16 (the reference's)")
     ap.add_argument("--out", default="")
+    ap.add_argument("--git-rev", default="",
+                    help="the commit of this tree, recorded in each row, where it is a copy without .git "
+                         "(default: git rev-parse HEAD)")  # fmt: skip
     args = ap.parse_args()
     context = context_bytes()  # before anything touches CUDA
+    provenance = {**source_revision(given=args.git_rev or None), "device": torch.cuda.get_device_name(),
+                  "steps": args.steps, "warmup": args.warmup}  # fmt: skip
     ours, theirs = [], []
     for text in args.workloads:
         shape, mode, pairs = parse_workload(text)
         with DeviceMemorySampler() as sampler:  # from before the model is built; our CUDA context predates it
-            group = run_ours(shape, mode, pairs, args)
+            group = run_ours(shape, mode, pairs, args, provenance)
         ours += with_device_peak(group, sampler.peak_bytes + (context or 0))
         if args.reference:
             torch.cuda.empty_cache()
             with DeviceMemorySampler() as sampler:  # the child's own context is in its peak
                 group = run_reference(shape, mode, pairs, args)
             theirs += with_device_peak(group, sampler.peak_bytes)
-    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "cuda_context_GiB": None if context is None else round(context / GiB, 3)}
+    env = {"device": provenance["device"], "torch": torch.__version__, "cuda": torch.version.cuda,
+           "cuda_context_GiB": None if context is None else round(context / GiB, 3),
+           "git_rev": provenance["git_rev"], "git_dirty": provenance["git_dirty"]}  # fmt: skip
     print(json.dumps(env))
     print(table(ours, theirs))
     if args.out:
