@@ -119,9 +119,11 @@ def quantize_4bit_blockwise(
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=t.device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=t.device)
     step = _chunk_length(blocksize, chunk_elements or default_chunk_elements(t.device))
+    finite = torch.empty((n + step - 1) // step, dtype=torch.bool, device=t.device)  # per chunk, read once at the end
     for start in range(0, n, step):
         x = flat[start : start + step].float()
         xn, chunk_absmax = normalise_blocks(x, blocksize, divide_partial=True)
+        finite[start // step] = torch.isfinite(chunk_absmax).all()  # a block's absmax is NaN/Inf iff an element is
         absmax[start // blocksize : start // blocksize + chunk_absmax.numel()] = chunk_absmax
         codes = torch.bucketize(xn, thresholds, out_int32=True)
         del xn
@@ -130,7 +132,7 @@ def quantize_4bit_blockwise(
             codes = torch.cat([codes, codes.new_tensor([zero_code])])
         pairs = codes.view(-1, 2)  # [L/2, 2]: element 2k, element 2k+1
         packed[start // 2 : start // 2 + pairs.shape[0], 0] = (pairs[:, 0] << 4) | pairs[:, 1]
-    if not torch.isfinite(absmax).all():  # a block's absmax is NaN or Inf exactly when one of its elements is
+    if not bool(finite.all()):
         block = int(torch.isfinite(absmax).logical_not().nonzero()[0])
         raise ValueError(f"cannot quantize a tensor with NaN or Inf values (first in elements "
                          f"{block * blocksize}..{min(n, (block + 1) * blocksize)})")  # fmt: skip
