@@ -24,7 +24,6 @@ from qlora.checkpoint_io.gguf_file import read_gguf
 from qlora.checkpoint_io.safetensors_dir import iter_weights
 from qlora.export.hf_dir import (
     DEFAULT_MAX_SHARD_BYTES,
-    DTYPE_NAMES,
     ShardedSafetensorsWriter,
     write_config,
     write_generation_config,
@@ -33,6 +32,7 @@ from qlora.export.hf_dir import (
 from qlora.export.merge import MergeError, is_block_linear_weight, source_config
 from qlora.loading import resolve_model_path
 from qlora.lora import DEFAULT_TARGETS
+from qlora.precision import dtype_name
 from qlora.quant.tensor import QuantizedTensor
 
 BNB_QUANT_TYPES = ("nf4", "fp4")
@@ -43,7 +43,7 @@ def bnb_quantization_config(quant_type: str, double_quant: bool, compute_dtype: 
     return {
         "_load_in_4bit": True,
         "_load_in_8bit": False,
-        "bnb_4bit_compute_dtype": DTYPE_NAMES[compute_dtype],
+        "bnb_4bit_compute_dtype": dtype_name(compute_dtype),
         "bnb_4bit_quant_storage": "uint8",
         "bnb_4bit_quant_type": quant_type,
         "bnb_4bit_use_double_quant": double_quant,

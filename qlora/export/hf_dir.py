@@ -31,9 +31,6 @@ from safetensors.torch import save_file
 from qlora.checkpoint_io.safetensors_dir import INDEX_FILE, SINGLE_FILE
 from qlora.precision import DTYPES, dtype_name
 
-# torch dtype -> canonical name, a view of qlora.precision's one table (bnb_checkpoint reads it; new code
-# calls qlora.precision.dtype_name).
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3  # 2 GiB, a common Hub shard size
 # Files of a model directory that describe the tokenizer (transformers' names) and are copied as they are.
 TOKENIZER_FILES = (
