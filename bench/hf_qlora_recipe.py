@@ -45,17 +45,10 @@ START_TIME = time.time()  # before the heavy imports: they are part of what a us
 
 import torch  # noqa: E402
 
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response: "
-)
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response: "
-)
+from qlora.config import DEFAULT_TARGETS  # noqa: E402
+from qlora.data.alpaca import PROMPT_NO_INPUT, PROMPT_WITH_INPUT  # noqa: E402  (the QLoRA code's template: one copy)
+
+TARGET_MODULES = list(DEFAULT_TARGETS)
 GiB = 2**30
 
 
