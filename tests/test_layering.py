@@ -335,9 +335,18 @@ def defined_names(path: Path) -> set[str]:
     return names
 
 
+def repository_folders(root: Path) -> set[str]:
+    """The top-level folders of the repository itself: not hidden, not ignored by .gitignore (runs/ and
+    .cache/ appear once the demo has run; an example path like runs/mine is not a citation)."""
+    ignore = root / ".gitignore"
+    ignored = {line.strip().strip("/") for line in ignore.read_text(encoding="utf-8").splitlines()} \
+        if ignore.is_file() else set()  # fmt: skip
+    return {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in ignored}
+
+
 def missing_citations(source: str, root: Path = REPO) -> list[tuple[int, str]]:
     """(line, reference) of each cited path or qlora name in `source` that does not exist under `root`."""
-    ours = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    ours = repository_folders(root)
     missing = []
     for start, text in docs_and_comments(source):
         for match in _PATH.finditer(text):
