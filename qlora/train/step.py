@@ -53,7 +53,8 @@ class StepStats:
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def batch_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors on `device` (copies queued, not waited for)."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -105,7 +106,7 @@ class TrainStep:
             if not extra:
                 return self.graphs.forward_backward(pad_batch(batch, self.graph_length_multiple, self.pad_id), scale)
             self._log_once(f"cuda_graphs: batches with {extra} (packed) train eagerly")
-        s, _ = loss_sum(self.model, _to(batch, self.device))
+        s, _ = loss_sum(self.model, batch_to(batch, self.device))
         if self.stepper is not None:  # the update runs inside this backward, layer by layer
             self.stepper.prepare()
             self.stepper.backward(s * scale)

@@ -63,7 +63,7 @@ from qlora.train.loss import loss_sum
 from qlora.train.metrics import MetricsLogger, ProgressBar, plot_losses, summarize
 from qlora.train.prepare import prepare_for_training
 from qlora.train.schedule import build_scheduler
-from qlora.train.step import StepStats, TrainStep, _to
+from qlora.train.step import StepStats, TrainStep, batch_to
 
 log = logging.getLogger("qlora.train")
 
@@ -103,7 +103,7 @@ def evaluate(model, examples: list[EncodedExample], batch_size: int, pad_id: int
     model.eval()
     total, count = 0.0, 0
     for batch in BatchIterator(examples, batch_size, pad_id=pad_id, shuffle=False, epochs=1):
-        s, n = loss_sum(model, _to(batch, device))
+        s, n = loss_sum(model, batch_to(batch, device))
         total, count = total + float(s), count + n
     model.train(was_training)
     return total / max(count, 1)
