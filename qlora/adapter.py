@@ -40,6 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from qlora.distributed.tensors import copy_full_into_, full_tensor
 from qlora.lora import LoraSpec, lora_layers
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -104,11 +105,13 @@ class AdapterError(ValueError):
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT-named adapter tensors of `model` (detached, contiguous, on the CPU)."""
+    """PEFT-named adapter tensors of `model` (detached, contiguous, on the CPU). Sharded (FSDP) adapters are
+    gathered whole: every rank must call this, and every rank gets the same tensors."""
     out = {}
     for name, layer in lora_layers(model).items():
-        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().float().cpu().contiguous()
-        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().float().cpu().contiguous()
+        for ab in ("lora_A", "lora_B"):
+            weight = full_tensor(getattr(layer, ab).weight.detach())
+            out[f"{PEFT_PREFIX}{name}.{ab}.weight"] = weight.float().cpu().contiguous()
     return out
 
 
@@ -147,9 +150,13 @@ def _atomic_write(path: Path, write) -> None:
 
 def save_adapter(model: nn.Module, directory: str | Path, lora: LoraSpec, base_model: str) -> Path:
     """Write `model`'s adapters (built from `lora`) to `directory` in PEFT's format; return the directory."""
+    return write_adapter(adapter_state_dict(model), directory, lora, base_model)
+
+
+def write_adapter(tensors: dict[str, torch.Tensor], directory: str | Path, lora: LoraSpec, base_model: str) -> Path:
+    """Write the PEFT-named `tensors` (`adapter_state_dict`) and the config of `lora` to `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = adapter_state_dict(model)
     if not tensors:
         raise AdapterError("the model has no LoRA adapters to save")
     _atomic_write(directory / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
@@ -325,5 +332,5 @@ def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
                                    f"read_adapter_config({str(directory)!r})")  # fmt: skip
         with torch.no_grad():
             for module, pair in keys.items():
-                layers[module].lora_A.weight.copy_(f.get_tensor(pair["A"]))
-                layers[module].lora_B.weight.copy_(f.get_tensor(pair["B"]))
+                copy_full_into_(layers[module].lora_A.weight, f.get_tensor(pair["A"]))  # (this rank's shard
+                copy_full_into_(layers[module].lora_B.weight, f.get_tensor(pair["B"]))  # when sharded)

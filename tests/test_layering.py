@@ -32,6 +32,7 @@ FLOOR = {
     "data": 6,
     "optim": 6,
     "adapter": 5,
+    "distributed": 5,
     "generate": 6,
     "export": 7,
     "train": 6,
@@ -243,6 +244,9 @@ DEVICE_BRANCHES_ALLOWED = {
     "qlora/train/prepare.py": "activation offload (pinned memory, streams) on CUDA only",
     "qlora/train/metrics.py": "memory reporting: CUDA peak allocated, else resident memory",
     "qlora/train/trainer.py": "paged AdamW by default on CUDA (optimizer paging); peak-memory logging",
+    "qlora/distributed/runtime.py": "one GPU per process and NCCL on CUDA, gloo on CPUs",
+    "qlora/distributed/parallel.py": "DDP's device_ids are given for a CUDA device only",
+    "qlora/distributed/plan.py": "parallel auto: the GPU's memory decides DDP or FSDP",
 }
 
 

@@ -314,6 +314,13 @@ class LoopSection(Section):
         doc="On CUDA, replay each micro-batch's forward and backward as a CUDA graph (one per padded batch shape; "
         "bf16/fp32 compute, unpacked batches). Removes the host's launch overhead; false = eager.",
     )
+    global_batch_size: int | None = _opt(
+        None,
+        doc="Examples per optimizer step over all processes; none = micro_batch_size x grad_accum x processes. "
+        "When set, grad_accum is derived (global / (micro_batch_size x processes), which must divide exactly), so "
+        "the same config trains the same run on any number of GPUs.",
+        check=positive_int,
+    )
     graph_length_multiple: int = _opt(
         64,
         doc="With cuda_graphs, pad batch lengths up to a multiple of this, so varied lengths need few graphs.",
@@ -327,9 +334,21 @@ class LoopSection(Section):
             return self.warmup_steps
         return math.ceil(self.warmup_ratio * self.max_steps)
 
+    def accumulation(self, world_size: int = 1) -> int:
+        """Micro-batches per process per optimizer step on `world_size` processes: grad_accum, or derived from
+        global_batch_size (ConfigError when it does not divide)."""
+        if self.global_batch_size is None:
+            return self.grad_accum
+        per_pass = self.micro_batch_size * world_size
+        if self.global_batch_size % per_pass:
+            raise ConfigError(f"train.global_batch_size {self.global_batch_size} is not a multiple of "
+                              f"train.micro_batch_size {self.micro_batch_size} x {world_size} processes; "
+                              f"pick a multiple of {per_pass}")  # fmt: skip
+        return self.global_batch_size // per_pass
+
     @property
     def effective_batch_size(self) -> int:
-        return self.micro_batch_size * self.grad_accum
+        return self.micro_batch_size * self.accumulation()
 
     def _check_together(self) -> None:
         if self.effective_warmup_steps > self.max_steps:
@@ -337,6 +356,30 @@ class LoopSection(Section):
                 f"warmup ({self.effective_warmup_steps} steps from train.warmup_steps / train.warmup_ratio) "
                 f"is longer than --max-steps / train.max_steps ({self.max_steps}); shorten the warmup"
             )
+
+
+ParallelMode = Literal["auto", "ddp", "fsdp"]
+
+
+@dataclass(kw_only=True)
+class ParallelSection(Section):
+    """Many processes (torchrun): data-parallel or sharded; ignored by a single process."""
+
+    SECTION: ClassVar[str] = "parallel"
+
+    mode: ParallelMode = _opt(
+        "auto",
+        doc="ddp: every GPU holds the whole 4-bit model, gradients are averaged; fsdp: the base, adapters, gradients "
+        "and optimizer states are sharded over the GPUs (FSDP2) and gathered a layer at a time; auto: ddp when the "
+        "run fits one GPU with room to spare, fsdp otherwise (logged with the estimate).",
+        alias="--parallel",
+    )
+    timeout_s: float = _opt(
+        600.0,
+        doc="Seconds a collective waits for the other processes before the job fails with an error (a rank that "
+        "died or hangs), instead of hanging.",
+        check=positive_float,
+    )
 
 
 @dataclass(kw_only=True)
@@ -351,6 +394,7 @@ class TrainConfig(Config):
     data: DataSection = _opt(doc="The training data.")
     optim: OptimSection = _opt(doc="The optimizer.", factory=OptimSection)
     train: LoopSection = _opt(doc="The training loop.", factory=LoopSection)
+    parallel: ParallelSection = _opt(doc="Many processes (torchrun).", factory=ParallelSection)
     output: str = _opt(
         doc="Run directory: checkpoints, metrics.jsonl, TensorBoard events, loss.png, the adapter and "
         "the resolved config.yaml go here.",
@@ -362,7 +406,7 @@ class TrainConfig(Config):
     def _check_together(self) -> None:
         if self.optim.step_in_backward:
             problems = []
-            if self.train.grad_accum != 1:
+            if self.train.global_batch_size is None and self.train.grad_accum != 1:
                 problems.append(f"train.grad_accum 1 (got {self.train.grad_accum}: the update cannot wait for "
                                 "more micro-batches)")  # fmt: skip
             if self.optim.max_grad_norm != 0:

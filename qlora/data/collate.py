@@ -158,6 +158,20 @@ class BatchIterator:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        return self._collate(self._next_indices())
+
+    def next_step(self, count: int, rank: int = 0, world_size: int = 1) -> list[dict[str, torch.Tensor]]:
+        """The next `count` batches of the one global order, of which this rank collates and returns its
+        share: batches j = rank, rank + world_size, ... (`count` a multiple of `world_size`). Every rank
+        advances by all `count`, so the position (`state_dict`) is the same on every rank and equal to a
+        single process's that took all `count`: each example is seen once per epoch across the ranks, and
+        a run resumes on any number of processes."""
+        if count % world_size:
+            raise ValueError(f"{count} batches cannot be shared evenly by {world_size} ranks")
+        chosen = [self._next_indices() for _ in range(count)]
+        return [self._collate(indices) for indices in chosen[rank::world_size]]
+
+    def _next_indices(self) -> list[int]:
         if self.index >= self.batches_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
         if self.epochs is not None and self.epoch >= self.epochs:
@@ -170,8 +184,11 @@ class BatchIterator:
                 order = epoch_order(len(self.examples), self.seed, self.epoch, self.shuffle)
             self._order = (self.epoch, order)
         start = self.index * self.batch_size
-        chosen = [self.examples[i] for i in self._order[1][start : start + self.batch_size]]
         self.index += 1
+        return self._order[1][start : start + self.batch_size]
+
+    def _collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        chosen = [self.examples[i] for i in indices]
         if self.packed:
             return collate_packed(chosen, self.pad_id, self.pad_to_multiple_of)
         return collate(chosen, self.pad_id, self.pad_to_multiple_of)

@@ -232,6 +232,8 @@ class LoRALinear(nn.Module):
         self.quant = quant
         self.compute_dtype = dtype
         self.base: torch.Tensor | QuantizedTensor | None = None
+        # after `register_base_storage`: the base's layout, its storage held as this module's parameters
+        self._base_layout: QuantizedTensor | None = None
         # a dense base with an adapter lives in the left columns of this [out, in + r + pad] matrix, so the
         # forward's adapter columns need no copy of W (qlora.lora.matmul.dense_with_columns)
         self._base_columns: torch.Tensor | None = None
@@ -272,13 +274,38 @@ class LoRALinear(nn.Module):
         self.base, self._base_columns = q, None
 
     def dense_base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dense_weight(self.current_base(), dtype or self.compute_dtype, policy=self.policy)
+
+    def register_base_storage(self) -> None:
+        """Hold the 4-bit base's storage (`QuantizedTensor.storage()`: codes and block scales) as frozen
+        parameters `base_<name>` of this module, so that FSDP2's `fully_shard` shards them with the rest of
+        the layer and gathers them whole before each forward (`qlora.distributed.parallel`). The layout
+        (tables, offset, shape) stays here; `current_base()` reassembles the weight from the parameters."""
+        if not isinstance(self.base, QuantizedTensor):
+            raise TypeError(f"register_base_storage needs a 4-bit base, this layer's is {type(self.base).__name__}")
+        parts = self.base.storage()
+        for name, t in parts.items():
+            self.register_parameter(f"base_{name}", nn.Parameter(t, requires_grad=False))
+        self._base_layout = self.base.with_storage({name: t.new_empty(0) for name, t in parts.items()})
+        self.base = None
+
+    def current_base(self) -> torch.Tensor | QuantizedTensor:
+        """The base weight as the forward uses it (reassembled from its parameters after `register_base_storage`)."""
+        if self._base_layout is not None:
+            names = self._base_layout.storage()
+            return self._base_layout.with_storage({name: getattr(self, f"base_{name}") for name in names})
         if self.base is None:
             raise RuntimeError("this layer's base weight was never loaded")
-        return dense_weight(self.base, dtype or self.compute_dtype, policy=self.policy)
+        return self.base
 
     def _apply(self, fn, recurse=True):
         """`module.to(device)` moves the base too; dtype casts leave the 4-bit codes untouched."""
         super()._apply(fn, recurse)
+        if self._base_layout is not None:  # the storage moved as parameters; the tables follow them
+            moved = fn(self._base_layout.table)
+            if moved.device != self._base_layout.device:
+                self._base_layout = self._base_layout.to(moved.device)
+            return self
         if isinstance(self.base, QuantizedTensor):
             moved = fn(self.base.packed)
             if moved.device != self.base.device:
@@ -321,14 +348,13 @@ class LoRALinear(nn.Module):
         """y [..., out] for x [..., in]. `row_width`: given only by a block that stored x as the left columns
         of rows that wide (`input_row_width`; `qlora.fused.FusedDecoderLayer`): h is then written into
         their spare columns instead of copying x."""
-        if self.base is None:
-            raise RuntimeError("this layer's base weight was never loaded")
+        base = self.current_base()
         if self.r:
             a, b = self.lora_A.weight, self.lora_B.weight
             p = self.dropout if self.training else 0.0
-            return LoRALinearFunction.apply(x, a, b, self.bias, self.base, self.scale, self._wide_base(), p,
+            return LoRALinearFunction.apply(x, a, b, self.bias, base, self.scale, self._wide_base(), p,
                                             self.policy, row_width)  # fmt: skip
-        return LoRALinearFunction.apply(x, None, None, self.bias, self.base, 0.0, None, 0.0, self.policy)
+        return LoRALinearFunction.apply(x, None, None, self.bias, base, 0.0, None, 0.0, self.policy)
 
     def extra_repr(self) -> str:
         base = self.quant.quant_type or "dense"

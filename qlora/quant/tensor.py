@@ -133,6 +133,25 @@ class QuantizedTensor:
         absmax = None if self.absmax is None else move(self.absmax)
         return replace(self, packed=move(self.packed), absmax=absmax, nested=nested, table=move(self.table))
 
+    def storage(self) -> dict[str, torch.Tensor]:
+        """The tensors that grow with the weight, by name: `packed`, and `absmax` or (double-quantized)
+        `absmax_codes` and `absmax_scales`; every one indexed by position along dim 0 (codes, blocks), so
+        a sharder may split each along it. The code tables and the offset are per-tensor constants."""
+        if self.nested is None:
+            assert self.absmax is not None
+            return {"packed": self.packed, "absmax": self.absmax}
+        return {"packed": self.packed, "absmax_codes": self.nested.codes, "absmax_scales": self.nested.absmax}
+
+    def with_storage(self, parts: Mapping[str, torch.Tensor]) -> QuantizedTensor:
+        """This tensor with its `storage()` tensors replaced by `parts` (the same names), e.g. the full tensors
+        a sharder gathered; shapes are the caller's to keep (see `storage`)."""
+        if set(parts) != set(self.storage()):
+            raise KeyError(f"storage parts {sorted(parts)} do not match {sorted(self.storage())}")
+        if self.nested is None:
+            return replace(self, packed=parts["packed"], absmax=parts["absmax"])
+        nested = replace(self.nested, codes=parts["absmax_codes"], absmax=parts["absmax_scales"])
+        return replace(self, packed=parts["packed"], nested=nested)
+
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this container holds (for memory accounting and saved-tensor checks)."""
         held = [self.packed, self.table]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from qlora.config import TrainConfig
-from qlora.train.trainer import Trainer, TrainResult, evaluate, resolve_device, seed_everything
+from qlora.precision import resolve_device
+from qlora.train.trainer import Trainer, TrainResult, evaluate, seed_everything
 
 
 def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from qlora import ops
@@ -77,3 +78,15 @@ def loss_sum_all_rows(model, input_ids: torch.Tensor, labels: torch.Tensor, chun
         else:
             total = total + _chunk_ce_sum(rows[part], weight, targets[part], policy)
     return total
+
+
+class StepLoss(nn.Module):
+    """`loss_sum` as a module's forward: what DDP and FSDP wrap, so that their hooks run around the whole
+    forward (embeddings, layers, norm and lm_head). `model` is the `LlamaForCausalLM`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **rest: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return loss_sum(self.model, {"input_ids": input_ids, "labels": labels, **rest})

@@ -16,12 +16,21 @@ Which path runs is decided here, from named conditions, never from a caught erro
   logged once with the reason. A capture that fails raises; an out-of-memory error raises.
 - the kernels: the model's `KernelPolicy` (graph steps enter its `graph_step()`).
 
+Many processes (`qlora.distributed.Parallel`, DDP or FSDP): the step's micro-batches are this rank's
+share of the global batch; the target-token count is summed over ranks before the first backward, and
+each micro-batch's gradient is scaled by world size / that count, so the mean over ranks the wrappers
+reduce to is the gradient of the whole global batch, token-weighted, exactly as one process would
+compute it with all the micro-batches. Gradients are reduced on the last micro-batch only. Dropout's
+masks are drawn after seeding the generator with the micro-batch's place in the global step
+(`micro_batch_seeds`), so which rank runs a micro-batch does not change its masks.
+
 Timing is true: `seconds` ends after the step's GPU work has finished (the device is synchronised
 before the clock is read), so tokens/s is what the hardware did, not how fast the host queued it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -30,9 +39,10 @@ from dataclasses import dataclass
 import torch
 
 from qlora.data.collate import count_tokens
+from qlora.distributed import Parallel
 from qlora.optim.in_backward import StepInBackward
 from qlora.train.cuda_graph import GRAPH_KEYS, CudaGraphStep, pad_batch
-from qlora.train.loss import loss_sum
+from qlora.train.loss import StepLoss, loss_sum
 
 log = logging.getLogger("qlora.train")
 
@@ -58,6 +68,16 @@ def batch_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, 
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def micro_batch_seeds(seed: int, step: int, count: int) -> list[int]:
+    """The generator seed of each of the `count` micro-batches of optimizer step `step` (0-based, global
+    order): a pure function of (seed, step, index), the same on every rank and at every world size."""
+    def one(index: int) -> int:
+        digest = hashlib.sha256(f"qlora.step:{seed}:{step}:{index}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") >> 1  # torch.manual_seed takes a non-negative int64
+
+    return [one(i) for i in range(count)]
+
+
 def target_token_count(micro_batches: Sequence[dict[str, torch.Tensor]]) -> int:
     """Labelled next-token positions in the step (the loss's denominator)."""
     return sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
@@ -76,12 +96,16 @@ class TrainStep:
         graph_length_multiple: graphed batches are right-padded to a multiple of this (fewer shapes).
         pad_id: the padding token, for that padding.
         stepper: a `StepInBackward` over `params` (the update inside backward), or None.
+        parallel: the model wrapped for several processes (`qlora.distributed.parallelize` over a
+            `StepLoss`); `params` are then its `params` (local shards under FSDP). None: one process.
     """
 
     def __init__(self, model, params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler,
                  *, scaler: torch.amp.GradScaler, max_grad_norm: float = 0.0, cuda_graphs: bool = True,
-                 graph_length_multiple: int = 64, pad_id: int = 0, stepper: StepInBackward | None = None):  # fmt: skip
+                 graph_length_multiple: int = 64, pad_id: int = 0, stepper: StepInBackward | None = None,
+                 parallel: Parallel | None = None):  # fmt: skip
         self.model, self.params = model, list(params)
+        self.parallel = parallel if parallel is not None and parallel.mode != "none" else None
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.max_grad_norm, self.stepper = max_grad_norm, stepper
         self.graph_length_multiple, self.pad_id = graph_length_multiple, pad_id
@@ -89,7 +113,10 @@ class TrainStep:
         self.graphs: CudaGraphStep | None = None
         self._logged: set[str] = set()
         if cuda_graphs and self.device.type == "cuda":
-            if scaler.is_enabled():
+            if self.parallel is not None:
+                log.info("cuda_graphs: off under %s (its gradient reduction runs host-side bookkeeping in backward "
+                         "that a graph replay would skip); eager steps", self.parallel.mode)  # fmt: skip
+            elif scaler.is_enabled():
                 log.info("cuda_graphs: off for float16 compute (its loss scale changes between steps); eager steps")
             else:
                 self.graphs = CudaGraphStep(model, self.params, stepper=stepper)
@@ -101,6 +128,10 @@ class TrainStep:
 
     def _micro_batch(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         """Forward and backward of one micro-batch (its gradient times `scale`); returns its loss sum."""
+        if self.parallel is not None:
+            s, _ = self.parallel.module(**batch_to(batch, self.device))
+            (s * scale).backward()
+            return s.detach()
         if self.graphs is not None:
             extra = sorted(set(batch) - GRAPH_KEYS)
             if not extra:
@@ -114,16 +145,33 @@ class TrainStep:
             self.scaler.scale(s * scale).backward()
         return s.detach()
 
-    def __call__(self, micro_batches: Sequence[dict[str, torch.Tensor]]) -> StepStats:
+    def __call__(self, micro_batches: Sequence[dict[str, torch.Tensor]], seeds: Sequence[int] | None = None
+                 ) -> StepStats:  # fmt: skip
+        """One optimizer step over `micro_batches` (this rank's share); `seeds`: each one's generator seed
+        (`micro_batch_seeds`), or None to draw on from the generator's current state."""
         started = time.perf_counter()
-        target_tokens = target_token_count(micro_batches)
-        scale = 1.0 / max(target_tokens, 1)
+        parallel = self.parallel
+        local_tokens = target_token_count(micro_batches)
+        target_tokens = local_tokens if parallel is None else int(parallel.runtime.all_reduce([local_tokens])[0])
+        multiplier = 1.0 if parallel is None else parallel.gradient_multiplier
+        scale = multiplier / max(target_tokens, 1)
         total = torch.zeros((), dtype=torch.float32, device=self.device)  # read back once per step
-        for batch in micro_batches:
-            total += self._micro_batch(batch, scale)
+        last = len(micro_batches) - 1
+        for i, batch in enumerate(micro_batches):
+            if seeds is not None:
+                torch.manual_seed(seeds[i])
+            if parallel is None:
+                total += self._micro_batch(batch, scale)
+            else:
+                with parallel.gradient_sync(i == last):
+                    total += self._micro_batch(batch, scale)
+        if parallel is not None:
+            parallel.after_backward()
         self.scaler.unscale_(self.optimizer)
         grad_norm = None
-        if self.stepper is None:  # with the update in backward no gradient is left here
+        if self.stepper is None and parallel is not None:
+            grad_norm = parallel.clip_grad_norm_(self.max_grad_norm)
+        elif self.stepper is None:  # with the update in backward no gradient is left here
             # max_grad_norm 0: no clipping; the norm is still measured (an infinite bound scales by exactly 1)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or float("inf"))
         lr = self.optimizer.param_groups[0]["lr"]
@@ -132,11 +180,16 @@ class TrainStep:
         self.scheduler.step()
         if self.graphs is not None:
             self.graphs.zero_grad()  # in place: the captured graphs own the .grad buffers
+        elif parallel is not None:
+            parallel.zero_grad()
         else:
             self.optimizer.zero_grad(set_to_none=True)
-        loss = float(total) / max(target_tokens, 1)
+        loss_total, tokens = float(total), sum(count_tokens(b) for b in micro_batches)
         norm = None if grad_norm is None else float(grad_norm)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the clock stops when the GPU's work is done
         seconds = time.perf_counter() - started
-        return StepStats(loss, lr, norm, target_tokens, sum(count_tokens(b) for b in micro_batches), seconds)
+        if parallel is not None:  # the whole job's step: losses and tokens summed, the slowest rank's time
+            loss_total, tokens = parallel.runtime.all_reduce([loss_total, tokens])
+            seconds = parallel.runtime.all_reduce([seconds], op="max")[0]
+        return StepStats(loss_total / max(target_tokens, 1), lr, norm, target_tokens, int(tokens), seconds)

@@ -21,6 +21,12 @@ What each method does:
             outputs (adapter, metrics.jsonl, TensorBoard events, loss.png, config.yaml)
 
 Exact resume: N steps + resume + N steps equals 2N steps (tested, CPU).
+
+Many processes (torchrun): `setup` joins the job (`qlora.distributed.Runtime`), wraps the model for DDP or
+FSDP2 (`parallel.mode`; auto decides from an estimate and logs why), and each step takes this rank's share of
+the one global order of micro-batches (global batch = micro-batch x accumulation x processes). Losses,
+tokens/s and evaluation are reduced over ranks; rank 0 alone writes config.yaml, metrics, the progress bar,
+checkpoints and the adapter, in the single-process layout, so a run resumes on any number of processes.
 """
 
 from __future__ import annotations
@@ -37,20 +43,28 @@ from typing import Any
 
 import torch
 
-from qlora.adapter import ADAPTER_WEIGHTS, load_adapter_weights, read_adapter_config, save_adapter
+from qlora.adapter import (
+    ADAPTER_WEIGHTS,
+    adapter_state_dict,
+    load_adapter_weights,
+    read_adapter_config,
+    write_adapter,
+)
 from qlora.config import ConfigError, TrainConfig, resolve_size_defaults
 from qlora.config.files import read_config
-from qlora.data.collate import BatchIterator, split_holdout
+from qlora.data.collate import BatchIterator, collate, split_holdout
 from qlora.data.encode import EncodedExample
 from qlora.data.formats import load_dataset
 from qlora.data.packing import pack_examples
+from qlora.distributed import Parallel, Runtime, parallelize
+from qlora.distributed.plan import choose_mode, training_bytes
 from qlora.loading import load_model, read_model_config
 from qlora.lora import LoraSpec
 from qlora.model.config import ModelConfig
 from qlora.ops import KernelPolicy
 from qlora.optim import build_optimizer
 from qlora.optim.in_backward import StepInBackward, backward_order_groups
-from qlora.precision import dtype_name, resolve_compute_dtype, resolve_device, torch_dtype
+from qlora.precision import dtype_name, resolve_compute_dtype, torch_dtype
 from qlora.tokenizer import Tokenizer
 from qlora.train.checkpoint import (
     capture_rng_state,
@@ -59,11 +73,11 @@ from qlora.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from qlora.train.loss import loss_sum
+from qlora.train.loss import StepLoss, loss_sum
 from qlora.train.metrics import MetricsLogger, ProgressBar, plot_losses, summarize
 from qlora.train.prepare import prepare_for_training
 from qlora.train.schedule import build_scheduler
-from qlora.train.step import StepStats, TrainStep, batch_to
+from qlora.train.step import StepStats, TrainStep, batch_to, micro_batch_seeds
 
 log = logging.getLogger("qlora.train")
 
@@ -97,15 +111,28 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[EncodedExample], batch_size: int, pad_id: int, device: torch.device) -> float:
-    """Token-weighted mean next-token loss over `examples` (model put in eval mode, then restored)."""
+def evaluate(model, examples: list[EncodedExample], batch_size: int, pad_id: int, device: torch.device,
+             runtime: Runtime | None = None, loss_module=None) -> float:  # fmt: skip
+    """Token-weighted mean next-token loss over `examples` (model put in eval mode, then restored).
+
+    With a distributed `runtime`, rank r evaluates examples r, r + N, ... and the sums are reduced; every rank
+    runs the same number of forward passes (a rank out of examples repeats one at weight 0), as FSDP's
+    per-layer gathers need. `loss_module`: what to call for a batch's (loss sum, count), e.g. the FSDP root."""
+    runtime = runtime or Runtime(device=device)
+    share = examples[runtime.rank :: runtime.world_size]
+    passes = math.ceil(math.ceil(len(examples) / runtime.world_size) / batch_size)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in BatchIterator(examples, batch_size, pad_id=pad_id, shuffle=False, epochs=1):
-        s, n = loss_sum(model, batch_to(batch, device))
-        total, count = total + float(s), count + n
+    for b in range(passes):
+        chunk, weight = share[b * batch_size : (b + 1) * batch_size], 1
+        if not chunk:
+            chunk, weight = examples[:1], 0
+        batch = batch_to(collate(chunk, pad_id), device)
+        s, n = loss_module(**batch) if loss_module is not None else loss_sum(model, batch)
+        total, count = total + weight * float(s), count + weight * n
     model.train(was_training)
+    total, count = runtime.all_reduce([total, count])
     return total / max(count, 1)
 
 
@@ -151,8 +178,12 @@ class Trainer:
     def setup(self) -> Trainer:
         """Build everything a step needs (see the module docstring). Returns self."""
         cfg = self.config
+        self.runtime = Runtime.from_env(cfg.device, cfg.parallel.timeout_s)
+        if not self.runtime.is_main:  # rank 0 speaks for the job; the others only warn
+            logging.getLogger("qlora").setLevel(logging.WARNING)
         self.output.mkdir(parents=True, exist_ok=True)
-        self.device = resolve_device(cfg.device)
+        self.device = self.runtime.device
+        self.accumulation = cfg.train.accumulation(self.runtime.world_size)
         optimizer_name = cfg.optim.name or default_optimizer(self.device)
         if cfg.optim.step_in_backward and optimizer_name != "paged_adamw_32bit":
             raise ConfigError(f"optim.step_in_backward needs optim.name paged_adamw_32bit; this run's optimizer is "
@@ -179,6 +210,8 @@ class Trainer:
             residual_dtype=torch.float32 if cfg.model.residual_dtype == "float32" else None,
             offload_checkpoints=cfg.model.offload_checkpoints, policy=self.policy)  # fmt: skip
         seed_everything(cfg.seed)  # the adapters' init drew from the RNG; the loop starts from a known state
+        self.parallel = self._parallelize(items, optimizer_name)
+        self.params = self.parallel.params
         o = cfg.optim
         self.optimizer = build_optimizer(optimizer_name, self.params, lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                          weight_decay=o.weight_decay, page_policy=o.page_policy)  # fmt: skip
@@ -189,9 +222,28 @@ class Trainer:
                                      group_by_length=cfg.data.group_by_length)  # fmt: skip
         resolved = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compute_dtype=dtype_name(self.dtype)))
         # the dtype the run computed in, not "auto": merge and export rebuild the trained-against base from it
-        (self.output / "config.yaml").write_text(resolved.to_yaml(), encoding="utf-8")
+        if self.runtime.is_main:
+            (self.output / "config.yaml").write_text(resolved.to_yaml(), encoding="utf-8")
         self.train_step = None  # built after a resume (the update in backward holds the optimizer's states)
         return self
+
+    def _parallelize(self, items: list, optimizer_name: str) -> Parallel:
+        """The model wrapped for this job's processes (`parallel.mode`, auto resolved and logged)."""
+        cfg, runtime = self.config, self.runtime
+        longest = max(len(item) for item in items)
+        need = training_bytes(self.model.config, self.lora.r, self.lora.targets, cfg.train.micro_batch_size * longest)
+        mode, why = choose_mode(cfg.parallel.mode, runtime, need)
+        log.info("parallel: %s (%s); %d processes x %d micro-batches of %d = global batch %d", mode, why,
+                 runtime.world_size, self.accumulation, cfg.train.micro_batch_size,
+                 runtime.world_size * self.accumulation * cfg.train.micro_batch_size)  # fmt: skip
+        if mode == "fsdp" and optimizer_name in ("paged_adamw_8bit", "adamw_8bit"):
+            raise ConfigError(f"optim.name {optimizer_name}: 8-bit optimizer states are quantized in blocks of the "
+                              "whole tensor, which FSDP's shards cut through; use paged_adamw_32bit or adamw with "
+                              "--parallel fsdp, or --parallel ddp")  # fmt: skip
+        if mode != "none" and cfg.optim.step_in_backward:
+            log.warning("optim.step_in_backward: off under %s (the update would run before the gradients are "
+                        "reduced over processes); the optimizer steps after backward", mode)  # fmt: skip
+        return parallelize(StepLoss(self.model), list(self.model.model.layers), runtime, mode)
 
     def _data(self) -> tuple[list, list[EncodedExample]]:
         """(training items: examples or packs, held-out examples); the format is detected or named and logged."""
@@ -221,12 +273,12 @@ class Trainer:
     def _build_step(self) -> TrainStep:
         cfg = self.config
         stepper = None
-        if cfg.optim.step_in_backward:  # holds the optimizer's state tensors from here on
+        if cfg.optim.step_in_backward and self.parallel.mode == "none":  # holds the optimizer's states from here on
             stepper = StepInBackward(self.optimizer, backward_order_groups(self.model), policy=self.policy)
         return TrainStep(self.model, self.params, self.optimizer, self.scheduler, scaler=self.scaler,
                          max_grad_norm=cfg.optim.max_grad_norm, cuda_graphs=cfg.train.cuda_graphs,
                          graph_length_multiple=cfg.train.graph_length_multiple, pad_id=self.pad_id,
-                         stepper=stepper)  # fmt: skip
+                         stepper=stepper, parallel=self.parallel)  # fmt: skip
 
     # --- resume and save --------------------------------------------------------------------------
     def resume(self) -> int:
@@ -235,12 +287,13 @@ class Trainer:
             self.setup()
         if self.train_step is not None:
             raise RuntimeError("Trainer.resume() must come before the first step")
-        latest = find_latest_checkpoint(self.output)
+        # rank 0 picks the checkpoint, so every rank resumes from the same one
+        latest = self.runtime.broadcast_object(find_latest_checkpoint(self.output))
         if latest is None:
             raise ConfigError(f"--resume: no complete checkpoint under {self.output / 'checkpoints'}")
         state = load_checkpoint_state(latest, map_location="cpu")
         load_adapter_weights(self.model, latest / "adapter")
-        self.optimizer.load_state_dict(state["optimizer.pt"])
+        self.optimizer.load_state_dict(self.parallel.local_optimizer_state(state["optimizer.pt"], self.optimizer))
         self.scheduler.load_state_dict(state["scheduler.pt"])
         if self.scaler.is_enabled() and state.get("scaler.pt"):
             self.scaler.load_state_dict({k: v.item() for k, v in state["scaler.pt"].items()})
@@ -251,14 +304,31 @@ class Trainer:
         return self.step_count
 
     def save(self, directory: str | Path | None = None) -> Path:
-        """Write the adapter in PEFT's format (default: the output directory); returns the directory."""
-        return save_adapter(self.model, directory or self.output, self.lora, str(self.config.model.path))
+        """Write the adapter in PEFT's format (default: the output directory); returns the directory.
+        Many processes: every rank must call it (the adapter is gathered); rank 0 writes."""
+        directory = Path(directory or self.output)
+        tensors = adapter_state_dict(self.model)
+        if self.runtime.is_main:
+            write_adapter(tensors, directory, self.lora, str(self.config.model.path))
+        self.runtime.barrier()
+        return directory
 
     def save_checkpoint(self) -> Path:
-        """An atomic, resumable checkpoint of the current step under output/checkpoints/."""
+        """An atomic, resumable checkpoint of the current step under output/checkpoints/. Many processes:
+        every rank must call it; the state is gathered whole and rank 0 writes it (the single-process layout)."""
+        tensors = adapter_state_dict(self.model)
+        optimizer = self.parallel.full_optimizer_state(self.optimizer.state_dict(), self.optimizer)
+        path = None
+        if self.runtime.is_main:
+            path = self._write_checkpoint(tensors, optimizer)
+        self.runtime.barrier()
+        return self.runtime.broadcast_object(path)
+
+    def _write_checkpoint(self, adapter: dict[str, torch.Tensor], optimizer: dict) -> Path:
+        model_path = str(self.config.model.path)
         return save_checkpoint(self.output, self.step_count, {
-            "adapter": lambda d: self.save(d),
-            "optimizer.pt": self.optimizer.state_dict(),
+            "adapter": lambda d: write_adapter(adapter, d, self.lora, model_path),
+            "optimizer.pt": optimizer,
             "scheduler.pt": self.scheduler.state_dict(),
             "scaler.pt": {k: torch.tensor(v) for k, v in self.scaler.state_dict().items()
                           if isinstance(v, (int, float))},
@@ -275,14 +345,19 @@ class Trainer:
         if self.train_step is None:
             self.train_step = self._build_step()
         self.model.train()
-        stats = self.train_step([next(self.batches) for _ in range(self.config.train.grad_accum)])
+        world, rank = self.runtime.world_size, self.runtime.rank
+        count = self.accumulation * world  # the global step's micro-batches, of which this rank runs every world-th
+        seeds = micro_batch_seeds(self.config.seed, self.step_count, count)[rank::world]
+        stats = self.train_step(self.batches.next_step(count, rank, world), seeds)
         self.step_count += 1
         return stats
 
     def evaluate(self, examples: list[EncodedExample] | None = None) -> float:
         """Token-weighted mean next-token loss over `examples` (default: the held-out split)."""
         examples = self.held_out if examples is None else examples
-        return evaluate(self.model, examples, self.config.train.eval_batch_size, self.pad_id, self.device)
+        module = self.parallel.module if self.parallel.shards_parameters else None
+        return evaluate(self.model, examples, self.config.train.eval_batch_size, self.pad_id, self.device,
+                        self.runtime, module)  # fmt: skip
 
     # --- the whole run ----------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -293,31 +368,40 @@ class Trainer:
             self.setup()
         if t.resume:
             self.resume()
-        logger = MetricsLogger(self.output, resume_step=self.step_count if t.resume else None)
-        bar = ProgressBar(t.max_steps, initial=self.step_count, enabled=self.progress, device=self.device)
+        main = self.runtime.is_main  # the one process that writes
+        logger = MetricsLogger(self.output, resume_step=self.step_count if t.resume else None) if main else None
+        bar = ProgressBar(t.max_steps, initial=self.step_count, enabled=self.progress if main else False,
+                          device=self.device)  # fmt: skip
         loss, eval_loss = math.nan, None
         while self.step_count < t.max_steps:
             stats = self.step()
             step, last, loss = self.step_count, self.step_count == t.max_steps, stats.loss
             if step % t.log_every == 0 or last:
                 extra = {} if stats.grad_norm is None else {"grad_norm": stats.grad_norm}
-                if self.device.type == "cuda":
-                    extra["peak_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                record = logger.log_train(step, loss=loss, lr=stats.lr, tokens_per_s=stats.tokens_per_s,
-                                          target_tokens=stats.target_tokens, step_seconds=stats.seconds,
-                                          **extra)  # fmt: skip
-                if not bar.enabled:
-                    log.info(summarize(record))
+                if self.device.type == "cuda":  # per rank: the largest and (many processes) the smallest
+                    peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    extra["peak_allocated_gib"] = self.runtime.all_reduce([peak], op="max")[0]
+                    if self.runtime.distributed:
+                        extra["peak_allocated_gib_min"] = self.runtime.all_reduce([peak], op="min")[0]
+                if main:
+                    record = logger.log_train(step, loss=loss, lr=stats.lr, tokens_per_s=stats.tokens_per_s,
+                                              target_tokens=stats.target_tokens, step_seconds=stats.seconds,
+                                              **extra)  # fmt: skip
+                    if not bar.enabled:
+                        log.info(summarize(record))
             bar.update(step, loss=loss, lr=stats.lr, tokens_per_s=stats.tokens_per_s)
             if self.held_out and ((t.eval_every and step % t.eval_every == 0) or last):
                 eval_loss = self.evaluate()
-                logger.log_eval(step, eval_loss=eval_loss)
-                bar.write(f"step {step}: eval_loss {eval_loss:.4f}")
+                if main:
+                    logger.log_eval(step, eval_loss=eval_loss)
+                    bar.write(f"step {step}: eval_loss {eval_loss:.4f}")
             if (t.save_every and step % t.save_every == 0) or last:
                 self.save_checkpoint()
         bar.close()
-        logger.close()
+        if main:
+            logger.close()
         self.save()
-        plot_losses(self.output)
-        log.info("adapter written to %s (%s)", self.output, ADAPTER_WEIGHTS)
+        if main:
+            plot_losses(self.output)
+            log.info("adapter written to %s (%s)", self.output, ADAPTER_WEIGHTS)
         return TrainResult(self.output, self.step_count, loss, eval_loss)
