@@ -20,6 +20,8 @@ def _train(argv: Sequence[str]) -> int:
     from qlora.train.loop import train
 
     result = train(cfg)
+    if result.rank != 0:  # torchrun: rank 0 reports for the job
+        return 0
     print(f"trained {result.steps} steps: final loss {result.final_loss:.4f}"
           + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))  # fmt: skip
     print(f"adapter, metrics.jsonl, loss.png and checkpoints/ are in {result.output}")

@@ -164,8 +164,7 @@ def parallelize(step_loss: nn.Module, layers: list[nn.Module], runtime: Runtime,
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        # broadcast_buffers: the model's buffers (rotary tables) are the same everywhere and never change
-        wrapped = DistributedDataParallel(step_loss, device_ids=device_ids, broadcast_buffers=False)
+        wrapped = DistributedDataParallel(step_loss, device_ids=device_ids)
         return Parallel("ddp", runtime, wrapped, trainable, gradient_multiplier=world)
     return _fully_shard(step_loss, layers, runtime)
 

@@ -8,8 +8,12 @@ from qlora.train.trainer import Trainer, TrainResult, evaluate, seed_everything
 
 
 def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
-    """Run the finetune described by `cfg`: `Trainer(cfg).fit()`."""
-    return Trainer(cfg, progress=progress).fit()
+    """Run the finetune described by `cfg`: `Trainer(cfg).fit()`, then leave the process group (torchrun)."""
+    trainer = Trainer(cfg, progress=progress)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
 
 
 __all__ = ["TrainResult", "Trainer", "evaluate", "resolve_device", "seed_everything", "train"]

@@ -90,6 +90,7 @@ class TrainResult:
     steps: int
     final_loss: float
     eval_loss: float | None
+    rank: int = 0  # of the process that returns it (many processes: only rank 0 reports)
 
 
 def count_parameters(c: ModelConfig) -> int:
@@ -179,8 +180,8 @@ class Trainer:
         """Build everything a step needs (see the module docstring). Returns self."""
         cfg = self.config
         self.runtime = Runtime.from_env(cfg.device, cfg.parallel.timeout_s)
-        if not self.runtime.is_main:  # rank 0 speaks for the job; the others only warn
-            logging.getLogger("qlora").setLevel(logging.WARNING)
+        if not self.runtime.is_main:  # rank 0 speaks for the job (the others do the same work: errors only)
+            logging.getLogger("qlora").setLevel(logging.ERROR)
         self.output.mkdir(parents=True, exist_ok=True)
         self.device = self.runtime.device
         self.accumulation = cfg.train.accumulation(self.runtime.world_size)
@@ -404,4 +405,9 @@ class Trainer:
         if main:
             plot_losses(self.output)
             log.info("adapter written to %s (%s)", self.output, ADAPTER_WEIGHTS)
-        return TrainResult(self.output, self.step_count, loss, eval_loss)
+        return TrainResult(self.output, self.step_count, loss, eval_loss, self.runtime.rank)
+
+    def close(self) -> None:
+        """Leave the job's process group (many processes; nothing otherwise). The `Trainer` is done after it."""
+        if self.model is not None:
+            self.runtime.shutdown()
