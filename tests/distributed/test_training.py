@@ -123,8 +123,8 @@ def test_fsdp_shards_the_4bit_base(tmp_path):
     rows, so at most a row more); together exactly the unsharded bytes."""
     whole, halves = tmp_path / "whole", tmp_path / "halves"
     launch_report = ("--report-shards",)
-    train_worker(0, write_config(tmp_path / "one", "auto", max_steps=1), *launch_report, str(whole))
-    train_worker(2, write_config(tmp_path / "two", "fsdp", max_steps=1), *launch_report, str(halves))
+    train_worker(0, write_config(tmp_path / "one", "auto", max_steps=2), *launch_report, str(whole))
+    train_worker(2, write_config(tmp_path / "two", "fsdp", max_steps=2), *launch_report, str(halves))
     total = json.loads((whole / "rank-0.json").read_text())
     ranks = [json.loads((halves / f"rank-{r}.json").read_text()) for r in range(2)]
     assert sum(r["base"] for r in ranks) == total["base"]
