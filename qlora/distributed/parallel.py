@@ -115,8 +115,8 @@ class Parallel:
             entry = {}
             for key, value in saved.items():
                 if torch.is_tensor(value) and value.dim() > 0 and value.shape == local.shape:
-                    piece = DTensor.from_local(value.to(local.device), sharded.device_mesh, [Shard(0)],
-                                               run_check=False, shape=sharded.shape, stride=sharded.stride())  # fmt: skip
+                    piece = DTensor.from_local(value.to(local.device), sharded.device_mesh, [Shard(0)], run_check=False,
+                                               shape=sharded.shape, stride=sharded.stride())  # fmt: skip
                     value = piece.full_tensor().to(value.device)
                 entry[key] = value
             gathered[index] = entry

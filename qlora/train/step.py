@@ -42,7 +42,7 @@ from qlora.data.collate import count_tokens
 from qlora.distributed import Parallel
 from qlora.optim.in_backward import StepInBackward
 from qlora.train.cuda_graph import GRAPH_KEYS, CudaGraphStep, pad_batch
-from qlora.train.loss import StepLoss, loss_sum
+from qlora.train.loss import loss_sum
 
 log = logging.getLogger("qlora.train")
 
