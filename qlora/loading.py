@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,7 @@ def load_model(
     lora: LoraSpec | None = None,
     quantized_modules: tuple[str, ...] = DEFAULT_TARGETS,
     policy: KernelPolicy | None = None,
+    on_layer_loaded: Callable[[int, nn.Module], None] | None = None,
 ) -> LlamaForCausalLM:
     """Load a Llama-family checkpoint with its block linears quantized (`quant_type=None`: kept 16-bit).
 
@@ -112,7 +114,9 @@ def load_model(
     `lora`: the adapters to create on the linears named by `lora.targets` (None: the frozen model
     only). `policy`: which kernels the model runs (default: `KernelPolicy.from_env()`), kept as
     `model.policy` and shared by every layer. Returns the model in eval mode on `device` (default: CUDA
-    if available, else CPU).
+    if available, else CPU). `on_layer_loaded(i, layer)` is called as soon as every weight of decoder layer i
+    is in place (the adapters are made before any weight arrives), e.g. to shard it across processes while the
+    next layers stream in, so that no device ever holds the whole model.
     """
     p = resolve_model_path(path)
     device = torch.device(device) if device is not None else _default_device()
@@ -130,6 +134,8 @@ def load_model(
     use_fused_elementwise(model, policy)  # norms, SwiGLU, RoPE through qlora.ops: Triton on CUDA, the twins elsewhere
     model.policy = policy
 
+    _init_adapters(model, device)  # before the weights (loading draws nothing from the RNG): a layer is whole
+    layers_left = _keys_by_layer(needed.required, len(model.model.layers))  # when its last weight arrives
     seen: list[str] = []
     warned = False
     modules = dict(model.named_modules())
@@ -156,13 +162,32 @@ def load_model(
         else:
             module._parameters[leaf] = nn.Parameter(_to_device(tensor, device, compute_dtype), requires_grad=False)
         del tensor
+        _one_loaded(name, layers_left, model, on_layer_loaded)
     check_keys(seen, needed, source=source)
     model.tie_weights()
-    _init_adapters(model, device)
     left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left_on_meta:
         raise RuntimeError(f"{source}: these tensors were never loaded: {left_on_meta[:10]}")
     return model.eval()
+
+
+def _keys_by_layer(names: Iterable[str], n_layers: int) -> dict[int, set[str]]:
+    """The checkpoint names each decoder layer needs ("model.layers.{i}.")."""
+    return {i: {n for n in names if n.startswith(f"model.layers.{i}.")} for i in range(n_layers)}
+
+
+def _one_loaded(name: str, layers_left: dict[int, set[str]], model: nn.Module,
+                on_layer_loaded: Callable[[int, nn.Module], None] | None) -> None:  # fmt: skip
+    """Cross `name` off its layer's list; call `on_layer_loaded` when that was the layer's last weight."""
+    if not name.startswith("model.layers."):
+        return
+    i = int(name.split(".")[2])
+    left = layers_left.get(i)
+    if left is None or name not in left:
+        return
+    left.discard(name)
+    if not left and on_layer_loaded is not None:
+        on_layer_loaded(i, model.model.layers[i])
 
 
 def _to_device(

@@ -147,10 +147,31 @@ def quantized_layers(module: nn.Module) -> Iterator[LoRALinear]:
     return (m for m in module.modules() if isinstance(m, LoRALinear) and isinstance(m.base, QuantizedTensor))
 
 
-def parallelize(step_loss: nn.Module, layers: list[nn.Module], runtime: Runtime, mode: str) -> Parallel:
+class LayerSharder:
+    """FSDP2 on one decoder layer at a time, over a 1-D mesh of the job's ranks: its 4-bit base joins the
+    parameters (`LoRALinear.register_base_storage`) and `fully_shard` splits them all. Give it to the loader
+    (`load_model(on_layer_loaded=...)`) so each layer is sharded as soon as it is loaded: a GPU then holds 1/N
+    of the layers loaded so far plus the one being loaded, never the whole model."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
+
+    def __call__(self, index: int, layer: nn.Module) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        for linear in quantized_layers(layer):
+            linear.register_base_storage()
+        fully_shard(layer, mesh=self.mesh)
+
+
+def parallelize(step_loss: nn.Module, layers: list[nn.Module], runtime: Runtime, mode: str,
+                sharder: LayerSharder | None = None) -> Parallel:  # fmt: skip
     """Wrap `step_loss` (a module whose forward computes the loss of a batch and holds the model) for `mode`.
 
-    `layers`: the model's decoder layers (FSDP shards each one as a unit, so one layer is gathered at a time).
+    `layers`: the model's decoder layers (FSDP shards each one as a unit, so one layer is gathered at a time;
+    layers the `sharder` already sharded while loading are kept as they are).
     """
     if mode not in MODES:
         raise ValueError(f"parallel mode must be one of {MODES}, got {mode!r}")
@@ -166,24 +187,21 @@ def parallelize(step_loss: nn.Module, layers: list[nn.Module], runtime: Runtime,
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         wrapped = DistributedDataParallel(step_loss, device_ids=device_ids)
         return Parallel("ddp", runtime, wrapped, trainable, gradient_multiplier=world)
-    return _fully_shard(step_loss, layers, runtime)
+    return _fully_shard(step_loss, layers, runtime, sharder or LayerSharder(runtime))
 
 
-def _fully_shard(step_loss: nn.Module, layers: list[nn.Module], runtime: Runtime) -> Parallel:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+def _fully_shard(step_loss: nn.Module, layers: list[nn.Module], runtime: Runtime, sharder: LayerSharder) -> Parallel:
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     dense = [name for name, m in step_loss.named_modules() if isinstance(m, LoRALinear) and m.base is not None
              and not isinstance(m.base, QuantizedTensor)]  # fmt: skip
     if dense:
         raise ValueError(f"parallel mode fsdp shards a 4-bit base; {dense[0]} (and {len(dense) - 1} more) keep a "
                          "16-bit base (quant.quant_type none): train it with --parallel ddp")  # fmt: skip
-    mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
-    for layer in layers:
-        for linear in quantized_layers(layer):
-            linear.register_base_storage()
-        fully_shard(layer, mesh=mesh)
-    fully_shard(step_loss, mesh=mesh)
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, FSDPModule):
+            sharder(i, layer)
+    fully_shard(step_loss, mesh=sharder.mesh)
     sharded = [p for p in step_loss.parameters() if p.requires_grad]
     local = []
     for p in sharded:

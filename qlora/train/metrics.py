@@ -317,3 +317,15 @@ def summarize(records: Mapping[str, Any]) -> str:
         else:
             parts.append(f"{key} nan/inf")
     return " | ".join(parts)
+
+
+def memory_summary(device: torch.device) -> str:
+    """This process's peak memory so far, for a log line: the device's peak allocated (CUDA) and the host's
+    peak resident set (what loading streams through host memory)."""
+    import resource  # Linux and macOS; the run's host memory bound is stated for Linux
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
+    parts = [f"host peak RSS {peak:.2f} GiB"]
+    if device.type == "cuda":
+        parts.insert(0, f"GPU peak allocated {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+    return ", ".join(parts)

@@ -56,7 +56,8 @@ from qlora.data.collate import BatchIterator, collate, split_holdout
 from qlora.data.encode import EncodedExample
 from qlora.data.formats import load_dataset
 from qlora.data.packing import pack_examples
-from qlora.distributed import Parallel, Runtime, parallelize
+from qlora.distributed import Runtime, parallelize
+from qlora.distributed.parallel import LayerSharder
 from qlora.distributed.plan import choose_mode, training_bytes
 from qlora.loading import load_model, read_model_config
 from qlora.lora import LoraSpec
@@ -74,7 +75,7 @@ from qlora.train.checkpoint import (
     save_checkpoint,
 )
 from qlora.train.loss import StepLoss, loss_sum
-from qlora.train.metrics import MetricsLogger, ProgressBar, plot_losses, summarize
+from qlora.train.metrics import MetricsLogger, ProgressBar, memory_summary, plot_losses, summarize
 from qlora.train.prepare import prepare_for_training
 from qlora.train.schedule import build_scheduler
 from qlora.train.step import StepStats, TrainStep, batch_to, micro_batch_seeds
@@ -196,13 +197,17 @@ class Trainer:
         self.tokenizer = Tokenizer.from_pretrained(cfg.model.path)
         self.pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else self.tokenizer.eos_id
         items, self.held_out = self._data()
-        lr, dropout = resolve_size_defaults(cfg.optim.lr, cfg.lora.dropout,
-                                            count_parameters(read_model_config(cfg.model.path)))  # fmt: skip
+        model_config = read_model_config(cfg.model.path)
+        lr, dropout = resolve_size_defaults(cfg.optim.lr, cfg.lora.dropout, count_parameters(model_config))
         self.lora = self._lora_spec(dropout)
         self.policy = KernelPolicy.from_env()
+        self.mode = self._parallel_mode(model_config, items, optimizer_name)
+        sharder = LayerSharder(self.runtime) if self.mode == "fsdp" else None  # shards each layer as it loads
         quant_type = None if cfg.quant.quant_type == "none" else cfg.quant.quant_type
         self.model = load_model(cfg.model.path, quant_type, cfg.quant.double_quant, self.dtype, self.device,
-                                blocksize=cfg.quant.blocksize, lora=self.lora, policy=self.policy)  # fmt: skip
+                                blocksize=cfg.quant.blocksize, lora=self.lora, policy=self.policy,
+                                on_layer_loaded=sharder)  # fmt: skip
+        log.info("model loaded: %s", memory_summary(self.device))
         if cfg.lora.init_from:
             load_adapter_weights(self.model, cfg.lora.init_from)  # a resume overwrites them with the checkpoint's
         self.params = prepare_for_training(
@@ -211,7 +216,8 @@ class Trainer:
             residual_dtype=torch.float32 if cfg.model.residual_dtype == "float32" else None,
             offload_checkpoints=cfg.model.offload_checkpoints, policy=self.policy)  # fmt: skip
         seed_everything(cfg.seed)  # the adapters' init drew from the RNG; the loop starts from a known state
-        self.parallel = self._parallelize(items, optimizer_name)
+        self.parallel = parallelize(StepLoss(self.model), list(self.model.model.layers), self.runtime, self.mode,
+                                    sharder)  # fmt: skip
         self.params = self.parallel.params
         o = cfg.optim
         self.optimizer = build_optimizer(optimizer_name, self.params, lr, betas=(o.beta1, o.beta2), eps=o.eps,
@@ -228,11 +234,12 @@ class Trainer:
         self.train_step = None  # built after a resume (the update in backward holds the optimizer's states)
         return self
 
-    def _parallelize(self, items: list, optimizer_name: str) -> Parallel:
-        """The model wrapped for this job's processes (`parallel.mode`, auto resolved and logged)."""
+    def _parallel_mode(self, model_config: ModelConfig, items: list, optimizer_name: str) -> str:
+        """How this job's processes share the work (`parallel.mode`, auto resolved and logged); refuses what a
+        mode cannot do."""
         cfg, runtime = self.config, self.runtime
         longest = max(len(item) for item in items)
-        need = training_bytes(self.model.config, self.lora.r, self.lora.targets, cfg.train.micro_batch_size * longest)
+        need = training_bytes(model_config, self.lora.r, self.lora.targets, cfg.train.micro_batch_size * longest)
         mode, why = choose_mode(cfg.parallel.mode, runtime, need)
         log.info("parallel: %s (%s); %d processes x %d micro-batches of %d = global batch %d", mode, why,
                  runtime.world_size, self.accumulation, cfg.train.micro_batch_size,
@@ -241,10 +248,13 @@ class Trainer:
             raise ConfigError(f"optim.name {optimizer_name}: 8-bit optimizer states are quantized in blocks of the "
                               "whole tensor, which FSDP's shards cut through; use paged_adamw_32bit or adamw with "
                               "--parallel fsdp, or --parallel ddp")  # fmt: skip
+        if mode == "fsdp" and cfg.quant.quant_type == "none":
+            raise ConfigError("--parallel fsdp shards the 4-bit base; quant.quant_type none keeps it 16-bit: use "
+                              "--parallel ddp, or a 4-bit quant.quant_type")  # fmt: skip
         if mode != "none" and cfg.optim.step_in_backward:
             log.warning("optim.step_in_backward: off under %s (the update would run before the gradients are "
                         "reduced over processes); the optimizer steps after backward", mode)  # fmt: skip
-        return parallelize(StepLoss(self.model), list(self.model.model.layers), runtime, mode)
+        return mode
 
     def _data(self) -> tuple[list, list[EncodedExample]]:
         """(training items: examples or packs, held-out examples); the format is detected or named and logged."""
