@@ -39,10 +39,10 @@ STEPS = 4
 
 
 def write_config(output: Path, mode: str = "auto", *, max_steps: int = STEPS, resume: bool = False,
-                 timeout_s: float = 120.0, save_every: int = 2) -> Path:  # fmt: skip
+                 timeout_s: float = 120.0, save_every: int = 2, device: str = "cpu") -> Path:  # fmt: skip
     cfg = tiny_config(output, max_steps=max_steps, micro_batch_size=2, global_batch_size=8, save_every=save_every,
                       resume=resume)  # fmt: skip
-    cfg.parallel.mode, cfg.parallel.timeout_s = mode, timeout_s
+    cfg.parallel.mode, cfg.parallel.timeout_s, cfg.device = mode, timeout_s, device
     path = output.parent / f"{output.name}-{max_steps}{'-resume' if resume else ''}.yaml"
     path.write_text(cfg.to_yaml(), encoding="utf-8")
     return path
@@ -171,3 +171,15 @@ def test_qlora_train_under_torchrun(tmp_path):
     assert (output / "adapter_model.safetensors").is_file()
     assert [r["step"] for r in records(output)] == [1, 2]
     assert done.stderr.count("parallel: ddp") == 1, done.stderr[-3000:]  # rank 0 alone logs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_nccl_world_of_one_follows_one_process(tmp_path, mode):
+    """On one GPU: torchrun with NCCL at world size 1 (DDP's reducer, FSDP2's gathers of the 4-bit base, the
+    Triton kernels) against the plain single-process run on the same GPU (float32 compute; CUDA graphs off
+    on both sides, as they are under DDP and FSDP)."""
+    plain, launched = tmp_path / "plain", tmp_path / "launched"
+    train_worker(0, write_config(plain, "auto", device="cuda"), "--no-cuda-graphs")
+    train_worker(1, write_config(launched, mode, device="cuda"))
+    assert_same_run(launched, plain)

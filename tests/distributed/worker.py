@@ -45,9 +45,12 @@ def main() -> int:
     parser.add_argument("--die-at-step", type=int)
     parser.add_argument("--hang-at-step", type=int)
     parser.add_argument("--rank", type=int, default=1)
+    parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--report-shards", help="write this rank's bytes of base storage to this directory")
     args = parser.parse_args()
-    trainer = Trainer(args.config, progress=False).setup()
+    trainer = Trainer(args.config, progress=False)
+    trainer.config.train.cuda_graphs = not args.no_cuda_graphs
+    trainer.setup()
     if args.report_shards:
         report_shards(trainer, Path(args.report_shards))
     if args.wrong_reduction:
