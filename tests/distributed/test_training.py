@@ -50,7 +50,8 @@ def write_config(output: Path, mode: str = "auto", *, max_steps: int = STEPS, re
 
 def launch(processes: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """torchrun --standalone with `processes` workers (one thread each: 2 cores), or one plain process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     if processes == 0:
         cmd = [sys.executable, *args]
     else:
