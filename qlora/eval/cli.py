@@ -9,6 +9,12 @@ Results are printed as a table; `--output` also writes them as JSON. Each mode i
 the library functions of this package; its flags come from its typed configuration
 (`qlora.config.EvalConfig`, `AnswerConfig`, `JudgeConfig`, `DatatypesConfig`), every model is loaded
 by `qlora.loading.load`, and `--dtype` (the compute dtype) defaults to `auto`.
+
+Perplexity and MMLU run on many processes too: `torchrun --nproc-per-node=N -m qlora eval ...` starts one
+process per GPU, each holding the whole model on its own GPU (the model is not sharded for evaluation),
+and each scores every N-th window or question (`qlora.eval.shares`); the report equals the one-process
+report. Rank 0 alone prints and writes `--output`. Without torchrun nothing changes: one process, no
+process group.
 """
 
 from __future__ import annotations
@@ -24,11 +30,15 @@ from qlora.cli_args import parse_config_args
 from qlora.config import AnswerConfig, DatatypesConfig, EvalConfig, JudgeConfig, ModelSource
 
 
-def _load(source: ModelSource):
-    """(model, tokenizer) of `source` through `qlora.loading.load`, the one loader of every command."""
+def _load(source: ModelSource, device=None):
+    """(model, tokenizer) of `source` through `qlora.loading.load`, the one loader of every command;
+    `device` (a `torch.device`) in place of the source's, e.g. this rank's GPU."""
     from qlora.loading import load
 
-    loaded = load(**dataclasses.asdict(source))
+    fields = dataclasses.asdict(source)
+    if device is not None:
+        fields["device"] = device
+    loaded = load(**fields)
     return loaded.model, loaded.tokenizer
 
 
@@ -43,11 +53,30 @@ def evaluate(argv: Sequence[str]) -> int:
     cfg = parse_config_args(EvalConfig, argv, prog="qlora eval", epilog="Modes: qlora eval {answer,judge,datatypes} "
                             "--help. Precedence: built-in defaults < --config FILE < flags.")  # fmt: skip
 
+    from qlora.distributed import Runtime
+
+    runtime = Runtime.from_env(cfg.model.device)  # torchrun's job, or a world of one
+    try:
+        if not runtime.is_main:  # rank 0 speaks for the job (the others do the same work: errors only)
+            logging.getLogger("qlora").setLevel(logging.ERROR)
+        results, rows = _perplexity_and_mmlu(cfg, runtime)
+        if runtime.is_main:
+            width = max(len(r[0]) for r in rows)
+            for name, value, note in rows:
+                print(f"{name:<{width}}  {value:>8}  {note}")
+            _write_json(cfg.output, results)
+        return 0
+    finally:
+        runtime.shutdown()
+
+
+def _perplexity_and_mmlu(cfg: EvalConfig, runtime) -> tuple[dict, list[tuple[str, str, str]]]:
+    """(the JSON report, the table's rows), the same on every rank; each rank scores its share (`Runtime`)."""
     from qlora.eval.mmlu import evaluate_mmlu
     from qlora.eval.mmlu_data import load_examples
     from qlora.eval.perplexity import perplexity, text_ids
 
-    model, tokenizer = _load(cfg.model)
+    model, tokenizer = _load(cfg.model, device=runtime.device)
     results: dict = {"model": cfg.model.path, "adapter": cfg.model.adapter, "quant_type": cfg.model.quant_type}
     rows = []
     ppl_cfg, mmlu_cfg = cfg.perplexity, cfg.mmlu
@@ -55,7 +84,7 @@ def evaluate(argv: Sequence[str]) -> int:
         max_length = min(ppl_cfg.max_length, model.config.max_position_embeddings)
         stride = min(ppl_cfg.stride, max_length)
         ids = text_ids(tokenizer, ppl_cfg.file, ppl_cfg.max_tokens)
-        ppl = perplexity(model, ids, max_length=max_length, stride=stride)
+        ppl = perplexity(model, ids, max_length=max_length, stride=stride, runtime=runtime)
         results["perplexity"] = ppl.perplexity
         results["perplexity_detail"] = {**ppl.as_dict(), "file": ppl_cfg.file, "max_length": max_length,
                                         "stride": stride}  # fmt: skip
@@ -63,17 +92,13 @@ def evaluate(argv: Sequence[str]) -> int:
     if mmlu_cfg.path:
         examples = load_examples(mmlu_cfg.path, mmlu_cfg.shots, mmlu_cfg.split, mmlu_cfg.subjects, mmlu_cfg.limit)
         mmlu = evaluate_mmlu(model, tokenizer, examples, batch_size=cfg.batch_size,
-                             letter_prefix=" " if mmlu_cfg.letters == "space" else "")  # fmt: skip
+                             letter_prefix=" " if mmlu_cfg.letters == "space" else "", runtime=runtime)  # fmt: skip
         shots = mmlu_cfg.shots if Path(mmlu_cfg.path).is_dir() else "as written"
         results["mmlu"] = {**mmlu.as_dict(), "source": mmlu_cfg.path, "shots": shots}
         rows += [(f"mmlu {s}", f"{a:.4f}", "") for s, a in mmlu.per_subject.items()]
         note = f"mean of {len(mmlu.per_subject)} subjects, {mmlu.questions} questions, {shots} shots"
         rows.append(("mmlu accuracy", f"{mmlu.accuracy:.4f}", note))
-    width = max(len(r[0]) for r in rows)
-    for name, value, note in rows:
-        print(f"{name:<{width}}  {value:>8}  {note}")
-    _write_json(cfg.output, results)
-    return 0
+    return results, rows
 
 
 def answer(argv: Sequence[str]) -> int:

@@ -5,6 +5,10 @@ next-token logit after the prompt; accuracy is computed per subject, and the rep
 the unweighted mean over subjects (QLoRA's `mmlu_<split>_accuracy`), not the mean over questions:
 a subject with 100 questions counts as much as one with 1,500. The question-weighted mean is
 reported beside it as `micro_accuracy`.
+
+Under torchrun each process holds the whole model and scores every N-th question (`qlora.eval.shares`);
+the predictions come back to every rank in the questions' order and are scored as one process scores
+them, so the report (per-subject counts, accuracies) is the one-process report.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from qlora.distributed import Runtime
 from qlora.eval.mmlu_data import LETTERS, MMLUExample
 from qlora.eval.scoring import candidate_ids, encode_prompts, last_position_logits
+from qlora.eval.shares import in_global_order, share_of
 from qlora.tokenizer import Tokenizer
 
 
@@ -47,14 +53,19 @@ def score_predictions(examples: list[MMLUExample], predictions: list[int]) -> MM
 
 def evaluate_mmlu(
     model, tokenizer: Tokenizer, examples: list[MMLUExample], *, batch_size: int = 8, max_length: int = 2048,
-    add_bos: bool = True, letter_prefix: str = "",
+    add_bos: bool = True, letter_prefix: str = "", runtime: Runtime | None = None,
 ) -> MMLUResult:  # fmt: skip
     """Score `examples` (from `mmlu_data.load_examples`) with `model`; see the module docstring.
 
     `letter_prefix=" "` scores " A".." D" instead of QLoRA's "A".."D" (differs for byte-level BPE).
+    With a distributed `runtime` (every rank holding the whole model and the same examples) rank r scores
+    examples r, r + N, ... and every rank returns the report of all: a collective, every rank calls it.
     """
+    runtime = runtime or Runtime()
     letters = candidate_ids(tokenizer, LETTERS, letter_prefix)
-    ids = encode_prompts(tokenizer, [ex.prompt for ex in examples], add_bos=add_bos)
+    mine = share_of(examples, runtime)
+    ids = encode_prompts(tokenizer, [ex.prompt for ex in mine], add_bos=add_bos)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
     logits = last_position_logits(model, ids, letters, batch_size=batch_size, max_length=max_length, pad_id=pad)
-    return score_predictions(examples, logits.argmax(dim=-1).tolist())
+    predictions = in_global_order(logits.argmax(dim=-1).tolist(), len(examples), runtime)
+    return score_predictions(examples, [int(p) for p in predictions])

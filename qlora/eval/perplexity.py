@@ -17,6 +17,10 @@ Token `i` is scored by the logits at position `i - 1` (next-token prediction), s
 each window's first token has no predictor inside its window and goes unscored, as in the guide.
 The result is exp(mean negative log-likelihood over the scored tokens); the NLL is summed in
 float64 so that a long text's mean does not drift with the summation order.
+
+Under torchrun each process holds the whole model and scores every N-th window (`qlora.eval.shares`);
+the windows' NLLs come back to every rank in order and are summed as one process sums them, so N
+processes give the one-process result.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from qlora.distributed import Runtime
+from qlora.eval.shares import in_global_order, share_of
 from qlora.tokenizer import Tokenizer
 
 
@@ -67,22 +73,34 @@ def window_spans(n_tokens: int, max_length: int, stride: int) -> list[tuple[int,
 
 
 @torch.no_grad()
-def perplexity(model, ids: list[int] | torch.Tensor, *, max_length: int = 1024, stride: int = 512) -> PerplexityResult:
-    """Sliding-window perplexity of `model` (logits [1, T, V] from `model(ids[None])`) on the token ids."""
+def perplexity(model, ids: list[int] | torch.Tensor, *, max_length: int = 1024, stride: int = 512,
+               runtime: Runtime | None = None) -> PerplexityResult:  # fmt: skip
+    """Sliding-window perplexity of `model` (logits [1, T, V] from `model(ids[None])`) on the token ids.
+
+    With a distributed `runtime` (every rank holding the whole model and the same ids) rank r scores windows
+    r, r + N, ... and every rank returns the result of all windows: a collective, every rank calls it."""
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+    runtime = runtime or Runtime()
     device = _model_device(model)
-    total = torch.zeros((), dtype=torch.float64)
-    count = 0
     spans = window_spans(ids.numel(), max_length, stride)
-    for begin, end, first in spans:
-        window = ids[begin:end].to(device)[None]  # [1, T]
-        logits = model(window)[0].float()  # [T, V]
-        # position p predicts token p + 1; score tokens first..end-1, i.e. positions first-1..end-2
-        pred = logits[first - begin - 1 : end - begin - 1]  # [n, V]
-        target = window[0, first - begin : end - begin]  # [n]
-        total += F.cross_entropy(pred, target, reduction="sum").double().cpu()
-        count += end - first
+    mine = [window_nll(model, ids, span, device) for span in share_of(spans, runtime)]
+    total = torch.zeros((), dtype=torch.float64)
+    for nll in in_global_order(mine, len(spans), runtime):  # summed in window order, as one process sums
+        total += nll
+    count = sum(end - first for _, end, first in spans)
     return PerplexityResult(nll=float(total / count), tokens=count, windows=len(spans))
+
+
+@torch.no_grad()
+def window_nll(model, ids: torch.Tensor, span: tuple[int, int, int], device: torch.device) -> float:
+    """The summed NLL (nats, float64) of the tokens window `span` = (begin, end, first) scores."""
+    begin, end, first = span
+    window = ids[begin:end].to(device)[None]  # [1, T]
+    logits = model(window)[0].float()  # [T, V]
+    # position p predicts token p + 1; score tokens first..end-1, i.e. positions first-1..end-2
+    pred = logits[first - begin - 1 : end - begin - 1]  # [n, V]
+    target = window[0, first - begin : end - begin]  # [n]
+    return float(F.cross_entropy(pred, target, reduction="sum").double())
 
 
 def text_ids(tokenizer: Tokenizer, path: str | Path, max_tokens: int | None) -> list[int]:
