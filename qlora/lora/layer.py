@@ -61,6 +61,9 @@ from qlora.ops import KernelPolicy
 from qlora.quant.tensor import QuantizedTensor
 
 
+BYTES_AS_FLOAT = torch.float8_e4m3fn  # how `register_base_storage` holds uint8 codes as parameters (a bit view)
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How the frozen base weights are stored: a 4-bit type, or None for 16-bit (plain LoRA)."""
@@ -285,15 +288,19 @@ class LoRALinear(nn.Module):
             raise TypeError(f"register_base_storage needs a 4-bit base, this layer's is {type(self.base).__name__}")
         parts = self.base.storage()
         for name, t in parts.items():
-            self.register_parameter(f"base_{name}", nn.Parameter(t, requires_grad=False))
+            # bytes held as a 1-byte float dtype, the same bits (a view): FSDP2 makes every sharded parameter
+            # with requires_grad first, which torch 2.11 refuses for integer tensors; it only copies the bytes
+            held = t.view(BYTES_AS_FLOAT) if t.dtype == torch.uint8 else t
+            self.register_parameter(f"base_{name}", nn.Parameter(held, requires_grad=False))
         self._base_layout = self.base.with_storage({name: t.new_empty(0) for name, t in parts.items()})
         self.base = None
 
     def current_base(self) -> torch.Tensor | QuantizedTensor:
         """The base weight as the forward uses it (reassembled from its parameters after `register_base_storage`)."""
         if self._base_layout is not None:
-            names = self._base_layout.storage()
-            return self._base_layout.with_storage({name: getattr(self, f"base_{name}") for name in names})
+            layout = self._base_layout.storage()
+            return self._base_layout.with_storage({name: getattr(self, f"base_{name}").view(empty.dtype)
+                                                   for name, empty in layout.items()})  # fmt: skip
         if self.base is None:
             raise RuntimeError("this layer's base weight was never loaded")
         return self.base
