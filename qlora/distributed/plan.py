@@ -37,20 +37,18 @@ def training_bytes(c: ModelConfig, r: int, targets: tuple[str, ...], tokens_per_
     return int(base + adapter + activations)
 
 
-def choose_mode(requested: str, runtime: Runtime, need_bytes: int) -> tuple[str, str]:
-    """(mode, reason) for `requested` ("auto", "ddp" or "fsdp") on this job; "none" for one process."""
+def choose_mode(requested: str, runtime: Runtime, need_bytes: int, device_bytes: int | None) -> tuple[str, str]:
+    """(mode, reason) for `requested` ("auto", "ddp" or "fsdp") on this job; "none" for one process.
+    `device_bytes`: one GPU's memory (None on CPUs, where auto takes DDP)."""
     if not runtime.distributed or runtime.world_size == 1 and requested == "auto":
         return "none", "one process: no data parallelism"
     if requested != "auto":
         return requested, f"--parallel {requested}"
     gib = need_bytes / 2**30
-    if runtime.device.type != "cuda":
+    if device_bytes is None:
         return "ddp", f"auto: ddp on {runtime.device.type} (no device memory to divide); the estimate is {gib:.1f} GiB"
-    import torch
-
-    total = torch.cuda.get_device_properties(runtime.device).total_memory
-    room = FIT_FRACTION * total / 2**30
-    if need_bytes <= FIT_FRACTION * total:
+    room = FIT_FRACTION * device_bytes / 2**30
+    if need_bytes <= FIT_FRACTION * device_bytes:
         return "ddp", f"auto: ddp, the run needs about {gib:.1f} GiB per GPU, within {room:.1f} GiB (80% of the GPU)"
     return "fsdp", (f"auto: fsdp, the run needs about {gib:.1f} GiB unsharded, over {room:.1f} GiB (80% of the "
                     f"GPU); sharded over {runtime.world_size} GPUs")  # fmt: skip

@@ -46,6 +46,7 @@ class Runtime:
     device: torch.device = torch.device("cpu")
     backend: str | None = None  # None: no process group (a world of one, not launched)
     timeout_s: float = DEFAULT_TIMEOUT_S
+    restart: int | None = None  # torchrun's attempt number (TORCHELASTIC_RESTART_COUNT: 0 first); None: not torchrun
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -71,8 +72,10 @@ class Runtime:
             kwargs = {"device_id": target} if target.type == "cuda" else {}
             dist.init_process_group(backend, rank=rank, world_size=world,
                                     timeout=datetime.timedelta(seconds=timeout_s), **kwargs)  # fmt: skip
-        log.info("rank %d of %d on %s (%s, collective timeout %gs)", rank, world, target, backend, timeout_s)
-        return cls(rank, world, local_rank, target, backend, timeout_s)
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        log.info("rank %d of %d on %s (%s, collective timeout %gs)%s", rank, world, target, backend, timeout_s,
+                 f", restart {restart}" if restart else "")  # fmt: skip
+        return cls(rank, world, local_rank, target, backend, timeout_s, restart)
 
     # --- who does what ------------------------------------------------------------------------
     @property

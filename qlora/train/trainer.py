@@ -240,7 +240,8 @@ class Trainer:
         cfg, runtime = self.config, self.runtime
         longest = max(len(item) for item in items)
         need = training_bytes(model_config, self.lora.r, self.lora.targets, cfg.train.micro_batch_size * longest)
-        mode, why = choose_mode(cfg.parallel.mode, runtime, need)
+        gpu_bytes = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+        mode, why = choose_mode(cfg.parallel.mode, runtime, need, gpu_bytes)
         log.info("parallel: %s (%s); %d processes x %d micro-batches of %d = global batch %d", mode, why,
                  runtime.world_size, self.accumulation, cfg.train.micro_batch_size,
                  runtime.world_size * self.accumulation * cfg.train.micro_batch_size)  # fmt: skip
@@ -314,6 +315,18 @@ class Trainer:
         log.info("resumed from %s at step %d", latest, self.step_count)
         return self.step_count
 
+    def _has_checkpoint_to_resume(self) -> bool:
+        """Whether `fit` resumes. Under torchrun, `--resume` with no checkpoint yet starts from step 0 (logged):
+        the same command serves the first attempt and `torchrun --max-restarts`' restarts. A single process
+        with nothing to resume is an error (`resume` says so): a mistyped output directory, say."""
+        if self.runtime.restart is None:
+            return True
+        found = self.runtime.broadcast_object(find_latest_checkpoint(self.output) is not None)
+        if not found:
+            log.info("--resume: no checkpoint under %s yet; starting from step 0 (torchrun attempt %d)",
+                     self.output / "checkpoints", self.runtime.restart)  # fmt: skip
+        return found
+
     def save(self, directory: str | Path | None = None) -> Path:
         """Write the adapter in PEFT's format (default: the output directory); returns the directory.
         Many processes: every rank must call it (the adapter is gathered); rank 0 writes."""
@@ -377,10 +390,11 @@ class Trainer:
         t = self.config.train
         if self.model is None:
             self.setup()
-        if t.resume:
+        if t.resume and self._has_checkpoint_to_resume():
             self.resume()
         main = self.runtime.is_main  # the one process that writes
-        logger = MetricsLogger(self.output, resume_step=self.step_count if t.resume else None) if main else None
+        resumed = t.resume and self.step_count > 0
+        logger = MetricsLogger(self.output, resume_step=self.step_count if resumed else None) if main else None
         bar = ProgressBar(t.max_steps, initial=self.step_count, enabled=self.progress if main else False,
                           device=self.device)  # fmt: skip
         loss, eval_loss = math.nan, None

@@ -5,7 +5,7 @@
 
 Trains the `qlora.Trainer` of CONFIG.yaml. The flags break a run on purpose, for the negative controls:
 --wrong-reduction leaves the mean over ranks uncompensated (gradients divided by the world size),
---die-at-step kills rank R with exit code 3 after step K, --hang-at-step makes rank R sleep there.
+--die-at-step kills rank R with exit code 3 after step K (torchrun's first attempt only), --hang-at-step makes rank R sleep there.
 """
 
 import argparse
@@ -60,7 +60,8 @@ def main() -> int:
 
         def breaking_step():
             stats = step()
-            if trainer.runtime.rank == args.rank and trainer.step_count == args.die_at_step:
+            first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"  # a restart runs on
+            if first_attempt and trainer.runtime.rank == args.rank and trainer.step_count == args.die_at_step:
                 sys.stderr.flush()
                 os._exit(3)
             if trainer.runtime.rank == args.rank and trainer.step_count == args.hang_at_step:
