@@ -243,7 +243,7 @@ DEVICE_BRANCHES_ALLOWED = {
     "qlora/train/step.py": "CUDA graphs on CUDA only; synchronize before reading the step's clock",
     "qlora/train/prepare.py": "activation offload (pinned memory, streams) on CUDA only",
     "qlora/train/metrics.py": "memory reporting: CUDA peak allocated, else resident memory",
-    "qlora/train/trainer.py": "paged AdamW by default on CUDA (optimizer paging); peak-memory logging; the GPU's memory for parallel auto",
+    "qlora/train/trainer.py": "paged AdamW on CUDA; peak-memory logging; the GPU's memory for parallel auto",
     "qlora/distributed/runtime.py": "one GPU per process and NCCL on CUDA, gloo on CPUs",
     "qlora/distributed/parallel.py": "DDP's device_ids are given for a CUDA device only",
 }

@@ -60,7 +60,6 @@ from qlora.lora.matmul import (
 from qlora.ops import KernelPolicy
 from qlora.quant.tensor import QuantizedTensor
 
-
 BYTES_AS_FLOAT = torch.float8_e4m3fn  # how `register_base_storage` holds uint8 codes as parameters (a bit view)
 
 

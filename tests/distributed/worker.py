@@ -5,7 +5,8 @@
 
 Trains the `qlora.Trainer` of CONFIG.yaml. The flags break a run on purpose, for the negative controls:
 --wrong-reduction leaves the mean over ranks uncompensated (gradients divided by the world size),
---die-at-step kills rank R with exit code 3 after step K (torchrun's first attempt only), --hang-at-step makes rank R sleep there.
+--die-at-step kills rank R with exit code 3 after step K (torchrun's first attempt only),
+--hang-at-step makes rank R sleep there.
 """
 
 import argparse
