@@ -48,7 +48,7 @@ def write_config(output: Path, mode: str = "auto", *, max_steps: int = STEPS, re
     return path
 
 
-def launch(processes: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def launch(processes: int, *args: str, timeout: float = 300, restarts: int = 0) -> subprocess.CompletedProcess:
     """torchrun --standalone with `processes` workers (one thread each: 2 cores), or one plain process."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
@@ -56,7 +56,7 @@ def launch(processes: int, *args: str, timeout: float = 300) -> subprocess.Compl
         cmd = [sys.executable, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-               "--max-restarts=0", *args]  # fmt: skip
+               f"--max-restarts={restarts}", *args]  # fmt: skip
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
@@ -89,7 +89,7 @@ def one_process(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,processes", [("ddp", 2), ("fsdp", 2), ("fsdp", 4)])
+@pytest.mark.parametrize("mode,processes", [("ddp", 2), ("ddp", 4), ("fsdp", 2), ("fsdp", 4)])
 def test_many_processes_follow_one(tmp_path, one_process, mode, processes):
     output = tmp_path / "run"
     train_worker(processes, write_config(output, mode))
@@ -151,6 +151,18 @@ def test_a_killed_rank_ends_the_job_and_the_checkpoint_survives(tmp_path):
 
 
 @pytest.mark.slow
+def test_torchrun_restarts_resume_from_the_last_checkpoint(tmp_path, one_process):
+    """`torchrun --max-restarts 1 ... --resume`: the first attempt starts at step 0 (no checkpoint yet), rank 1 dies
+    after step 3, torchrun restarts both, they resume at step 2: the run equals the uninterrupted one."""
+    output = tmp_path / "run"
+    config = write_config(output, "fsdp", resume=True)
+    done = launch(2, str(WORKER), str(config), "--die-at-step", "3", "--rank", "1", restarts=1, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "restart" in done.stderr.lower(), done.stderr[-3000:]  # torchrun's agent says it restarted the workers
+    assert_same_run(output, one_process)
+
+
+@pytest.mark.slow
 def test_a_hung_rank_ends_the_job_within_the_timeout(tmp_path):
     output = tmp_path / "run"
     config = write_config(output, "ddp", timeout_s=20)
@@ -184,3 +196,24 @@ def test_nccl_world_of_one_follows_one_process(tmp_path, mode):
     train_worker(0, write_config(plain, "auto", device="cuda"), "--no-cuda-graphs")
     train_worker(1, write_config(launched, mode, device="cuda"))
     assert_same_run(launched, plain)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_a_tiny_random_llama_follows_one_process(tmp_path, mode):
+    """The same on another model: a random Llama directory (bench/random_checkpoint.py's tiny shape: 2 layers,
+    hidden 128, its own BPE tokenizer trained on the Alpaca sample)."""
+    from bench.random_checkpoint import write_checkpoint
+
+    model = tmp_path / "model"
+    write_checkpoint(model, "tiny", ALPACA, torch.device("cpu"))
+    runs = {}
+    for name, processes, parallel in (("one", 0, "auto"), ("many", 2, mode)):
+        output = tmp_path / name
+        cfg = tiny_config(output, max_steps=STEPS, micro_batch_size=2, global_batch_size=8)
+        cfg.model.path, cfg.parallel.mode = str(model), parallel
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(cfg.to_yaml(), encoding="utf-8")
+        train_worker(processes, config)
+        runs[name] = output
+    assert_same_run(runs["many"], runs["one"])
