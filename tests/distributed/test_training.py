@@ -158,7 +158,7 @@ def test_torchrun_restarts_resume_from_the_last_checkpoint(tmp_path, one_process
     config = write_config(output, "fsdp", resume=True)
     done = launch(2, str(WORKER), str(config), "--die-at-step", "3", "--rank", "1", restarts=1, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "restart" in done.stderr.lower(), done.stderr[-3000:]  # torchrun's agent says it restarted the workers
+    assert "exitcode: 3" in done.stderr, done.stderr[-3000:]  # the first attempt did fail (and the job still passed)
     assert_same_run(output, one_process)
 
 
