@@ -36,6 +36,19 @@ def launched_by_torchrun(environ: dict[str, str] | None = None) -> bool:
     return "RANK" in env and "WORLD_SIZE" in env
 
 
+def _attempt_store(rank: int, world: int, restart: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store at MASTER_ADDR:MASTER_PORT, its keys prefixed by torchrun's attempt number.
+
+    torchrun's agent keeps one store for all its attempts; without the prefix a restarted worker can read the
+    address a worker of the failed attempt published there and fail to connect to it (seen with gloo: half
+    the restarts of a 2-process job failed with "connectFullMesh ... Connection refused"). Under torchrun the
+    agent hosts the store (TORCHELASTIC_USE_AGENT_STORE); under another launcher rank 0 does."""
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_hosts, timeout=timeout)  # fmt: skip
+    return dist.PrefixStore(f"qlora/attempt-{restart}", store)
+
+
 @dataclass(frozen=True)
 class Runtime:
     """This process's place in the job. `rank` 0 of `world_size`; `device` is where it computes."""
@@ -68,11 +81,12 @@ class Runtime:
             target = torch.device("cuda", local_rank)
             torch.cuda.set_device(target)
         backend = "nccl" if target.type == "cuda" else "gloo"
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         if not dist.is_initialized():
             kwargs = {"device_id": target} if target.type == "cuda" else {}
-            dist.init_process_group(backend, rank=rank, world_size=world,
-                                    timeout=datetime.timedelta(seconds=timeout_s), **kwargs)  # fmt: skip
-        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+            timeout = datetime.timedelta(seconds=timeout_s)
+            dist.init_process_group(backend, store=_attempt_store(rank, world, restart, timeout), rank=rank,
+                                    world_size=world, timeout=timeout, **kwargs)  # fmt: skip
         log.info("rank %d of %d on %s (%s, collective timeout %gs)%s", rank, world, target, backend, timeout_s,
                  f", restart {restart}" if restart else "")  # fmt: skip
         return cls(rank, world, local_rank, target, backend, timeout_s, restart)
