@@ -155,6 +155,7 @@ def load_model(
                     warned = True
                 module.quant = stored
                 module.set_base_quantized(_to_device(tensor, device))
+                _one_loaded(name, layers_left, model, on_layer_loaded)
                 continue
             tensor = tensor.dequantize(compute_dtype)  # a dense model was asked for, or a layer we keep dense
         if module_name in swapped and leaf == "weight":

@@ -67,8 +67,12 @@ class Parallel:
         return contextlib.nullcontext()
 
     def after_backward(self) -> None:
-        """FSDP: point each local view's `.grad` at this rank's shard of the reduced gradient."""
+        """FSDP: point each local view's `.grad` at this rank's shard of the reduced gradient (and the view
+        itself at the shard's storage, should FSDP ever have reallocated it)."""
         for local, sharded in zip(self.params, self.sharded, strict=False):
+            shard = local_part(sharded.data)
+            if local.data_ptr() != shard.data_ptr() or local.shape != shard.shape:
+                local.data = shard  # the optimizer keeps its object (and state); the update reaches the parameter
             local.grad = None if sharded.grad is None else local_part(sharded.grad)
 
     def zero_grad(self) -> None:

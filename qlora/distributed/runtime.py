@@ -36,7 +36,7 @@ def launched_by_torchrun(environ: dict[str, str] | None = None) -> bool:
     return "RANK" in env and "WORLD_SIZE" in env
 
 
-def _attempt_store(rank: int, world: int, restart: int, timeout: datetime.timedelta) -> dist.Store:
+def _attempt_store(rank: int, world: int, restart: int | None, timeout: datetime.timedelta) -> dist.Store:
     """The rendezvous store at MASTER_ADDR:MASTER_PORT, its keys prefixed by torchrun's attempt number.
 
     torchrun's agent keeps one store for all its attempts; without the prefix a restarted worker can read the
@@ -46,7 +46,7 @@ def _attempt_store(rank: int, world: int, restart: int, timeout: datetime.timede
     agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=rank == 0 and not agent_hosts, timeout=timeout)  # fmt: skip
-    return dist.PrefixStore(f"qlora/attempt-{restart}", store)
+    return dist.PrefixStore(f"qlora/attempt-{restart or 0}", store)
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,11 @@ class Runtime:
         if not launched_by_torchrun():
             return cls(device=resolve_device(device), timeout_s=timeout_s)
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        missing = [name for name in LAUNCH_VARIABLES if name not in os.environ]
+        if missing:
+            raise RuntimeError(f"RANK and WORLD_SIZE are set but not {', '.join(missing)}: start the job with torchrun "
+                               "(or set every one of " + ", ".join(LAUNCH_VARIABLES) + ")")  # fmt: skip
+        local_rank = int(os.environ["LOCAL_RANK"])
         target = resolve_device(device)
         if target.type == "cuda":
             if local_rank >= torch.cuda.device_count():
@@ -81,14 +85,16 @@ class Runtime:
             target = torch.device("cuda", local_rank)
             torch.cuda.set_device(target)
         backend = "nccl" if target.type == "cuda" else "gloo"
-        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")  # set by torchrun only
+        restart = int(attempt) if attempt is not None else None
         if not dist.is_initialized():
             kwargs = {"device_id": target} if target.type == "cuda" else {}
             timeout = datetime.timedelta(seconds=timeout_s)
             dist.init_process_group(backend, store=_attempt_store(rank, world, restart, timeout), rank=rank,
                                     world_size=world, timeout=timeout, **kwargs)  # fmt: skip
+        restart_note = f", restart {restart}" if restart else ""
         log.info("rank %d of %d on %s (%s, collective timeout %gs)%s", rank, world, target, backend, timeout_s,
-                 f", restart {restart}" if restart else "")  # fmt: skip
+                 restart_note)  # fmt: skip
         return cls(rank, world, local_rank, target, backend, timeout_s, restart)
 
     # --- who does what ------------------------------------------------------------------------

@@ -306,6 +306,9 @@ class LoRALinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """`module.to(device)` moves the base too; dtype casts leave the 4-bit codes untouched."""
+        if self._base_layout is not None and fn(torch.empty(0, dtype=BYTES_AS_FLOAT)).dtype != BYTES_AS_FLOAT:
+            raise TypeError("a dtype cast would rewrite the 4-bit codes this layer holds as float8 parameters "
+                            "(register_base_storage); cast other modules, or the compute dtype, instead")  # fmt: skip
         super()._apply(fn, recurse)
         if self._base_layout is not None:  # the storage moved as parameters; the tables follow them
             moved = fn(self._base_layout.table)

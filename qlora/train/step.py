@@ -130,7 +130,7 @@ class TrainStep:
         """Forward and backward of one micro-batch (its gradient times `scale`); returns its loss sum."""
         if self.parallel is not None:
             s, _ = self.parallel.module(**batch_to(batch, self.device))
-            (s * scale).backward()
+            self.scaler.scale(s * scale).backward()  # DDP: every rank sees the same reduced (maybe inf) gradients
             return s.detach()
         if self.graphs is not None:
             extra = sorted(set(batch) - GRAPH_KEYS)

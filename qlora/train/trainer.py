@@ -35,6 +35,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -158,7 +159,10 @@ def as_train_config(config: TrainConfig | Mapping[str, Any] | str | Path,
             raise TypeError("data must be a list of records (dicts), e.g. [{'instruction': ..., 'output': ...}]")
         path = Path(cfg.output) / DATA_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in data), encoding="utf-8")
+        # written whole then renamed: under torchrun every rank writes the same bytes while others may read it
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in data), encoding="utf-8")
+        os.replace(tmp, path)
         cfg.data.path = str(path)
         cfg.validate()
     return cfg
@@ -186,6 +190,9 @@ class Trainer:
         self.output.mkdir(parents=True, exist_ok=True)
         self.device = self.runtime.device
         self.accumulation = cfg.train.accumulation(self.runtime.world_size)
+        if cfg.optim.step_in_backward and self.runtime.world_size == 1 and self.accumulation != 1:
+            raise ConfigError(f"optim.step_in_backward needs one micro-batch per step; train.global_batch_size "
+                              f"{cfg.train.global_batch_size} makes {self.accumulation}")  # fmt: skip
         optimizer_name = cfg.optim.name or default_optimizer(self.device)
         if cfg.optim.step_in_backward and optimizer_name != "paged_adamw_32bit":
             raise ConfigError(f"optim.step_in_backward needs optim.name paged_adamw_32bit; this run's optimizer is "
@@ -249,6 +256,10 @@ class Trainer:
             raise ConfigError(f"optim.name {optimizer_name}: 8-bit optimizer states are quantized in blocks of the "
                               "whole tensor, which FSDP's shards cut through; use paged_adamw_32bit or adamw with "
                               "--parallel fsdp, or --parallel ddp")  # fmt: skip
+        if mode == "fsdp" and self.dtype == torch.float16:
+            raise ConfigError("--parallel fsdp with float16 compute: each rank would see overflow in its own shard of "
+                              "the gradients only, and skip different steps; use bfloat16 or float32 "
+                              "(model.compute_dtype), or --parallel ddp")  # fmt: skip
         if mode == "fsdp" and cfg.quant.quant_type == "none":
             raise ConfigError("--parallel fsdp shards the 4-bit base; quant.quant_type none keeps it 16-bit: use "
                               "--parallel ddp, or a 4-bit quant.quant_type")  # fmt: skip
@@ -433,5 +444,6 @@ class Trainer:
 
     def close(self) -> None:
         """Leave the job's process group (many processes; nothing otherwise). The `Trainer` is done after it."""
-        if self.model is not None:
-            self.runtime.shutdown()
+        runtime = getattr(self, "runtime", None)  # set by setup(), even one that failed after joining the job
+        if runtime is not None:
+            runtime.shutdown()
