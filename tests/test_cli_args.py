@@ -49,6 +49,7 @@ CONTRACT = {
     "--adapter": ("lora.init_from", ["runs/previous"], "runs/previous"),
     "--quant-type": ("quant.quant_type", ["fp4"], "fp4"),
     "--compute-dtype": ("model.compute_dtype", ["bf16"], "bfloat16"),
+    "--parallel": ("parallel.mode", ["fsdp"], "fsdp"),
 }
 
 
