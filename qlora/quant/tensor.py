@@ -4,7 +4,8 @@ A plain container, not a `torch.Tensor` subclass. A subclass would let the weigh
 arbitrary torch ops, but it costs a large dispatch table (torchao's NF4Tensor is over a thousand
 lines) and it is only needed for FSDP flattening or `torch.compile` tracing through the weight. A
 QLoRA layer only ever needs three things from its base weight: dequantize it, move it, save it.
-Revisit when sharded (FSDP) training arrives.
+FSDP2 shards it without a subclass: `storage()` names the tensors that grow with the weight, the layer
+holds them as parameters for the run (`LoRALinear.register_base_storage`) and `with_storage` reassembles it.
 
 State and the bitsandbytes state-dict keys it maps to (format-spec 1.6), for a prefix `weight`:
 
