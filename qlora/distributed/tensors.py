@@ -10,17 +10,21 @@ So a checkpoint is written whole (the single-process layout) and read on any num
 
 from __future__ import annotations
 
+import sys
+
 import torch
-from torch.distributed.tensor import DTensor
 
 
 def is_sharded(t: torch.Tensor) -> bool:
-    return isinstance(t, DTensor)
+    """Whether `t` is a DTensor. Asked without importing torch.distributed.tensor (a tenth of a second of every
+    command's start): if nothing has imported it, no tensor can be one."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """`t` whole: gathered from every rank for a DTensor (all ranks must call this), `t` itself otherwise."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return t.full_tensor() if is_sharded(t) else t
 
 
 def shard_rows(full: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
@@ -34,7 +38,7 @@ def shard_rows(full: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
 
 def local_part(t: torch.Tensor) -> torch.Tensor:
     """This rank's storage of `t`: the local shard of a DTensor (a view: writes reach the parameter), `t` otherwise."""
-    if isinstance(t, DTensor):
+    if is_sharded(t):
         with torch.no_grad():
             return t.to_local()
     return t
@@ -45,7 +49,7 @@ def copy_full_into_(target: torch.Tensor, full: torch.Tensor) -> None:
     """Copy the whole tensor `full` into `target`: all of it, or this rank's rows for a DTensor."""
     if tuple(full.shape) != tuple(target.shape):
         raise ValueError(f"cannot copy a tensor of shape {tuple(full.shape)} into one of shape {tuple(target.shape)}")
-    if isinstance(target, DTensor):
+    if is_sharded(target):
         mesh = target.device_mesh
         local = target.to_local()
         local.copy_(shard_rows(full, mesh.get_local_rank(), mesh.size()))
