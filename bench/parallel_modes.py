@@ -29,7 +29,7 @@ from bench.random_checkpoint import read_complete, write_checkpoint
 
 VARIANTS = {
     "one process": ([], []),
-    "one process, eager": ([], ["--train.cuda_graphs", "false"]),
+    "one process eager": ([], ["--train.cuda_graphs", "false"]),
     "torchrun ddp": (["torchrun"], ["--parallel", "ddp"]),
     "torchrun fsdp": (["torchrun"], ["--parallel", "fsdp"]),
 }
