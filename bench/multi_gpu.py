@@ -65,7 +65,7 @@ from pathlib import Path
 from unittest import mock
 
 from bench import llama_shapes, random_checkpoint
-from bench.train_cli import read_jsonl, run_child, summarize_ours, summarize_reference, tail
+from bench.train_cli import read_jsonl, remove_paths, run_child, summarize_ours, summarize_reference, tail
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIDES = ("ours", "reference")
@@ -420,11 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep:
             print(f"kept {work}")
         else:
-            for path in written:
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
+            remove_paths(written)
             if args.workdir is None:
                 shutil.rmtree(work, ignore_errors=True)
     return 1 if failed else 0

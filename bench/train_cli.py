@@ -171,6 +171,15 @@ def steady_stats(ends: list[float], tokens: list[int | None], skip: int) -> dict
             "tokens_per_step_mean": sum(toks) / len(toks)}  # fmt: skip
 
 
+def remove_paths(paths) -> None:
+    """Delete what a run wrote (files and directories), leaving the rest of its workdir alone."""
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -506,11 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep:
             print(f"kept {work}")
         else:
-            for path in written:
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
+            remove_paths(written)
 
 
 if __name__ == "__main__":
