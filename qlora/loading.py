@@ -146,22 +146,22 @@ def load_model(
         module = modules.get(module_name)
         if module is None or (leaf not in module._parameters and not (module_name in swapped and leaf == "weight")):
             continue  # reported by check_keys below, with every other unexpected key
-        if isinstance(tensor, QuantizedTensor):
-            if module_name in swapped and quant_type is not None:
-                stored = QuantSpec(tensor.quant_type, tensor.blocksize, tensor.double_quant)
-                if stored != quant and not warned:
-                    log.warning("%s: the weights are stored pre-quantized as %s; using them as they are instead "
-                                "of quantizing as %s", source, stored, quant)  # fmt: skip
-                    warned = True
-                module.quant = stored
-                module.set_base_quantized(_to_device(tensor, device))
-                _one_loaded(name, layers_left, model, on_layer_loaded)
-                continue
-            tensor = tensor.dequantize(compute_dtype)  # a dense model was asked for, or a layer we keep dense
-        if module_name in swapped and leaf == "weight":
-            module.set_base_weight(_to_device(tensor, device))  # quantized there, on the device
+        if isinstance(tensor, QuantizedTensor) and module_name in swapped and quant_type is not None:
+            stored = QuantSpec(tensor.quant_type, tensor.blocksize, tensor.double_quant)
+            if stored != quant and not warned:
+                log.warning("%s: the weights are stored pre-quantized as %s; using them as they are instead "
+                            "of quantizing as %s", source, stored, quant)  # fmt: skip
+                warned = True
+            module.quant = stored
+            module.set_base_quantized(_to_device(tensor, device))
         else:
-            module._parameters[leaf] = nn.Parameter(_to_device(tensor, device, compute_dtype), requires_grad=False)
+            if isinstance(tensor, QuantizedTensor):  # a dense model was asked for, or a layer we keep dense
+                tensor = tensor.dequantize(compute_dtype)
+            if module_name in swapped and leaf == "weight":
+                module.set_base_weight(_to_device(tensor, device))  # quantized there, on the device
+            else:
+                module._parameters[leaf] = nn.Parameter(_to_device(tensor, device, compute_dtype),
+                                                        requires_grad=False)  # fmt: skip
         del tensor
         _one_loaded(name, layers_left, model, on_layer_loaded)
     check_keys(seen, needed, source=source)

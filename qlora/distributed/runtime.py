@@ -113,10 +113,8 @@ class Runtime:
         """`values` reduced over ranks elementwise (op "sum", "max" or "min"), as floats (float64 on the wire)."""
         if not self.distributed:
             return [float(v) for v in values]
-        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
         wire = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self._wire_device())
-        dist.all_reduce(wire, op=ops[op])
-        return wire.tolist()
+        return self.all_reduce_tensor_(wire, op).tolist()
 
     def all_reduce_tensor_(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """`t` summed (or max/min) over ranks, in place; returns it."""

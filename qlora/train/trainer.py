@@ -217,7 +217,7 @@ class Trainer:
         log.info("model loaded: %s", memory_summary(self.device))
         if cfg.lora.init_from:
             load_adapter_weights(self.model, cfg.lora.init_from)  # a resume overwrites them with the checkpoint's
-        self.params = prepare_for_training(
+        prepare_for_training(  # its trainable parameters are the parallel wrapping's to give (below)
             self.model, gradient_checkpointing=cfg.model.gradient_checkpointing,
             reuse_dense_weights=cfg.model.reuse_dense_weights,
             residual_dtype=torch.float32 if cfg.model.residual_dtype == "float32" else None,
