@@ -153,6 +153,7 @@ class BatchIterator:
         self.epoch = 0
         self.index = 0  # batches already yielded in `epoch`
         self._order: tuple[int, list[int]] | None = None
+        self.last_step: list[int] = []  # the items (indices into `examples`) of the last `next_step`, all ranks'
 
     def __iter__(self) -> BatchIterator:
         return self
@@ -169,6 +170,7 @@ class BatchIterator:
         if count % world_size:
             raise ValueError(f"{count} batches cannot be shared evenly by {world_size} ranks")
         chosen = [self._next_indices() for _ in range(count)]
+        self.last_step = [i for indices in chosen for i in indices]
         return [self._collate(indices) for indices in chosen[rank::world_size]]
 
     def _next_indices(self) -> list[int]:

@@ -52,6 +52,7 @@ class EncodedExample:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+    line: int | None = field(default=None, compare=False)  # the data file's line it came from (for messages)
 
     def __len__(self) -> int:
         return len(self.input_ids)

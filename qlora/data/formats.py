@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from qlora.data import chat, input_output, oasst, plain_text
@@ -236,7 +236,7 @@ def load_dataset(
         max_source_len, max_target_len, train_on_source, None if languages is None else frozenset(languages), block_size
     )
     encoded = fmt.encode(records, tokenizer, options)
-    examples = [example for example, _ in encoded]
+    examples = [replace(example, line=line) for example, line in encoded]
     info = DatasetInfo(
         name,
         chosen,
