@@ -35,10 +35,21 @@ the largest divisor) and accept them only if they reproduce the stored divisors;
 file is refused with an error saying so. Linear scaling comes from `rope.scaling.type/factor`;
 other scaling types (yarn, ...) are refused. Split files (`split.count` > 1) are refused: merge them
 first with llama.cpp's `gguf-split --merge`.
+
+A damaged or hostile file is one `GGUFError` naming it. The `gguf` package's reader trusts the header's
+counts and lengths and slices its memory map without bounds checks, so a truncated file reads as
+short arrays: an array whose length says 2^62 loops that many times appending empty ones (no error,
+no end), and a tensor whose data lies past the end fails in a reshape. `check_gguf_layout` therefore
+walks the header first with `struct`, checking every count, length, type, dimension and tensor
+extent against the bytes the file has, in time linear in the header and no memory beyond a few
+integers per tensor; only a file that passes is handed to the reader.
 """
 
 from __future__ import annotations
 
+import math
+import mmap
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +57,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
 from gguf.quants import dequantize
 
 from qlora.model.config import ModelConfig, UnsupportedModelError
@@ -89,6 +101,119 @@ _LLAMA3_ORIGINAL_CONTEXT = 8192
 
 class GGUFError(ValueError):
     """A GGUF file we cannot read as a supported Hugging Face model; the message names the file."""
+
+
+# Bytes of each scalar metadata value type (GGUF spec); STRING is a u64 length + bytes, ARRAY a u32 element
+# type + u64 count + elements.
+_SCALAR_BYTES = {
+    GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.BOOL: 1, GGUFValueType.UINT16: 2,
+    GGUFValueType.INT16: 2, GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4, GGUFValueType.FLOAT32: 4,
+    GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8,
+}  # fmt: skip
+_MAX_ARRAY_DEPTH = 4  # arrays of arrays: nothing we read uses them; bounds the walk's recursion
+_MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+_MAX_NAME_BYTES = 65535  # the spec's limit on a key; tensor names are far shorter (ggml: 64)
+
+
+class _Cursor:
+    """Reads a GGUF header in order, refusing any read that would pass the end of the file."""
+
+    def __init__(self, path: Path, buffer: mmap.mmap, order: str):
+        self.path, self.buffer, self.order, self.pos = path, buffer, order, 0
+
+    def fail(self, what: str, detail: str) -> GGUFError:
+        return GGUFError(f"{self.path}: {what} at byte {self.pos:,}: {detail}; the file is truncated or corrupt")
+
+    def take(self, n: int, what: str) -> int:
+        if n > len(self.buffer) - self.pos:
+            raise self.fail(what, f"needs {n:,} bytes but the file ends {len(self.buffer) - self.pos:,} bytes on")
+        start, self.pos = self.pos, self.pos + n
+        return start
+
+    def u32(self, what: str) -> int:
+        return struct.unpack_from(self.order + "I", self.buffer, self.take(4, what))[0]
+
+    def u64(self, what: str) -> int:
+        return struct.unpack_from(self.order + "Q", self.buffer, self.take(8, what))[0]
+
+    def name(self, what: str) -> str:
+        n = self.u64(f"{what} length")
+        if n > _MAX_NAME_BYTES:
+            raise self.fail(what, f"a name of {n:,} bytes")
+        raw = self.buffer[self.take(n, what) : self.pos]
+        return raw.decode("utf-8", errors="replace")
+
+    def skip_value(self, vtype: int, what: str, depth: int = 0) -> None:
+        if vtype in _SCALAR_BYTES:
+            self.take(_SCALAR_BYTES[vtype], what)
+        elif vtype == GGUFValueType.STRING:
+            self.take(self.u64(f"{what} length"), what)
+        elif vtype == GGUFValueType.ARRAY and depth < _MAX_ARRAY_DEPTH:
+            itype, count = self.u32(f"{what} element type"), self.u64(f"{what} length")
+            if itype in _SCALAR_BYTES:
+                self.take(count * _SCALAR_BYTES[itype], what)
+                return
+            least = {GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 12}.get(itype)
+            if least is None:
+                raise self.fail(what, f"unknown array element type {itype}")
+            if count * least > len(self.buffer) - self.pos:
+                raise self.fail(what, f"an array of {count:,} elements cannot fit in the rest of the file")
+            for i in range(count):
+                self.skip_value(itype, f"{what}[{i}]", depth + 1)
+        else:
+            raise self.fail(what, f"unknown or too deeply nested value type {vtype}")
+
+
+def check_gguf_layout(path: Path) -> None:
+    """Walk the header of the GGUF file `path` (see the module docstring); GGUFError names what is wrong."""
+    size = path.stat().st_size
+    if size < 24:  # magic, version, tensor count, metadata count
+        raise GGUFError(f"{path}: {size} bytes, too short for a GGUF header; the file is truncated or not GGUF")
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
+        if buffer[:4] != b"GGUF":
+            raise GGUFError(f"{path}: not a GGUF file (it starts with {bytes(buffer[:4])!r}, not b'GGUF')")
+        version = struct.unpack_from("<I", buffer, 4)[0]
+        order = ">" if version & 0xFFFF == 0 else "<"  # as GGUFReader: a big-endian file reads as 0x0N000000
+        version = struct.unpack_from(order + "I", buffer, 4)[0]
+        if version not in READER_SUPPORTED_VERSIONS:
+            raise GGUFError(f"{path}: GGUF version {version} is not supported (supported: {READER_SUPPORTED_VERSIONS})")
+        cur = _Cursor(path, buffer, order)
+        cur.pos = 8
+        tensor_count, kv_count = cur.u64("the tensor count"), cur.u64("the metadata count")
+        if kv_count * 13 > size or tensor_count * 24 > size:  # the smallest entry of each kind
+            raise cur.fail("the header", f"{tensor_count:,} tensors and {kv_count:,} metadata entries cannot fit")
+        alignment = 32  # GGUF's default: general.alignment
+        for i in range(kv_count):
+            key = cur.name(f"metadata key {i}")
+            vtype = cur.u32(f"the type of {key!r}")
+            if key == "general.alignment" and vtype == GGUFValueType.UINT32:
+                alignment = struct.unpack_from(order + "I", buffer, cur.pos)[0] if cur.pos + 4 <= size else 0
+            cur.skip_value(vtype, f"metadata {key!r}")
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise GGUFError(f"{path}: general.alignment {alignment} is not a power of two")
+        extents = []
+        for i in range(tensor_count):
+            name = cur.name(f"the name of tensor {i}")
+            n_dims = cur.u32(f"the dimension count of tensor {name!r}")
+            if n_dims > _MAX_DIMS:
+                raise cur.fail(f"tensor {name!r}", f"{n_dims} dimensions (at most {_MAX_DIMS})")
+            dims = [cur.u64(f"the dimensions of tensor {name!r}") for _ in range(n_dims)]
+            raw_type, offset = cur.u32(f"the type of tensor {name!r}"), cur.u64(f"the offset of tensor {name!r}")
+            try:
+                ttype = GGMLQuantizationType(raw_type)
+            except ValueError:
+                raise cur.fail(f"tensor {name!r}", f"unknown tensor type {raw_type}") from None
+            block, type_bytes = GGML_QUANT_SIZES[ttype]
+            if dims and dims[0] % block:
+                raise cur.fail(f"tensor {name!r}", f"{ttype.name} rows of {dims[0]} values, not whole {block}-blocks")
+            extents.append((name, ttype, dims, offset, math.prod(dims) // block * type_bytes))
+        data_start = cur.pos + (-cur.pos % alignment)
+        for name, ttype, dims, offset, nbytes in extents:
+            if data_start + offset + nbytes > size:
+                raise GGUFError(
+                    f"{path}: tensor {name!r} ({ttype.name} {dims}, {nbytes:,} bytes at data offset {offset:,}) "
+                    f"ends past the end of the file ({size:,} bytes); the file is truncated or corrupt"
+                )
 
 
 def _template(name: str) -> tuple[str, int | None]:
@@ -161,16 +286,21 @@ class GGUFCheckpoint:
                 continue
             try:
                 values = dequantize(t.data, t.tensor_type)
-            except NotImplementedError as e:
+                shape = tuple(int(d) for d in reversed(t.shape))  # ggml: innermost first; HF: [out, in]
+                if not values.flags.writeable:  # F32/F16 come back as views of the read-only mapping
+                    values = values.copy()
+                tensor = torch.from_numpy(values.astype(np.float32, copy=False).reshape(shape))
+                proj = hf.split(".")[-2]
+                if permute and proj in heads:
+                    tensor = unpermute_rotary_rows(tensor, heads[proj])
+            except (NotImplementedError, ValueError) as e:
                 raise GGUFError(f"{self.path}: tensor {t.name!r} of type {t.tensor_type.name}: {e}") from e
-            shape = tuple(int(d) for d in reversed(t.shape))  # ggml: innermost first; HF: [out, in]
-            if not values.flags.writeable:  # F32/F16 come back as views of the read-only mapping
-                values = values.copy()
-            tensor = torch.from_numpy(values.astype(np.float32, copy=False).reshape(shape))
-            proj = hf.split(".")[-2]
-            if permute and proj in heads:
-                tensor = unpermute_rotary_rows(tensor, heads[proj])
             yield hf, tensor
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{HF name: HF shape} of the weights `iter_tensors` yields, from the header (no data is read)."""
+        return {hf: tuple(int(d) for d in reversed(t.shape)) for t in self.reader.tensors
+                if (hf := self._hf_name(t.name)) is not None}  # fmt: skip
 
 
 def read_gguf(path: str | Path) -> GGUFCheckpoint:
@@ -179,20 +309,23 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     try:
+        check_gguf_layout(path)
         reader = GGUFReader(path, "r")
-    except Exception as e:  # the gguf package raises ValueError/struct.error/... on a bad header
+    except GGUFError:
+        raise
+    except Exception as e:  # OSError; the gguf package raises ValueError/KeyError/... on what the walk lets by
         raise GGUFError(f"{path}: not a readable GGUF file: {e}") from e
-    metadata = {k: _plain(f.contents()) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    if int(metadata.get("split.count", 1)) > 1:
-        raise GGUFError(
-            f"{path} is part {metadata.get('split.no', 0) + 1} of a {metadata['split.count']}-file split GGUF; "
-            "merge the parts first (llama.cpp: `llama-gguf-split --merge first.gguf merged.gguf`)"
-        )
     try:
+        metadata = {k: _plain(f.contents()) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        if int(metadata.get("split.count", 1)) > 1:
+            raise GGUFError(
+                f"{path} is part {metadata.get('split.no', 0) + 1} of a {metadata['split.count']}-file split GGUF; "
+                "merge the parts first (llama.cpp: `llama-gguf-split --merge first.gguf merged.gguf`)"
+            )
         hf_config = _hf_config(metadata, reader)
-    except UnsupportedModelError as e:
-        raise UnsupportedModelError(f"{path}: {e}") from e
-    except (KeyError, ValueError) as e:
+    except (GGUFError, UnsupportedModelError) as e:
+        raise type(e)(e.args[0] if str(path) in e.args[0] else f"{path}: {e}") from e
+    except (KeyError, ValueError, TypeError, IndexError, ArithmeticError) as e:  # metadata of the wrong type
         raise GGUFError(f"{path}: {e.args[0] if e.args else e}") from e
     checkpoint = GGUFCheckpoint(path=path, metadata=metadata, hf_config=hf_config, reader=reader)
     checkpoint.tensor_names()  # fail now, naming it, on a tensor we cannot map

@@ -26,18 +26,26 @@ Why it is shaped so.
   `W.nested_quant_map`). `iter_weights` reassembles them into one `QuantizedTensor` named `W`, so
   the loader uses the stored codes as they are. Which names are quantized is read from the headers
   first (no data), so a group may span shards; only one group's small tensors are held at a time.
+- Damaged files are `CheckpointError`s naming the file. `safe_open` itself checks a header against
+  the file before any tensor is read (length, JSON, dtype names, shape x dtype = byte span, offsets
+  inside the file, no overlaps), so a truncated or lying header costs no allocation; we only turn its
+  error into ours (`open_safetensors`). The JSON files (config.json, the index) are read by
+  `read_json_file`: at most `MAX_JSON_BYTES`, and bad UTF-8, bad JSON or JSON nested past Python's
+  recursion limit are errors naming the file too. `header_shapes` gives every tensor's shape from the
+  headers alone, so the loader can compare a checkpoint with the model before allocating anything.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from qlora.quant.tensor import QuantizedTensor
 
@@ -50,6 +58,9 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Keys bitsandbytes stores beside a packed 4-bit weight `W` (as `W.<suffix>`), format-spec 1.6.
 BNB_STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 BNB_BLOB = "quant_state.bitsandbytes__"
+# config.json, an index or adapter_config.json is a few KiB (a 2,000-shard index: ~0.3 MiB); a larger one is
+# not one of them, and reading it would only spend memory (json holds ~10x the text).
+MAX_JSON_BYTES = 64 << 20
 
 
 class CheckpointError(ValueError):
@@ -60,25 +71,62 @@ class CheckpointKeyError(CheckpointError):
     """The checkpoint's tensor names do not match the model's (missing or unexpected keys)."""
 
 
+def read_json_file(file: Path, error: type[Exception] = CheckpointError) -> Any:
+    """The JSON value in `file`. Anything wrong (unreadable, larger than MAX_JSON_BYTES, not UTF-8, invalid JSON,
+    nesting deeper than Python's recursion limit, an integer of more digits than Python converts) raises
+    `error` with a message naming the file (and line:column where the JSON parser gives them)."""
+    try:
+        size = file.stat().st_size
+        data = file.read_bytes() if size <= MAX_JSON_BYTES else None
+    except OSError as e:
+        raise error(f"{file}: cannot read the file: {e.strerror or e}") from None
+    if data is None:
+        raise error(f"{file}: {size:,} bytes, more than a JSON file of this kind can be ({MAX_JSON_BYTES:,})")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(f"{file}: invalid UTF-8 at byte offset {e.start}") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{file}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except RecursionError:
+        raise error(f"{file}: the JSON is nested too deeply to read") from None
+    except ValueError as e:  # json's int() of a number with more digits than Python converts
+        raise error(f"{file}: invalid JSON: {e}") from None
+
+
+@contextmanager
+def open_safetensors(file: Path, error: type[Exception] = CheckpointError) -> Iterator[Any]:
+    """`safe_open(file)` on the CPU; a damaged file (see the module docstring) raises `error` naming it."""
+    try:
+        handle = safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise error(f"{file}: not a readable safetensors file ({e}); it is truncated or corrupt, "
+                    "download or write it again") from None  # fmt: skip
+    with handle as f:
+        yield f
+
+
+def read_tensor(f: Any, file: Path, key: str, error: type[Exception] = CheckpointError) -> torch.Tensor:
+    """`f.get_tensor(key)`, its failure (a dtype torch cannot hold) an `error` naming the file and tensor."""
+    try:
+        return f.get_tensor(key)
+    except (SafetensorError, TypeError, ValueError) as e:
+        raise error(f"{file}: cannot read tensor {key!r}: {e}") from None
+
+
 def read_config(path: str | Path) -> dict[str, Any]:
     """The directory's config.json as a dict; errors name the file."""
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {Path(path)}: expected a Hugging Face model directory")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from e
+    config = read_json_file(file)
     if not isinstance(config, dict):
         raise CheckpointError(f"{file}: expected a JSON object, got {type(config).__name__}")
     return config
 
 
 def _read_index(index_file: Path) -> dict[str, str]:
-    try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{index_file}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from e
+    index = read_json_file(index_file)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_file}: has no 'weight_map' object mapping tensor names to shard files")
@@ -134,7 +182,7 @@ def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
             listed.setdefault(shard, set()).add(name)
     seen: set[str] = set()
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             keys = list(f.keys())
             if listed is not None:
                 in_shard, in_index = set(keys), listed[file.name]
@@ -155,7 +203,7 @@ def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
                 if key in seen:
                     raise CheckpointError(f"tensor {key!r} appears twice in {root} (again in {file.name})")
                 seen.add(key)
-                yield key, f.get_tensor(key)
+                yield key, read_tensor(f, file, key)
 
 
 def bnb_4bit_config(config: dict[str, Any], source: str = CONFIG_FILE) -> dict[str, Any] | None:
@@ -182,9 +230,27 @@ def bnb_4bit_config(config: dict[str, Any], source: str = CONFIG_FILE) -> dict[s
 def _tensor_names(files: list[Path]) -> list[str]:
     names = []
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             names += list(f.keys())
     return names
+
+
+def header_shapes(path: str | Path) -> dict[str, tuple[int, ...] | None]:
+    """{name: shape} of every tensor `iter_weights(path)` yields, read from the headers alone (no tensor data);
+    a bitsandbytes 4-bit weight's shape is None here (its logical shape is inside its quant-state blob)."""
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    for file in list_checkpoint_files(path):
+        with open_safetensors(file) as f:
+            names = f.keys()
+            shapes.update((key, tuple(f.get_slice(key).get_shape())) for key in names)
+    quantized = {n.partition("." + BNB_BLOB)[0] for n in shapes if "." + BNB_BLOB in n}
+    if not quantized:
+        return shapes
+    out: dict[str, tuple[int, ...] | None] = {}
+    for name, shape in shapes.items():
+        owner = _bnb_owner(name, quantized)
+        out[name if owner is None else owner] = shape if owner is None else None
+    return out
 
 
 def _bnb_owner(name: str, quantized: set[str]) -> str | None:
