@@ -1,4 +1,5 @@
-"""Atomic checkpoint directories: a crash at any moment never leaves a half-written newest checkpoint.
+"""Atomic, verifiable checkpoint directories: a crash at any moment never leaves a half-written newest
+checkpoint, and a checkpoint damaged later is detected and skipped, never loaded.
 
 Layout under the run directory `root`:
 
@@ -6,11 +7,16 @@ Layout under the run directory `root`:
     root/checkpoints/latest          "step-000123\\n": the newest one, for people and scripts
 
 A save (`save_checkpoint`) writes every file into a hidden `checkpoints/.tmp-step-000123-*/`, then
-`MANIFEST.json` (format version, step, every file's byte size), fsyncs, and commits with one
-`os.rename` to `step-000123`; only then does it repoint `latest` and prune to `keep_last`.
-`find_latest_checkpoint` trusts the manifests, not the pointer: the highest step whose files are all
-present at their recorded sizes (sizes, not hashes: truncation is what interrupted writes produce).
-Why each crash point is safe: docs/design-notes.md, qlora/train/checkpoint.py.
+`MANIFEST.json` (format version, step, every file's byte size and SHA-256), fsyncs, and commits with
+one `os.rename` to `step-000123`; only then does it repoint `latest` and prune to `keep_last`. A write
+that fails (disk full, read-only or vanished output) removes the temporary directory and raises a
+`CheckpointError` naming the path, the reason and the bytes needed; the previous checkpoint is untouched.
+
+Finding: `find_latest_checkpoint` trusts the manifests, not the pointer: the highest step whose files
+are all present at their recorded sizes (cheap; truncation is what interrupted writes produce).
+`find_intact_checkpoint` (what a resume uses) also checks every file's SHA-256, newest first, and says
+which checkpoints it skipped and why (a flipped byte, a truncated copy). Format-1 manifests (sizes only)
+are still read. Why each crash point is safe: docs/design-notes.md.
 
 What a checkpoint holds is the caller's choice: `files` maps relative names to contents, encoded by
 the name's suffix (and decoded the same way by `load_checkpoint_state`):
@@ -27,6 +33,8 @@ Single writer: this assumes one process (rank 0) saves into `root`.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
@@ -40,18 +48,25 @@ from typing import Any
 
 import torch
 
+from qlora.train.errors import TrainingError
+
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 MANIFEST_FILE = "MANIFEST.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sizes and SHA-256 of every file; 1 (read, not written): sizes only
+READABLE_FORMATS = (1, 2)
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _OLD_RE = re.compile(r"^\.old-step-(\d+)-")
+_HASH_CHUNK = 1 << 20
+# errors of the place written to, not of the program: reported with the path and the bytes needed
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOENT,
+                   errno.EIO}  # fmt: skip
 
 Writer = Callable[[Path], None]
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written, or one on disk is incomplete or unreadable."""
+class CheckpointError(TrainingError):
+    """A checkpoint could not be written, or one on disk is incomplete, damaged or unreadable."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -59,30 +74,34 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(
-    root: str | Path, step: int, files: Mapping[str, Any], *, keep_last: int | None = None
+    root: str | Path, step: int, files: Mapping[str, Any], *, keep_last: int | None = None,
+    size_hint: int | None = None,
 ) -> Path:
-    """Write `files` as the checkpoint of `step` under `root/checkpoints/`, atomically; return its path."""
+    """Write `files` as the checkpoint of `step` under `root/checkpoints/`, atomically; return its path.
+
+    `size_hint`: the bytes the checkpoint will take, for the message when the disk cannot hold it."""
     if not isinstance(step, int) or step < 0:
         raise CheckpointError(f"checkpoint step must be a non-negative integer, got {step!r}")
     if keep_last is not None and keep_last < 1:
         raise CheckpointError(f"keep_last must be >= 1 or None, got {keep_last}")
     ckpts = Path(root) / CHECKPOINTS_DIR
-    ckpts.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(ckpts, (".tmp-", ".del-"))
     name = checkpoint_name(step)
     final = ckpts / name
     tmp = ckpts / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     old: Path | None = None
     try:
+        ckpts.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(ckpts, (".tmp-", ".del-"))  # a crashed save's or deletion's remains
+        tmp.mkdir()
         for rel, value in files.items():
             dest = tmp / _checked_relpath(rel)
             dest.parent.mkdir(parents=True, exist_ok=True)
             _write_one(dest, rel, value)
-        sizes = {
-            p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
-        }
-        manifest = {"format": FORMAT_VERSION, "step": step, "files": sizes}
+        entries = {
+            p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+            for p in sorted(tmp.rglob("*")) if p.is_file()
+        }  # fmt: skip
+        manifest = {"format": FORMAT_VERSION, "step": step, "files": entries}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _fsync_tree(tmp)
         if final.exists():
@@ -96,14 +115,65 @@ def save_checkpoint(
                 old = None
             raise
         _fsync_dir(ckpts)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        cause = storage_errno(e)
+        if cause is not None:
+            raise CheckpointError(_storage_failure(e, cause, root, name, size_hint)) from e
         raise
     _write_latest(ckpts, name)
     _remove_leftovers(ckpts, (".old-",))
     if keep_last is not None:
-        prune_checkpoints(root, keep_last)
+        prune_checkpoints(root, keep_last, protect=final)
     return final
+
+
+def storage_errno(e: BaseException) -> int | None:
+    """The errno of a failure of the storage written to (full, read-only, quota...), or None for other errors.
+    safetensors' writer reports an OS error inside its message ("... (os error 28)")."""
+    if isinstance(e, OSError):
+        return e.errno if e.errno in _STORAGE_ERRNOS else None
+    m = re.search(r"\(os error (\d+)\)", str(e)) if isinstance(e, Exception) else None
+    return int(m.group(1)) if m and int(m.group(1)) in _STORAGE_ERRNOS else None
+
+
+def _storage_failure(e: BaseException, code: int, root: str | Path, name: str, size_hint: int | None) -> str:
+    """What to tell the user when the output's storage refused a checkpoint."""
+    where = getattr(e, "filename", None) or Path(root) / CHECKPOINTS_DIR
+    need = f"it needs about {format_bytes(size_hint)}" if size_hint else "its size is not known in advance"
+    free = free_bytes(root)
+    free_text = f"{format_bytes(free)} free there" if free is not None else "free space unknown"
+    previous = find_latest_checkpoint(root)
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    return (f"cannot save checkpoint {name}: {os.strerror(code)} ({where}); {need}, {free_text}; {kept}. "
+            "Free space or choose another --output, then resume with --resume.")
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free bytes for an unprivileged writer on the file system that holds `path` (or its nearest existing
+    parent); None when it cannot be asked."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def format_bytes(n: int | float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _checked_relpath(rel: str) -> PurePosixPath:
@@ -130,7 +200,8 @@ def _write_one(dest: Path, rel: str, value: Any) -> None:
 
         save_file(dict(value), str(dest))
     elif suffix == ".pt":
-        torch.save(value, dest)
+        with dest.open("wb") as f:  # through a Python file, so a full disk is an OSError with its errno
+            torch.save(value, f)
     elif isinstance(value, str):
         dest.write_text(value, encoding="utf-8")
     else:
@@ -186,8 +257,10 @@ def _remove_leftovers(ckpts: Path, prefixes: tuple[str, ...]) -> None:
 # Finding and validating.
 
 
-def verify_checkpoint(ckpt_dir: str | Path) -> dict[str, Any]:
-    """Return the manifest if `ckpt_dir` is complete; else raise CheckpointError saying what is wrong."""
+def verify_checkpoint(ckpt_dir: str | Path, *, hashes: bool = False) -> dict[str, Any]:
+    """Return the manifest if `ckpt_dir` is complete; else raise CheckpointError saying what is wrong.
+
+    Sizes are always checked; `hashes` also checks each file's SHA-256 (format 2; format 1 has none)."""
     ckpt_dir = Path(ckpt_dir)
     manifest_path = ckpt_dir / MANIFEST_FILE
     try:
@@ -198,14 +271,15 @@ def verify_checkpoint(ckpt_dir: str | Path) -> dict[str, Any]:
         ) from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{manifest_path} is unreadable: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_FORMATS:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise CheckpointError(
-            f"{manifest_path}: unknown checkpoint format {found!r} (expected {FORMAT_VERSION})"
+            f"{manifest_path}: unknown checkpoint format {found!r} (this version reads {READABLE_FORMATS})"
         )
     if not isinstance(manifest.get("step"), int) or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"{manifest_path}: malformed manifest (needs 'step' and 'files')")
-    for rel, size in manifest["files"].items():
+    for rel, entry in manifest["files"].items():
+        size, sha = _manifest_entry(manifest_path, manifest["format"], rel, entry)
         path = ckpt_dir / rel
         if not path.is_file():
             raise CheckpointError(f"{ckpt_dir} is incomplete: {rel} is missing")
@@ -213,7 +287,26 @@ def verify_checkpoint(ckpt_dir: str | Path) -> dict[str, Any]:
             raise CheckpointError(
                 f"{ckpt_dir} is incomplete: {rel} has {path.stat().st_size} bytes, expected {size}"
             )
+        if hashes and sha is not None and file_sha256(path) != sha:
+            raise CheckpointError(f"{ckpt_dir} is damaged: {rel} does not match its SHA-256 in {MANIFEST_FILE}")
     return manifest
+
+
+def _manifest_entry(manifest_path: Path, version: int, rel: Any, entry: Any) -> tuple[int, str | None]:
+    """(bytes, sha256 or None) of one manifest entry, checked: a name inside the checkpoint, sane values."""
+    p = PurePosixPath(rel) if isinstance(rel, str) else None
+    if p is None or not rel or p.is_absolute() or ".." in p.parts or "\\" in rel:
+        raise CheckpointError(f"{manifest_path}: file name {rel!r} is not a path inside the checkpoint")
+    if version == 1:
+        entry = {"bytes": entry, "sha256": None}
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{manifest_path}: entry for {rel} must be an object with 'bytes' and 'sha256'")
+    size, sha = entry.get("bytes"), entry.get("sha256")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise CheckpointError(f"{manifest_path}: {rel}: 'bytes' must be a non-negative integer, got {size!r}")
+    if version >= 2 and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise CheckpointError(f"{manifest_path}: {rel}: 'sha256' must be 64 hex digits, got {sha!r}")
+    return size, sha
 
 
 def is_complete(ckpt_dir: str | Path) -> bool:
@@ -224,19 +317,26 @@ def is_complete(ckpt_dir: str | Path) -> bool:
     return True
 
 
-def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """(step, dir) of every complete checkpoint under root/checkpoints, oldest first."""
+def _step_directories(root: str | Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every directory named like a checkpoint (step-N, or the .old copy a crash left),
+    complete or not, oldest first; step-N is preferred to an .old copy of the same step."""
     ckpts = Path(root) / CHECKPOINTS_DIR
     if not ckpts.is_dir():
         return []
-    found: dict[int, Path] = {}
+    found: dict[int, list[Path]] = {}
     for p in ckpts.iterdir():
         m = _STEP_RE.match(p.name) or _OLD_RE.match(p.name)
-        if not m or not p.is_dir():
+        if m and p.is_dir():
+            found.setdefault(int(m.group(1)), []).append(p)
+    return [(step, p) for step in sorted(found) for p in sorted(found[step], key=lambda q: q.name.startswith("."))]
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every complete checkpoint under root/checkpoints (sizes checked), oldest first."""
+    found: dict[int, Path] = {}
+    for step, p in _step_directories(root):
+        if step in found:
             continue
-        step = int(m.group(1))
-        if step in found and not found[step].name.startswith(".old-"):
-            continue  # prefer step-N over an .old copy of the same step
         try:
             if verify_checkpoint(p)["step"] == step:
                 found[step] = p
@@ -246,19 +346,47 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
 
 
 def find_latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under root/checkpoints, or None when there is none."""
+    """The newest complete checkpoint under root/checkpoints (sizes checked), or None when there is none."""
     complete = list_checkpoints(root)
     return complete[-1][1] if complete else None
 
 
-def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the `keep_last` newest complete checkpoints; return what was deleted.
+def find_intact_checkpoint(root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest checkpoint whose every file matches its manifest's size and SHA-256, or None;
+    [(checkpoint, why it was skipped)] for the newer ones that do not)."""
+    skipped: list[tuple[Path, str]] = []
+    for step, p in reversed(_step_directories(root)):
+        try:
+            manifest = verify_checkpoint(p, hashes=True)
+            if manifest["step"] != step:
+                raise CheckpointError(f"{p}: its manifest says step {manifest['step']}, its name step {step}")
+        except CheckpointError as e:
+            skipped.append((p, str(e)))
+            continue
+        return p, skipped
+    return None, skipped
+
+
+def set_aside(ckpt_dir: str | Path) -> Path:
+    """Rename a damaged checkpoint to a hidden `.damaged-*` name (kept for inspection): it no longer counts
+    as a checkpoint, for resume or for pruning. Returns the new path."""
+    ckpt_dir = Path(ckpt_dir)
+    target = ckpt_dir.with_name(f".damaged-{ckpt_dir.name.lstrip('.')}-{uuid.uuid4().hex[:8]}")
+    os.rename(ckpt_dir, target)
+    return target
+
+
+def prune_checkpoints(root: str | Path, keep_last: int, *, protect: Path | None = None) -> list[Path]:
+    """Delete all but the `keep_last` newest complete checkpoints, never `protect` (the one just written,
+    whose hashes were taken from the files on disk: the run always keeps one intact checkpoint, even when
+    newer ones are damaged); return what was deleted.
 
     Each victim is first renamed to a hidden `.del-*` name, so an interrupted deletion never
     leaves a partial directory under a checkpoint's name. Incomplete directories are left alone.
     """
     complete = list_checkpoints(root)
     victims = [p for _, p in complete[:-keep_last]] if keep_last < len(complete) else []
+    victims = [p for p in victims if protect is None or p != protect]
     for p in victims:
         doomed = p.with_name(f".del-{p.name.lstrip('.')}-{uuid.uuid4().hex[:8]}")
         os.rename(p, doomed)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,6 +19,7 @@ from qlora.train import checkpoint as ckpt_mod
 from qlora.train.checkpoint import (
     CheckpointError,
     capture_rng_state,
+    find_intact_checkpoint,
     find_latest_checkpoint,
     is_complete,
     list_checkpoints,
@@ -51,7 +54,9 @@ def test_round_trip_and_layout(tmp_path):
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step-000123\n"
     manifest = json.loads((path / "MANIFEST.json").read_text())
     assert manifest["step"] == 123
-    assert manifest["files"]["trainer_state.json"] == (path / "trainer_state.json").stat().st_size
+    entry = manifest["files"]["trainer_state.json"]
+    assert manifest["format"] == 2 and entry["bytes"] == (path / "trainer_state.json").stat().st_size
+    assert entry["sha256"] == hashlib.sha256((path / "trainer_state.json").read_bytes()).hexdigest()
     assert find_latest_checkpoint(tmp_path) == path
     _assert_is_step(path, 123)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-000123"]
@@ -306,3 +311,166 @@ def test_cuda_rng_state_round_trip(tmp_path):
     restore_rng_state(load_checkpoint_state(path)["rng.pt"])
     assert torch.equal(torch.rand(4, device="cuda"), first)
     assert not torch.equal(torch.rand(4, device="cuda"), first)  # negative control: the stream moved on
+
+
+# --- damage after the save: hashes, fallback, set-aside, pruning ------------------------------------------
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "trainer_state.json", "extra.pt"])
+def test_a_flipped_byte_in_any_file_is_found_and_the_previous_checkpoint_used(tmp_path, name):
+    good = save_checkpoint(tmp_path, 10, _files(10))
+    damaged = save_checkpoint(tmp_path, 20, _files(20))
+    _flip_byte(damaged / name, 7)
+    assert is_complete(damaged)  # the sizes still match: only the hashes can tell
+    found, skipped = find_intact_checkpoint(tmp_path)
+    assert found == good
+    assert [p for p, _ in skipped] == [damaged]
+    assert f"{name} does not match its SHA-256" in skipped[0][1]
+    with pytest.raises(CheckpointError, match="is damaged"):
+        verify_checkpoint(damaged, hashes=True)
+
+
+def test_a_damaged_manifest_is_skipped_with_its_reason(tmp_path):
+    good = save_checkpoint(tmp_path, 10, _files(10))
+    damaged = save_checkpoint(tmp_path, 20, _files(20))
+    (damaged / "MANIFEST.json").write_text('{"format": 2, "step": 20, "files": {"../../etc/passwd": {}}}')
+    found, skipped = find_intact_checkpoint(tmp_path)
+    assert found == good and "is not a path inside the checkpoint" in skipped[0][1]
+    (damaged / "MANIFEST.json").write_bytes(b"\xff\xfe{not json")
+    found, skipped = find_intact_checkpoint(tmp_path)
+    assert found == good and "unreadable" in skipped[0][1]
+
+
+def test_nothing_intact_says_so(tmp_path):
+    only = save_checkpoint(tmp_path, 10, _files(10))
+    _flip_byte(only / "extra.pt", 100)
+    assert find_intact_checkpoint(tmp_path) == (None, [(only, find_intact_checkpoint(tmp_path)[1][0][1])])
+
+
+def test_format_1_manifests_are_still_read(tmp_path):
+    path = save_checkpoint(tmp_path, 10, _files(10))
+    manifest = json.loads((path / "MANIFEST.json").read_text())
+    old = {"format": 1, "step": 10, "files": {k: v["bytes"] for k, v in manifest["files"].items()}}
+    (path / "MANIFEST.json").write_text(json.dumps(old))
+    assert find_intact_checkpoint(tmp_path) == (path, [])
+    _assert_is_step(path, 10)
+
+
+def test_set_aside_hides_a_damaged_checkpoint_from_resume_and_pruning(tmp_path):
+    save_checkpoint(tmp_path, 10, _files(10))
+    damaged = save_checkpoint(tmp_path, 20, _files(20))
+    moved = ckpt_mod.set_aside(damaged)
+    assert moved.name.startswith(".damaged-step-000020-") and moved.is_dir()
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [10]
+
+
+def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
+    # A resume fell back from a damaged step 30 to step 10; the next save (step 11) must survive keep_last=1.
+    save_checkpoint(tmp_path, 10, _files(10))
+    damaged = save_checkpoint(tmp_path, 30, _files(30))
+    _flip_byte(damaged / "extra.pt", 50)
+    new = save_checkpoint(tmp_path, 11, _files(11), keep_last=1)
+    assert new.is_dir() and find_intact_checkpoint(tmp_path)[0] == new
+
+
+def test_every_truncation_and_byte_flip_of_a_checkpoint_is_caught(tmp_path):
+    """A fuzz over the checkpoint reader: each damaged copy is skipped with a CheckpointError, never loaded."""
+    rng = random.Random(0)
+    src = save_checkpoint(tmp_path / "src", 5, _files(5))
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    for case in range(60):
+        root = tmp_path / f"case{case}"
+        copy = root / "checkpoints" / src.name
+        copy.parent.mkdir(parents=True)
+        shutil.copytree(src, copy)
+        victim = copy / rng.choice(files).relative_to(src)
+        data = bytearray(victim.read_bytes())
+        if case % 2:
+            data = data[: rng.randrange(len(data))]
+        else:
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        victim.write_bytes(bytes(data))
+        found, skipped = find_intact_checkpoint(root)
+        assert found is None and len(skipped) == 1, (case, victim.name)
+        with pytest.raises(CheckpointError):
+            verify_checkpoint(copy, hashes=True)
+            load_checkpoint_state(copy)
+
+
+# --- the disk refuses: full, read-only ------------------------------------------------------------------------
+
+_NAMESPACE = ["unshare", "--user", "--map-root-user", "--mount"]
+
+
+def _namespaces_work() -> bool:
+    try:
+        return subprocess.run([*_NAMESPACE, "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+needs_namespaces = pytest.mark.skipif(not _namespaces_work(),
+                                      reason="needs `unshare --user --mount` to mount a small tmpfs")  # fmt: skip
+
+
+def _run_in_namespace(tmp_path: Path, body: str) -> subprocess.CompletedProcess:
+    """Run `body` (Python) with a 256 KiB tmpfs mounted at tmp_path/out, in a private mount namespace."""
+    script = textwrap.dedent(
+        f"""
+        import json, subprocess, sys, torch
+        from pathlib import Path
+        from qlora.train.checkpoint import (CheckpointError, find_intact_checkpoint, find_latest_checkpoint,
+                                            save_checkpoint)
+        out = Path({str(tmp_path / "out")!r})
+        out.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(out)], check=True)
+        """
+    ) + textwrap.dedent(body)
+    return subprocess.run([*_NAMESPACE, sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})  # fmt: skip
+
+
+@needs_namespaces
+def test_a_full_disk_names_the_path_and_the_bytes_and_keeps_the_previous_checkpoint(tmp_path):
+    result = _run_in_namespace(tmp_path, """
+        good = save_checkpoint(out, 1, {"small.safetensors": {"w": torch.zeros(1000)}})
+        big = {"big.safetensors": {"w": torch.zeros(1_000_000)}}  # 4 MB on a 256 KiB disk
+        try:
+            save_checkpoint(out, 2, big, size_hint=4_000_000)
+        except CheckpointError as e:
+            print(json.dumps({"message": str(e), "intact": str(find_intact_checkpoint(out)[0]),
+                              "entries": sorted(p.name for p in (out / "checkpoints").iterdir())}))
+        else:
+            sys.exit("no error")
+    """)
+    assert result.returncode == 0, result.stderr + result.stdout
+    seen = json.loads(result.stdout.splitlines()[-1])
+    assert "cannot save checkpoint step-000002" in seen["message"]
+    assert "No space left on device" in seen["message"] and "needs about 3.81 MiB" in seen["message"]
+    assert "step-000001 is intact" in seen["message"]
+    assert seen["intact"].endswith("step-000001")
+    assert seen["entries"] == ["latest", "step-000001"]  # no temporary directory left behind
+
+
+@needs_namespaces
+def test_a_read_only_output_is_a_clear_error(tmp_path):
+    result = _run_in_namespace(tmp_path, """
+        save_checkpoint(out, 1, {"a.json": {"x": 1}})
+        subprocess.run(["mount", "-o", "remount,ro", str(out)], check=True)
+        try:
+            save_checkpoint(out, 2, {"a.json": {"x": 2}})
+        except CheckpointError as e:
+            print(json.dumps({"message": str(e), "latest": str(find_latest_checkpoint(out))}))
+        else:
+            sys.exit("no error")
+    """)
+    assert result.returncode == 0, result.stderr + result.stdout
+    seen = json.loads(result.stdout.splitlines()[-1])
+    assert "Read-only file system" in seen["message"] and "step-000001 is intact" in seen["message"]
+    assert seen["latest"].endswith("step-000001")
