@@ -30,15 +30,24 @@ may attend key index j when `i - window < j <= i`. `layer_types` records per lay
 window applies ("sliding_attention") or not ("full_attention").
 
 `attention_dropout` is not implemented (the QLoRA recipes use 0.0); it is read and ignored.
+
+Sizes are checked before anything is built: each must be a JSON integer (not a string, float or
+bool) and at most `SIZE_LIMITS`, a wide margin above every released checkpoint, and without a
+`head_dim` the heads must divide `hidden_size`. A damaged or hostile config.json (hidden_size 10**12,
+num_hidden_layers -3) is then a `ModelConfigError` naming the key, not an allocator failure later;
+the reader that knows the file (`from_json_file`, the loader) prefixes its name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from qlora.config.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -63,8 +72,51 @@ _REQUIRED_HF_KEYS = (
 )
 
 
+# Largest released Llama-family sizes (Llama 3.1 405B: hidden 16,384, intermediate 53,248, 126 layers, 128 heads;
+# vocabularies up to 262,144; head_dim up to 256) times 8 or more: larger is a damaged or hostile config.
+SIZE_LIMITS = {
+    "vocab_size": 1 << 22,
+    "hidden_size": 1 << 17,
+    "intermediate_size": 1 << 19,
+    "num_hidden_layers": 1 << 11,
+    "num_attention_heads": 1 << 12,
+    "num_key_value_heads": 1 << 12,
+    "head_dim": 1 << 12,
+}
+
+
 class UnsupportedModelError(ValueError):
     """The checkpoint describes a model this engine does not implement (type, activation, RoPE, ...)."""
+
+
+class ModelConfigError(ConfigError):
+    """A config.json value no model can have (wrong type, out of range); the message names the key."""
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def _integer(key: str, value: Any, low: int = 1, high: int | None = None) -> int:
+    """`value` of `key` if it is an integer in [low, high]; else ModelConfigError naming the key."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ModelConfigError(f"{key} is {_show(value)} ({type(value).__name__}); expected an integer")
+    if value < low or (high is not None and value > high):
+        bound = f"at least {low}" if high is None else f"between {low} and {high:,}"
+        raise ModelConfigError(f"{key} is {value:,}; expected an integer {bound}")
+    return value
+
+
+def _positive(key: str, value: Any) -> float:
+    """`value` of `key` as a float if it is a finite positive number; else ModelConfigError naming the key."""
+    try:
+        number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+    except OverflowError:
+        number = math.inf
+    if not (math.isfinite(number) and number > 0):
+        raise ModelConfigError(f"{key} is {_show(value)}; expected a finite positive number")
+    return number
 
 
 @dataclass
@@ -121,37 +173,33 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(_unsupported_type_message(self.model_type))
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
-        for name in ("num_attention_heads", "num_key_value_heads", "head_dim"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        for name, high in SIZE_LIMITS.items():
+            _integer(name, getattr(self, name), 1, high)
         if self.num_attention_heads % self.num_key_value_heads != 0:
-            raise ValueError(
+            raise ModelConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention"
             )
         if self.head_dim % 2 != 0:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}")
+            raise ModelConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.sliding_window is not None:
+            _integer("sliding_window", self.sliding_window)
         self.rope_scaling = _normalise_rope_scaling(self.rope_scaling, self.max_position_embeddings)
         if not self.layer_types:
             self.layer_types = ["full_attention"] * self.num_hidden_layers
         self.layer_types = list(self.layer_types)
         if len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(
+            raise ModelConfigError(
                 f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
                 f"{self.num_hidden_layers}; give one entry per layer"
             )
         for kind in self.layer_types:
             if kind not in LAYER_TYPES:
                 raise UnsupportedModelError(
-                    f"layer type {kind!r} is not supported; supported: {', '.join(LAYER_TYPES)}"
+                    f"layer type {_show(kind)} is not supported; supported: {', '.join(LAYER_TYPES)}"
                 )
         if "sliding_attention" in self.layer_types and self.sliding_window is None:
-            raise ValueError("layer_types has sliding_attention layers but sliding_window is None")
+            raise ModelConfigError("layer_types has sliding_attention layers but sliding_window is None")
 
     # ---------------------------------------------------------------- construction from HF
 
@@ -163,7 +211,18 @@ class ModelConfig:
             raise UnsupportedModelError(_unsupported_type_message(model_type))
         missing = [k for k in _REQUIRED_HF_KEYS if d.get(k) is None]
         if missing:
-            raise ValueError(f"{model_type} config is missing required key(s): {', '.join(missing)}")
+            raise ModelConfigError(f"{model_type} config is missing required key(s): {', '.join(missing)}")
+        for key in _REQUIRED_HF_KEYS + ("num_key_value_heads", "head_dim"):
+            if d.get(key) is not None:  # the optional two: null means "the default", as in transformers
+                _integer(key, d[key], 1, SIZE_LIMITS[key])
+        for key, low in (("max_position_embeddings", 0), ("sliding_window", 1)):  # 0 positions: the default
+            if d.get(key) is not None:
+                _integer(key, d[key], low)
+        for key in ("rope_scaling", "rope_parameters"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise ModelConfigError(f"{key} is {_show(d[key])}; expected an object or null")
+        if d.get("layer_types") is not None and not isinstance(d["layer_types"], list):
+            raise ModelConfigError(f"layer_types is {_show(d['layer_types'])}; expected a list, one entry per layer")
 
         act = d.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
@@ -176,16 +235,21 @@ class ModelConfig:
                 f"partial_rotary_factor={partial} is not supported: RoPE is applied to the whole head"
             )
 
-        heads = int(d["num_attention_heads"])
-        hidden = int(d["hidden_size"])
+        heads = d["num_attention_heads"]
+        hidden = d["hidden_size"]
         if model_type == "qwen3":
             head_dim = d.get("head_dim") or 128  # Qwen3Config's default
+        elif d.get("head_dim"):
+            head_dim = d["head_dim"]
+        elif hidden % heads:
+            raise ModelConfigError(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads} "
+                                   "(and there is no head_dim giving the width of a head)")  # fmt: skip
         else:
-            head_dim = d.get("head_dim") or hidden // heads
-        layers = int(d["num_hidden_layers"])
-        max_pos = int(d.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS[model_type])
+            head_dim = hidden // heads
+        layers = d["num_hidden_layers"]
+        max_pos = d.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS[model_type]
 
-        rope_theta = float(rope_params.get("rope_theta", d.get("rope_theta", _DEFAULT_ROPE_THETA)))
+        rope_theta = _positive("rope_theta", rope_params.get("rope_theta", d.get("rope_theta", _DEFAULT_ROPE_THETA)))
         rope_type = rope_params.get("rope_type", rope_params.get("type", "default"))
         rope_scaling = None
         if rope_type != "default":
@@ -217,21 +281,21 @@ class ModelConfig:
                 sliding_window = d.get("sliding_window", 4096)
             layer_types = d.get("layer_types")
             if layer_types is None and sliding_window is not None:
-                first = int(d.get("max_window_layers", 28))
+                first = _integer("max_window_layers", d.get("max_window_layers", 28), 0)
                 layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
             if layer_types is not None and sliding_window is None:
                 layer_types = ["full_attention"] * layers  # transformers ignores them without the window
 
         return cls(
             model_type=model_type,
-            vocab_size=int(d["vocab_size"]),
+            vocab_size=d["vocab_size"],
             hidden_size=hidden,
-            intermediate_size=int(d["intermediate_size"]),
+            intermediate_size=d["intermediate_size"],
             num_hidden_layers=layers,
             num_attention_heads=heads,
-            num_key_value_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(d.get("rms_norm_eps", _DEFAULT_RMS_NORM_EPS)),
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rms_norm_eps=_positive("rms_norm_eps", d.get("rms_norm_eps", _DEFAULT_RMS_NORM_EPS)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=max_pos,
@@ -240,7 +304,7 @@ class ModelConfig:
             o_proj_bias=o_proj_bias,
             mlp_bias=mlp_bias,
             qk_norm=qk_norm,
-            sliding_window=None if sliding_window is None else int(sliding_window),
+            sliding_window=sliding_window,
             layer_types=list(layer_types or []),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
@@ -255,11 +319,13 @@ class ModelConfig:
         if not path.is_file():
             raise FileNotFoundError(f"model config not found: {path} (expected a Hugging Face config.json)")
         try:
-            d = json.loads(path.read_text(encoding="utf-8"))
+            d = json.loads(path.read_bytes().decode("utf-8"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}:{e.colno}: invalid JSON in model config: {e.msg}") from e
+            raise ModelConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON in model config: {e.msg}") from e
+        except (ValueError, RecursionError) as e:  # bad UTF-8, nesting past the recursion limit, a 5,000-digit int
+            raise ModelConfigError(f"{path}: not readable as JSON ({type(e).__name__}: {e})") from None
         if not isinstance(d, dict):
-            raise ValueError(f"{path}: model config must be a JSON object, got {type(d).__name__}")
+            raise ModelConfigError(f"{path}: model config must be a JSON object, got {type(d).__name__}")
         try:
             return cls.from_hf(d)
         except ValueError as e:
@@ -298,11 +364,11 @@ def _normalise_rope_scaling(scaling: dict[str, Any] | None, max_positions: int) 
         scaling.setdefault("original_max_position_embeddings", max_positions)
     missing = [k for k in _ROPE_REQUIRED_KEYS[rope_type] if scaling.get(k) is None]
     if missing:
-        raise ValueError(f"rope_scaling of type {rope_type!r} is missing key(s): {', '.join(missing)}")
-    if float(scaling["factor"]) <= 0:
-        raise ValueError(f"rope_scaling factor must be positive, got {scaling['factor']}")
+        raise ModelConfigError(f"rope_scaling of type {rope_type!r} is missing key(s): {', '.join(missing)}")
+    for key in _ROPE_REQUIRED_KEYS[rope_type]:
+        _positive(f"rope_scaling.{key}", scaling[key])
     if rope_type == "llama3" and float(scaling["high_freq_factor"]) <= float(scaling["low_freq_factor"]):
-        raise ValueError(
+        raise ModelConfigError(
             f"llama3 rope_scaling needs high_freq_factor > low_freq_factor, got "
             f"{scaling['high_freq_factor']} <= {scaling['low_freq_factor']}"
         )
