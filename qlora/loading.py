@@ -21,6 +21,13 @@ read) plus the quantized model, never the dense model: `tests/test_loading.py` m
 sharded checkpoint in a fresh process. The checkpoint's own code is never run and only
 safetensors or GGUF are read (no pickle).
 
+Before step 4's adapters take any memory, the checkpoint's headers are compared with the model
+config.json describes: the same names, and every tensor the shape the model gives it. A config
+that does not describe its checkpoint (or a header that lies) is then a `CheckpointError` naming the
+tensor, and what the adapters allocate is bounded by weights the files really hold. Each tensor is
+checked again as it arrives (shape, and a floating-point dtype for a dense weight). Errors about
+config.json name the file (`_model_config`).
+
 `load` is the one entry point of the commands that run a model (`generate`, `eval`, the demo): the
 `ModelSource` settings (`qlora.config`) in, the model with its adapter and the tokenizer out, with
 the compute dtype `auto` and the adapter's training-run quantization resolved.
@@ -39,7 +46,16 @@ from torch import nn
 
 from qlora.adapter import load_adapter_weights, read_adapter_config
 from qlora.checkpoint_io.gguf_file import read_gguf
-from qlora.checkpoint_io.safetensors_dir import bnb_4bit_config, check_keys, expected_keys, iter_weights, read_config
+from qlora.checkpoint_io.safetensors_dir import (
+    CheckpointError,
+    ExpectedKeys,
+    bnb_4bit_config,
+    check_keys,
+    expected_keys,
+    header_shapes,
+    iter_weights,
+    read_config,
+)
 from qlora.config.files import run_quantization
 from qlora.fused import use_fused_elementwise
 from qlora.lora import DEFAULT_TARGETS, LoRALinear, LoraSpec, QuantSpec, replace_linears
@@ -88,7 +104,15 @@ def read_model_config(path: str | Path) -> ModelConfig:
     """The `ModelConfig` of a local directory (config.json) or GGUF file (its metadata)."""
     p = resolve_model_path(path)
     raw = read_gguf(p).hf_config if p.suffix == ".gguf" else read_config(p)
-    return ModelConfig.from_hf(raw)
+    return _model_config(raw, p)
+
+
+def _model_config(raw: dict, path: Path) -> ModelConfig:
+    """`ModelConfig.from_hf(raw)`, its errors prefixed with the file they are about."""
+    try:
+        return ModelConfig.from_hf(raw)
+    except ValueError as e:  # ModelConfigError, UnsupportedModelError
+        raise type(e)(f"{path if path.suffix == '.gguf' else path / 'config.json'}: {e}") from None
 
 
 def _default_device() -> torch.device:
@@ -122,11 +146,14 @@ def load_model(
     device = torch.device(device) if device is not None else _default_device()
     gguf = read_gguf(p) if p.suffix == ".gguf" else None
     raw_config = gguf.hf_config if gguf else read_config(p)
-    config = ModelConfig.from_hf(raw_config)
+    config = _model_config(raw_config, p)
     if not gguf:
         bnb_4bit_config(raw_config, str(p / "config.json"))  # refuses quantization methods we cannot read
     model = LlamaForCausalLM.from_config(config, device="meta")
     needed = expected_keys(model)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}  # meta: no memory
+    source = str(p)
+    _check_header(source, gguf.tensor_shapes() if gguf else header_shapes(p), needed, shapes)
     quant = QuantSpec(quant_type, blocksize, double_quant)
     policy = policy if policy is not None else KernelPolicy.from_env()
     swapped = set(replace_linears(model, quant, lora, quantized_modules, device="meta", dtype=compute_dtype,
@@ -139,13 +166,13 @@ def load_model(
     seen: list[str] = []
     warned = False
     modules = dict(model.named_modules())
-    source = str(p)
     for name, tensor in gguf.iter_tensors() if gguf else iter_weights(p):
         seen.append(name)
         module_name, _, leaf = name.rpartition(".")
         module = modules.get(module_name)
         if module is None or (leaf not in module._parameters and not (module_name in swapped and leaf == "weight")):
             continue  # reported by check_keys below, with every other unexpected key
+        _check_tensor(source, name, tensor, shapes.get(name))
         if isinstance(tensor, QuantizedTensor) and module_name in swapped and quant_type is not None:
             stored = QuantSpec(tensor.quant_type, tensor.blocksize, tensor.double_quant)
             if stored != quant and not warned:
@@ -170,6 +197,28 @@ def load_model(
     if left_on_meta:
         raise RuntimeError(f"{source}: these tensors were never loaded: {left_on_meta[:10]}")
     return model.eval()
+
+
+def _check_header(source: str, header: dict[str, tuple[int, ...] | None], needed: ExpectedKeys,
+                  shapes: dict[str, tuple[int, ...]]) -> None:  # fmt: skip
+    """The checkpoint's names and header shapes (None: a pre-quantized weight, checked on arrival) against the
+    model's, before anything is allocated; CheckpointError naming the first tensor that does not fit."""
+    check_keys(header, needed, source=source)
+    for name, shape in header.items():
+        want = shapes.get(name)
+        if shape is not None and want is not None and shape != want:
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {list(shape)} in the checkpoint, but the model "
+                                  f"its config describes needs {list(want)}; check that the config belongs to these "
+                                  "weights")  # fmt: skip
+
+
+def _check_tensor(source: str, name: str, tensor: torch.Tensor | QuantizedTensor, want: tuple[int, ...] | None) -> None:
+    """A tensor as it arrives: the model's shape for it, and floating point if dense (not ints, bools, complex)."""
+    if want is not None and tuple(tensor.shape) != want:
+        raise CheckpointError(f"{source}: tensor {name!r} has shape {list(tensor.shape)}, the model needs {list(want)}")
+    if isinstance(tensor, torch.Tensor) and not tensor.is_floating_point():
+        raise CheckpointError(f"{source}: tensor {name!r} has dtype {tensor.dtype}; a weight must be floating point "
+                              "(the file is corrupt, or not a checkpoint of this model)")  # fmt: skip
 
 
 def _keys_by_layer(names: Iterable[str], n_layers: int) -> dict[int, set[str]]:
