@@ -25,6 +25,13 @@ know are refused when set, ignored when empty or false (PEFT's features default 
 
 Tensors are saved in float32 (exact for bfloat16-trained adapters too). Writing goes through a
 temporary file and `os.replace`, so an interrupted save never leaves a torn adapter.
+
+Reading trusts nothing in the files. A damaged adapter_config.json (bad UTF-8, bad or absurdly nested
+JSON) or adapter_model.safetensors (a truncated or lying header) is an `AdapterError` naming it; a rank
+above `MAX_RANK` is refused; when the weights file is there, `read_adapter_config` already checks its
+header (names, dtypes, every pair's shape against the config's ranks), so a mismatch is reported
+before a model is built with adapters of the wrong size. A pickled `adapter_model.bin` is never
+unpickled (unpickling runs code stored in the file): the error says how to convert it.
 """
 
 from __future__ import annotations
@@ -36,15 +43,21 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from qlora.checkpoint_io.safetensors_dir import open_safetensors, read_json_file, read_tensor
 from qlora.distributed.tensors import copy_full_into_, full_tensor
 from qlora.lora import LoraSpec, lora_layers
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLED_WEIGHTS = "adapter_model.bin"
+# Wider than every layer of every released model (the widest: 53,248), so never a rank anyone trains; the
+# bound keeps a damaged config from sizing adapters beyond any memory.
+MAX_RANK = 1 << 16
+# Adapter tensor dtypes (safetensors' names) read: the floating-point ones PEFT saves.
+ADAPTER_DTYPES = ("F32", "F16", "BF16", "F64")
 PEFT_PREFIX = "base_model.model."
 # base_model.model.<module>.lora_A.weight; PEFT keeps the adapter name out of saved keys, ".default" is accepted
 _TENSOR_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight")
@@ -168,16 +181,22 @@ def write_adapter(tensors: dict[str, torch.Tensor], directory: str | Path, lora:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _number(path: Path, key: str, value, kind=float, positive: bool = False):
-    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
-            or (kind is int and not float(value).is_integer())):  # fmt: skip
-        raise AdapterError(f"{path}: {key} is {value!r}; expected {'an integer' if kind is int else 'a number'}")
+def _number(path: Path, key: str, value, kind=float, positive: bool = False, most: float = 2.0**53):
+    """`value` of `key` as `kind`: a JSON number (integral for int), finite, positive if asked, at most `most`."""
+    shown = repr(value) if len(repr(value)) <= 60 else f"{repr(value)[:57]}..."
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(value, float):
+        number = math.isfinite(value) and (kind is float or value.is_integer())
+    if not number:
+        raise AdapterError(f"{path}: {key} is {shown}; expected {'an integer' if kind is int else 'a number'}")
     if positive and value <= 0:
-        raise AdapterError(f"{path}: {key} is {value!r}; expected a positive value")
+        raise AdapterError(f"{path}: {key} is {shown}; expected a positive value")
+    if abs(value) > most:
+        raise AdapterError(f"{path}: {key} is {shown}; expected at most {most:,.0f}")
     return kind(value)
 
 
-def _pattern(path: Path, cfg: dict, field: str, kind) -> tuple[tuple[str, int | float], ...]:
+def _pattern(path: Path, cfg: dict, field: str, kind, most: float) -> tuple[tuple[str, int | float], ...]:
     value = cfg.get(field) or {}
     if not isinstance(value, dict):
         raise AdapterError(f"{path}: {field} is {value!r}; expected an object of module-name pattern: value")
@@ -187,7 +206,7 @@ def _pattern(path: Path, cfg: dict, field: str, kind) -> tuple[tuple[str, int | 
             re.compile(key)
         except re.error as e:
             raise AdapterError(f"{path}: {field} key {key!r} is not a valid regular expression ({e})") from None
-        pairs.append((key, _number(path, f"{field}[{key!r}]", v, kind, positive=True)))
+        pairs.append((key, _number(path, f"{field}[{key!r}]", v, kind, positive=True, most=most)))
     return tuple(pairs)
 
 
@@ -221,10 +240,7 @@ def read_adapter_config(directory: str | Path) -> LoraSpec:
     path = Path(directory) / ADAPTER_CONFIG
     if not path.is_file():
         raise AdapterError(f"{path}: not found (an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    cfg = read_json_file(path, AdapterError)
     if not isinstance(cfg, dict):
         raise AdapterError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
     _refuse_unsupported(path, cfg)
@@ -239,15 +255,20 @@ def read_adapter_config(directory: str | Path) -> LoraSpec:
     use_rslora = cfg.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
         raise AdapterError(f"{path}: use_rslora is {use_rslora!r}; expected true or false")
-    return LoraSpec(
-        r=_number(path, "r", cfg.get("r", 8), int, positive=True),  # PEFT's defaults: r 8, alpha 8
+    spec = LoraSpec(
+        r=_number(path, "r", cfg.get("r", 8), int, positive=True, most=MAX_RANK),  # PEFT's defaults: r 8, alpha 8
         alpha=_number(path, "lora_alpha", cfg.get("lora_alpha", 8)),
         dropout=dropout,
         use_rslora=use_rslora,
         targets=tuple(sorted({t.rsplit(".", 1)[-1] for t in targets})),
-        rank_pattern=_pattern(path, cfg, "rank_pattern", int),
-        alpha_pattern=_pattern(path, cfg, "alpha_pattern", float),
+        rank_pattern=_pattern(path, cfg, "rank_pattern", int, MAX_RANK),
+        alpha_pattern=_pattern(path, cfg, "alpha_pattern", float, 2.0**53),
     )
+    weights = Path(directory) / ADAPTER_WEIGHTS
+    if weights.is_file():  # the pairs' shapes against these ranks, before anyone sizes adapters with them
+        with open_safetensors(weights, AdapterError) as f:
+            _checked_header(weights, spec, f)
+    return spec
 
 
 def _tensor_keys(path: Path, keys) -> dict[str, dict[str, str]]:
@@ -270,9 +291,29 @@ def _tensor_keys(path: Path, keys) -> dict[str, dict[str, str]]:
 
 def _weights_path(directory: Path) -> Path:
     path = directory / ADAPTER_WEIGHTS
+    if not path.is_file() and (directory / PICKLED_WEIGHTS).is_file():
+        raise AdapterError(f"{directory / PICKLED_WEIGHTS}: a pickled adapter, which qlora does not read (unpickling "
+                           f"runs code stored in the file); it reads {ADAPTER_WEIGHTS}. Convert it once where you "
+                           "trust the file: peft.PeftModel.from_pretrained(base, dir).save_pretrained(out, "
+                           "safe_serialization=True)")  # fmt: skip
     if not path.is_file():
         raise AdapterError(f"{path}: not found")
     return path
+
+
+def _checked_header(path: Path, spec: LoraSpec, f) -> dict[str, tuple[dict[str, str], list[int], list[int]]]:
+    """{module: (its A/B keys, A's shape, B's shape)} from the open weights file `f`'s header, each pair checked
+    (`_check_pair`) and of a floating-point dtype; no tensor data is read."""
+    out = {}
+    for module, keys in _tensor_keys(path, f.keys()).items():
+        a, b = f.get_slice(keys["A"]), f.get_slice(keys["B"])
+        for key, tensor in ((keys["A"], a), (keys["B"], b)):
+            if tensor.get_dtype() not in ADAPTER_DTYPES:
+                raise AdapterError(f"{path}: {key} has dtype {tensor.get_dtype()}; LoRA weights are floating point "
+                                   f"({', '.join(ADAPTER_DTYPES)})")  # fmt: skip
+        _check_pair(path, spec, module, a.get_shape(), b.get_shape())
+        out[module] = (keys, a.get_shape(), b.get_shape())
+    return out
 
 
 def _check_pair(path: Path, spec: LoraSpec, module: str, a_shape, b_shape) -> None:
@@ -292,11 +333,9 @@ def read_adapter(directory: str | Path) -> tuple[LoraSpec, dict[str, tuple[torch
     spec = read_adapter_config(directory)
     path = _weights_path(directory)
     pairs = {}
-    with safe_open(str(path), framework="pt") as f:
-        for module, keys in _tensor_keys(path, f.keys()).items():
-            a, b = f.get_tensor(keys["A"]).float(), f.get_tensor(keys["B"]).float()
-            _check_pair(path, spec, module, a.shape, b.shape)
-            pairs[module] = (a, b)
+    with open_safetensors(path, AdapterError) as f:
+        for module, (keys, _, _) in _checked_header(path, spec, f).items():
+            pairs[module] = tuple(read_tensor(f, path, keys[ab], AdapterError).float() for ab in "AB")
     return spec, pairs
 
 
@@ -309,17 +348,16 @@ def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
     spec = read_adapter_config(directory)
     path = _weights_path(directory)
     layers = lora_layers(model)
-    with safe_open(str(path), framework="pt") as f:
-        keys = _tensor_keys(path, f.keys())
+    with open_safetensors(path, AdapterError) as f:
+        header = _checked_header(path, spec, f)
+        keys = {module: pair for module, (pair, _, _) in header.items()}
         missing, unexpected = sorted(set(layers) - set(keys)), sorted(set(keys) - set(layers))
         if missing or unexpected:
             raise AdapterError(f"{path}: adapter does not fit the model; modules with an adapter in the model only "
                                f"{missing[:5]}, in the file only {unexpected[:5]} ({len(missing)} and "
                                f"{len(unexpected)} in all)")  # fmt: skip
-        for module, pair in keys.items():
+        for module, (pair, a_shape, b_shape) in header.items():
             layer = layers[module]
-            a_shape, b_shape = f.get_slice(pair["A"]).get_shape(), f.get_slice(pair["B"]).get_shape()
-            _check_pair(path, spec, module, a_shape, b_shape)
             for ab, shape, target in (("A", a_shape, layer.lora_A.weight), ("B", b_shape, layer.lora_B.weight)):
                 if tuple(shape) != tuple(target.shape):
                     raise AdapterError(f"{path}: {pair[ab]} has shape {tuple(shape)}, the model needs "
@@ -331,6 +369,6 @@ def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
                                    f"use_rslora) but {layer.scale:g} in the model: build the model with "
                                    f"read_adapter_config({str(directory)!r})")  # fmt: skip
         with torch.no_grad():
-            for module, pair in keys.items():
-                copy_full_into_(layers[module].lora_A.weight, f.get_tensor(pair["A"]))  # (this rank's shard
-                copy_full_into_(layers[module].lora_B.weight, f.get_tensor(pair["B"]))  # when sharded)
+            for module, pair in keys.items():  # (each rank's shard when sharded)
+                copy_full_into_(layers[module].lora_A.weight, read_tensor(f, path, pair["A"], AdapterError))
+                copy_full_into_(layers[module].lora_B.weight, read_tensor(f, path, pair["B"], AdapterError))
