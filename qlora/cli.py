@@ -3,12 +3,14 @@
 Each subcommand is a thin shell over a library function; its flags are generated from its typed
 configuration (`qlora.config`, `qlora.cli_args`), so `qlora COMMAND --help` documents every option
 from that one source. Errors a user can fix (bad config, bad data, a missing model) are printed as one
-message and exit with status 2, not as a traceback.
+message and exit with status 2, not as a traceback; a run that cannot go on (`TrainingError`: a checkpoint
+that cannot be written, non-finite steps, out of memory) says why in one message and exits with status 1.
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -21,6 +23,11 @@ def _train(argv: Sequence[str]) -> int:
 
     result = train(cfg)
     if result.rank != 0:  # torchrun: rank 0 reports for the job
+        return 0
+    if result.stopped:
+        again = list(argv) if "--resume" in argv else [*argv, "--resume"]
+        print(f"stopped by {result.stopped} after step {result.steps} of {cfg.train.max_steps}: checkpoint "
+              f"{result.checkpoint}\nto continue: qlora train {shlex.join(again)}")  # fmt: skip
         return 0
     print(f"trained {result.steps} steps: final loss {result.final_loss:.4f}"
           + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))  # fmt: skip
@@ -89,12 +96,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     from qlora.config import ConfigError
     from qlora.data.errors import DataError
     from qlora.loading import ModelSourceError
+    from qlora.train.errors import TrainingError
 
     try:
         return COMMANDS[argv[0]](argv[1:])
     except (AdapterError, ConfigError, DataError, ModelSourceError, FileNotFoundError) as e:
         print(f"qlora {argv[0]}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:  # the run could not go on (a checkpoint, non-finite steps, memory): no traceback
+        print(f"qlora {argv[0]}: stopped: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        from qlora.train.checkpoint import storage_errno
+
+        if storage_errno(e) is None:
+            raise
+        # a full, read-only or vanished output (metrics, logs, the adapter): what and where, not a traceback
+        print(f"qlora {argv[0]}: stopped: cannot write {e.filename or 'the output'}: {e.strerror}. Checkpoints "
+              "already saved are intact; free space or fix the output, then run again with --resume.",
+              file=sys.stderr)  # fmt: skip
+        return 1
 
 
 if __name__ == "__main__":

@@ -304,6 +304,19 @@ class LoopSection(Section):
     keep_last: int | None = _opt(
         None, doc="Keep only this many most recent checkpoints (none = keep all).", check=positive_int
     )
+    save_every_minutes: float = _opt(
+        0.0,
+        doc="Also save a checkpoint when this many minutes have passed since the last one (0 = off): bounds the "
+        "work a kill can lose in time, whatever a step costs.",
+        check=non_negative_float,
+    )
+    max_nonfinite_steps: int = _opt(
+        3,
+        doc="A step whose loss or gradient norm is inf/NaN is skipped (no update) and counted; when this many come "
+        "in a row the run stops, naming the step, its examples and the last good checkpoint (1 = stop at the "
+        "first). float16 compute leaves overflow to its loss scaler.",
+        check=positive_int,
+    )
     log_every: int = _opt(1, doc="Write a metrics record every this many optimizer steps.", check=positive_int)
     resume: bool = _opt(
         False, doc="Resume from the newest complete checkpoint in the output directory.", alias="--resume"

@@ -168,6 +168,17 @@ def format_bytes(n: int | float) -> str:
     return f"{int(n)} bytes"
 
 
+def tensor_bytes(value: Any) -> int:
+    """Bytes of every tensor inside `value` (nested dicts, lists and tuples): what writing it will take."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, Mapping):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -24,6 +24,11 @@ compute it with all the micro-batches. Gradients are reduced on the last micro-b
 masks are drawn after seeding the generator with the micro-batch's place in the global step
 (`micro_batch_seeds`), so which rank runs a micro-batch does not change its masks.
 
+Non-finite steps: when the step's loss (summed over ranks) or its global gradient norm is inf or NaN, the
+update is skipped (gradients zeroed, the schedule advances) and the stats say so; the caller counts them.
+float16 compute leaves this to its loss scaler, which skips overflowing steps and lowers the scale. With the
+update inside backward nothing can be skipped (it has happened): the stats say `nonfinite`, and the caller stops.
+
 Timing is true: `seconds` ends after the step's GPU work has finished (the device is synchronised
 before the clock is read), so tokens/s is what the hardware did, not how fast the host queued it.
 """
@@ -32,7 +37,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -57,6 +64,8 @@ class StepStats:
     target_tokens: int  # tokens with a label (the loss's denominator)
     tokens: int  # non-padding tokens seen
     seconds: float  # wall time of the step, GPU work included
+    nonfinite: bool = False  # the loss or the gradient norm was inf/NaN
+    skipped: bool = False  # no update was made (a non-finite step; float16's scaler decides for itself)
 
     @property
     def tokens_per_s(self) -> float:
@@ -174,22 +183,30 @@ class TrainStep:
         elif self.stepper is None:  # with the update in backward no gradient is left here
             # max_grad_norm 0: no clipping; the norm is still measured (an infinite bound scales by exactly 1)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or float("inf"))
+        loss_total, tokens = float(total), sum(count_tokens(b) for b in micro_batches)
+        if parallel is not None:  # the whole job's step: losses and tokens summed over ranks
+            loss_total, tokens = parallel.runtime.all_reduce([loss_total, tokens])
+        norm = None if grad_norm is None else float(grad_norm)
+        nonfinite = not math.isfinite(loss_total) or (norm is not None and not math.isfinite(norm))
+        # float16: the scaler skips overflowing steps and lowers its scale; otherwise a non-finite step is skipped
+        skip = nonfinite and not self.scaler.is_enabled() and self.stepper is None
         lr = self.optimizer.param_groups[0]["lr"]
-        self.scaler.step(self.optimizer)  # skips the step if fp16 gradients overflowed (no gradients: no-op)
-        self.scaler.update()
-        self.scheduler.step()
+        if not skip:
+            self.scaler.step(self.optimizer)  # skips the step if fp16 gradients overflowed (no gradients: no-op)
+            self.scaler.update()
+        with warnings.catch_warnings():  # a skipped step advances the schedule without an optimizer step
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
         if self.graphs is not None:
             self.graphs.zero_grad()  # in place: the captured graphs own the .grad buffers
         elif parallel is not None:
             parallel.zero_grad()
         else:
             self.optimizer.zero_grad(set_to_none=True)
-        loss_total, tokens = float(total), sum(count_tokens(b) for b in micro_batches)
-        norm = None if grad_norm is None else float(grad_norm)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the clock stops when the GPU's work is done
         seconds = time.perf_counter() - started
-        if parallel is not None:  # the whole job's step: losses and tokens summed, the slowest rank's time
-            loss_total, tokens = parallel.runtime.all_reduce([loss_total, tokens])
+        if parallel is not None:  # the slowest rank's time
             seconds = parallel.runtime.all_reduce([seconds], op="max")[0]
-        return StepStats(loss_total / max(target_tokens, 1), lr, norm, target_tokens, int(tokens), seconds)
+        return StepStats(loss_total / max(target_tokens, 1), lr, norm, target_tokens, int(tokens), seconds,
+                         nonfinite=nonfinite, skipped=skip)

@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import random
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,14 +70,23 @@ from qlora.optim.in_backward import StepInBackward, backward_order_groups
 from qlora.precision import dtype_name, resolve_compute_dtype, torch_dtype
 from qlora.tokenizer import Tokenizer
 from qlora.train.checkpoint import (
+    CheckpointError,
     capture_rng_state,
+    find_intact_checkpoint,
     find_latest_checkpoint,
+    format_bytes,
+    free_bytes,
     load_checkpoint_state,
     restore_rng_state,
     save_checkpoint,
+    set_aside,
+    tensor_bytes,
 )
+from qlora.train.errors import NonFiniteError
 from qlora.train.loss import StepLoss, loss_sum
+from qlora.train.memory_advice import out_of_memory
 from qlora.train.metrics import MetricsLogger, ProgressBar, memory_summary, plot_losses, summarize
+from qlora.train.preemption import StopSignals
 from qlora.train.prepare import prepare_for_training
 from qlora.train.schedule import build_scheduler
 from qlora.train.step import StepStats, TrainStep, batch_to, micro_batch_seeds
@@ -93,6 +103,9 @@ class TrainResult:
     final_loss: float
     eval_loss: float | None
     rank: int = 0  # of the process that returns it (many processes: only rank 0 reports)
+    stopped: str | None = None  # the signal that stopped the run early (a checkpoint was saved), e.g. "SIGTERM"
+    checkpoint: Path | None = None  # the newest checkpoint when the run ended
+    nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient norm, over the whole run
 
 
 def count_parameters(c: ModelConfig) -> int:
@@ -178,6 +191,8 @@ class Trainer:
         self.output = Path(self.config.output)
         self.progress = progress
         self.step_count = 0
+        self.nonfinite_in_a_row = 0  # consecutive skipped steps (non-finite loss or gradient norm)
+        self.nonfinite_total = 0
         self.model = None
 
     # --- setup ------------------------------------------------------------------------------------
@@ -211,9 +226,12 @@ class Trainer:
         self.mode = self._parallel_mode(model_config, items, optimizer_name)
         sharder = LayerSharder(self.runtime) if self.mode == "fsdp" else None  # shards each layer as it loads
         quant_type = None if cfg.quant.quant_type == "none" else cfg.quant.quant_type
-        self.model = load_model(cfg.model.path, quant_type, cfg.quant.double_quant, self.dtype, self.device,
-                                blocksize=cfg.quant.blocksize, lora=self.lora, policy=self.policy,
-                                on_layer_loaded=sharder)  # fmt: skip
+        try:
+            self.model = load_model(cfg.model.path, quant_type, cfg.quant.double_quant, self.dtype, self.device,
+                                    blocksize=cfg.quant.blocksize, lora=self.lora, policy=self.policy,
+                                    on_layer_loaded=sharder)  # fmt: skip
+        except torch.OutOfMemoryError as e:
+            raise out_of_memory(e, cfg, self.device, where="while loading the model") from e
         log.info("model loaded: %s", memory_summary(self.device))
         if cfg.lora.init_from:
             load_adapter_weights(self.model, cfg.lora.init_from)  # a resume overwrites them with the checkpoint's
@@ -310,10 +328,11 @@ class Trainer:
             self.setup()
         if self.train_step is not None:
             raise RuntimeError("Trainer.resume() must come before the first step")
-        # rank 0 picks the checkpoint, so every rank resumes from the same one
-        latest = self.runtime.broadcast_object(find_latest_checkpoint(self.output))
+        # rank 0 picks the checkpoint (hashes checked), so every rank resumes from the same one
+        latest, skipped = self.runtime.broadcast_object(self._intact_checkpoint() if self.runtime.is_main else None)
         if latest is None:
-            raise ConfigError(f"--resume: no complete checkpoint under {self.output / 'checkpoints'}")
+            why = "".join(f"\n  skipped {path}: {reason}" for path, reason in skipped)
+            raise ConfigError(f"--resume: no intact checkpoint under {self.output / 'checkpoints'}{why}")
         state = load_checkpoint_state(latest, map_location="cpu")
         load_adapter_weights(self.model, latest / "adapter")
         self.optimizer.load_state_dict(self.parallel.local_optimizer_state(state["optimizer.pt"], self.optimizer))
@@ -322,9 +341,21 @@ class Trainer:
             self.scaler.load_state_dict({k: v.item() for k, v in state["scaler.pt"].items()})
         self.batches.load_state_dict(state["data.json"])
         restore_rng_state(state["rng.pt"])
-        self.step_count = int(state["trainer.json"]["step"])
+        progress = state["trainer.json"]
+        self.step_count = int(progress["step"])
+        self.nonfinite_in_a_row = int(progress.get("nonfinite_in_a_row", 0))
+        self.nonfinite_total = int(progress.get("nonfinite_total", 0))
         log.info("resumed from %s at step %d", latest, self.step_count)
         return self.step_count
+
+    def _intact_checkpoint(self) -> tuple[Path | None, list[tuple[Path, str]]]:
+        """(the newest checkpoint whose files match their SHA-256, [(damaged newer one, why)]); each damaged
+        one is set aside (renamed `.damaged-*`) so it neither shadows nor displaces the intact ones."""
+        latest, skipped = find_intact_checkpoint(self.output)
+        for path, reason in skipped:
+            moved = set_aside(path)
+            log.warning("skipping checkpoint %s: %s (moved to %s)", path.name, reason, moved.name)
+        return latest, skipped
 
     def _has_checkpoint_to_resume(self) -> bool:
         """Whether `fit` resumes. Under torchrun, `--resume` with no checkpoint yet starts from step 0 (logged):
@@ -369,12 +400,15 @@ class Trainer:
                           if isinstance(v, (int, float))},
             "rng.pt": capture_rng_state(),
             "data.json": self.batches.state_dict(),
-            "trainer.json": {"step": self.step_count},
-        }, keep_last=self.config.train.keep_last)  # fmt: skip
+            "trainer.json": {"step": self.step_count, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                             "nonfinite_total": self.nonfinite_total},
+        }, keep_last=self.config.train.keep_last,
+           size_hint=tensor_bytes(adapter) + tensor_bytes(optimizer))  # fmt: skip
 
     # --- one step, evaluation -------------------------------------------------------------------
     def step(self) -> StepStats:
-        """One optimizer step over `train.grad_accum` micro-batches."""
+        """One optimizer step over `train.grad_accum` micro-batches. An out-of-memory error becomes an
+        `OutOfMemory` that says what would fit."""
         if self.model is None:
             self.setup()
         if self.train_step is None:
@@ -383,9 +417,75 @@ class Trainer:
         world, rank = self.runtime.world_size, self.runtime.rank
         count = self.accumulation * world  # the global step's micro-batches, of which this rank runs every world-th
         seeds = micro_batch_seeds(self.config.seed, self.step_count, count)[rank::world]
-        stats = self.train_step(self.batches.next_step(count, rank, world), seeds)
+        micro_batches = self.batches.next_step(count, rank, world)
+        try:
+            stats = self.train_step(micro_batches, seeds)
+        except torch.OutOfMemoryError as e:
+            longest = max(int(b["input_ids"].shape[1]) for b in micro_batches)
+            raise out_of_memory(e, self.config, self.device, where=f"in step {self.step_count + 1}",
+                                longest=longest) from e  # fmt: skip
         self.step_count += 1
         return stats
+
+    def _step_lines(self) -> str:
+        """Where the last step's examples came from: the data file and its lines (for a message)."""
+        lines = []
+        for index in self.batches.last_step:
+            item = self.batches.examples[index]
+            for example in getattr(item, "examples", (item,)):  # a pack holds several
+                lines.append(example.line)
+        known = sorted({line for line in lines if line is not None})
+        where = ", ".join(str(line) for line in known[:50]) + (" ..." if len(known) > 50 else "")
+        return f"{self.config.data.path} lines {where}" if known else f"items {self.batches.last_step}"
+
+    def _count_nonfinite(self, stats: StepStats) -> None:
+        """Count a non-finite step (skipped by `TrainStep`); stop the run when too many come in a row, or at
+        once when the update could not be skipped (`optim.step_in_backward` updates inside backward)."""
+        if not stats.nonfinite:
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        limit, step = self.config.train.max_nonfinite_steps, self.step_count
+        what = f"loss {stats.loss:g}" + (f", gradient norm {stats.grad_norm:g}" if stats.grad_norm is not None else "")
+        if stats.skipped:
+            log.warning("step %d: %s: skipped, no update (%d in a row, %d of %d allowed); examples: %s", step, what,
+                        self.nonfinite_in_a_row, self.nonfinite_in_a_row, limit, self._step_lines())  # fmt: skip
+        if stats.skipped and self.nonfinite_in_a_row < limit:
+            return
+        first = step - self.nonfinite_in_a_row + 1
+        good = self.runtime.broadcast_object(find_latest_checkpoint(self.output) if self.runtime.is_main else None)
+        steps = f"steps {first}-{step}" if first != step else f"step {step}"
+        why = (f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient norm ({steps}; the last: "
+               f"{what}); each was skipped without an update" if stats.skipped else
+               f"step {step} had a non-finite {what}, and optim.step_in_backward applied its update inside backward, "
+               "so the adapter in memory is no longer good")  # fmt: skip
+        raise NonFiniteError(f"{why}. Step {step}'s examples: {self._step_lines()}. Last good checkpoint: "
+                             f"{good or 'none yet'}" + (" (resume from it with --resume after fixing or removing "
+                             "those examples, or lower the learning rate)" if good else "") + ".")  # fmt: skip
+
+    def _check_free_space(self) -> None:
+        """Refuse to start when the output's disk cannot hold one checkpoint and the adapter; warn when it cannot
+        hold as many checkpoints as the run keeps. Rank 0 looks; every rank gets the verdict."""
+        problem = None
+        if self.runtime.is_main:
+            t = self.config.train
+            trainable = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+            numel = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            checkpoint = trainable + 8 * numel + 2**20  # adapter + AdamW's two 32-bit moments at most + small files
+            need, free = checkpoint + trainable, free_bytes(self.output)
+            saves = max(t.max_steps - self.step_count, 1) // t.save_every + 1 if t.save_every else 1
+            kept = min(t.keep_last, saves) if t.keep_last else saves
+            if free is not None and free < need:
+                problem = (f"{self.output} has {format_bytes(free)} free, but one checkpoint and the adapter need "
+                           f"about {format_bytes(need)}; free space or choose another --output")  # fmt: skip
+            elif free is not None and free < kept * checkpoint + trainable:
+                log.warning("%s has %s free; the %d checkpoints this run keeps need about %s (train.keep_last "
+                            "bounds them)", self.output, format_bytes(free), kept,
+                            format_bytes(kept * checkpoint + trainable))  # fmt: skip
+        problem = self.runtime.broadcast_object(problem)
+        if problem is not None:
+            raise CheckpointError(problem)
 
     def evaluate(self, examples: list[EncodedExample] | None = None) -> float:
         """Token-weighted mean next-token loss over `examples` (default: the held-out split)."""
@@ -397,50 +497,87 @@ class Trainer:
     # --- the whole run ----------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         """Train to `train.max_steps` (resuming first with `train.resume`), evaluating and checkpointing on
-        schedule; write the outputs. Returns what the run ended with."""
+        schedule; write the outputs. Returns what the run ended with.
+
+        SIGTERM or SIGINT (`StopSignals`): the current step finishes, a checkpoint is saved and the run returns
+        early (`TrainResult.stopped`); a second signal exits at once. Non-finite steps are skipped and counted
+        (`train.max_nonfinite_steps` in a row stop the run: `NonFiniteError`)."""
         t = self.config.train
         if self.model is None:
             self.setup()
         if t.resume and self._has_checkpoint_to_resume():
             self.resume()
+        self._check_free_space()
         main = self.runtime.is_main  # the one process that writes
         resumed = t.resume and self.step_count > 0
         logger = MetricsLogger(self.output, resume_step=self.step_count if resumed else None) if main else None
         bar = ProgressBar(t.max_steps, initial=self.step_count, enabled=self.progress if main else False,
                           device=self.device)  # fmt: skip
-        loss, eval_loss = math.nan, None
-        while self.step_count < t.max_steps:
-            stats = self.step()
-            step, last, loss = self.step_count, self.step_count == t.max_steps, stats.loss
-            if step % t.log_every == 0 or last:
-                extra = {} if stats.grad_norm is None else {"grad_norm": stats.grad_norm}
-                if self.device.type == "cuda":  # per rank: the largest and (many processes) the smallest
-                    peak = torch.cuda.max_memory_allocated(self.device) / 2**30
-                    extra["peak_allocated_gib"] = self.runtime.all_reduce([peak], op="max")[0]
-                    if self.runtime.distributed:
-                        extra["peak_allocated_gib_min"] = self.runtime.all_reduce([peak], op="min")[0]
-                if main:
-                    record = logger.log_train(step, loss=loss, lr=stats.lr, tokens_per_s=stats.tokens_per_s,
-                                              target_tokens=stats.target_tokens, step_seconds=stats.seconds,
-                                              **extra)  # fmt: skip
-                    if not bar.enabled:
-                        log.info(summarize(record))
-            bar.update(step, loss=loss, lr=stats.lr, tokens_per_s=stats.tokens_per_s)
-            if self.held_out and ((t.eval_every and step % t.eval_every == 0) or last):
-                eval_loss = self.evaluate()
-                if main:
-                    logger.log_eval(step, eval_loss=eval_loss)
-                    bar.write(f"step {step}: eval_loss {eval_loss:.4f}")
-            if (t.save_every and step % t.save_every == 0) or last:
-                self.save_checkpoint()
-        bar.close()
-        if main:
-            logger.close()
+        loss, eval_loss, saved_at = math.nan, None, time.monotonic()
+        try:
+            with StopSignals() as signals:
+                while self.step_count < t.max_steps:
+                    stats = self.step()
+                    step, last, loss = self.step_count, self.step_count == t.max_steps, stats.loss
+                    self._log_step(stats, logger, bar)
+                    self._count_nonfinite(stats)
+                    stop, overdue = self._stop_or_save_due(signals, saved_at)
+                    if stop is not None and not last:
+                        path = self.save_checkpoint()
+                        log.warning("stopped by %s after step %d of %d; checkpoint %s; run the same command with "
+                                    "--resume to continue", stop, step, t.max_steps, path)  # fmt: skip
+                        return TrainResult(self.output, step, loss, eval_loss, self.runtime.rank, stopped=stop,
+                                           checkpoint=path, nonfinite_steps=self.nonfinite_total)  # fmt: skip
+                    if self.held_out and ((t.eval_every and step % t.eval_every == 0) or last):
+                        eval_loss = self.evaluate()
+                        if main:
+                            logger.log_eval(step, eval_loss=eval_loss)
+                            bar.write(f"step {step}: eval_loss {eval_loss:.4f}")
+                    if (t.save_every and step % t.save_every == 0) or last or overdue:
+                        self.save_checkpoint()
+                        saved_at = time.monotonic()
+        finally:
+            bar.close()
+            if main:
+                logger.close()
         self.save()
         if main:
             plot_losses(self.output)
             log.info("adapter written to %s (%s)", self.output, ADAPTER_WEIGHTS)
-        return TrainResult(self.output, self.step_count, loss, eval_loss, self.runtime.rank)
+        checkpoint = find_latest_checkpoint(self.output) if main else None
+        return TrainResult(self.output, self.step_count, loss, eval_loss, self.runtime.rank, checkpoint=checkpoint,
+                           nonfinite_steps=self.nonfinite_total)  # fmt: skip
+
+    def _log_step(self, stats: StepStats, logger: MetricsLogger | None, bar: ProgressBar) -> None:
+        """The step's metrics record (every `train.log_every` steps, and the last) and the progress bar."""
+        t, step = self.config.train, self.step_count
+        if step % t.log_every == 0 or step == t.max_steps or stats.nonfinite:
+            extra = {} if stats.grad_norm is None else {"grad_norm": stats.grad_norm}
+            if stats.nonfinite:
+                extra["skipped"] = stats.skipped
+            if self.device.type == "cuda":  # per rank: the largest and (many processes) the smallest
+                peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+                extra["peak_allocated_gib"] = self.runtime.all_reduce([peak], op="max")[0]
+                if self.runtime.distributed:
+                    extra["peak_allocated_gib_min"] = self.runtime.all_reduce([peak], op="min")[0]
+            if logger is not None:
+                record = logger.log_train(step, loss=stats.loss, lr=stats.lr, tokens_per_s=stats.tokens_per_s,
+                                          target_tokens=stats.target_tokens, step_seconds=stats.seconds,
+                                          **extra)  # fmt: skip
+                if not bar.enabled:
+                    log.info(summarize(record))
+        bar.update(step, loss=stats.loss, lr=stats.lr, tokens_per_s=stats.tokens_per_s)
+
+    def _stop_or_save_due(self, signals: StopSignals, saved_at: float) -> tuple[str | None, bool]:
+        """(the stop signal received, or None; whether `train.save_every_minutes` has passed since the last save).
+        Many processes: any rank's signal stops them all, and rank 0's clock decides the save."""
+        minutes = self.config.train.save_every_minutes
+        overdue = bool(minutes) and time.monotonic() - saved_at >= 60 * minutes
+        if not self.runtime.distributed:
+            return signals.received, overdue
+        stopped, due = self.runtime.all_reduce([float(signals.received is not None),
+                                                float(overdue and self.runtime.is_main)], op="max")  # fmt: skip
+        return (signals.received or "a stop signal on another rank") if stopped else None, bool(due)
 
     def close(self) -> None:
         """Leave the job's process group (many processes; nothing otherwise). The `Trainer` is done after it."""
