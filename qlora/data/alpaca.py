@@ -13,7 +13,10 @@ that is not an object, a missing, mistyped or empty (blank) `instruction` or `ou
 `.json` file (one top-level array) we walk the array with `JSONDecoder.raw_decode`, so each record
 knows the line it starts on and the error names it together with the record's index. A leading
 UTF-8 byte-order mark is accepted; blank lines in JSON Lines are skipped; unknown extra fields are
-ignored (many Alpaca variants carry a `text` or `id` column).
+ignored (many Alpaca variants carry a `text` or `id` column). Hostile files get the same treatment:
+a directory, an unreadable file, an empty one, a NUL byte (a binary or UTF-16 file), JSON nested
+past Python's recursion limit or a number of thousands of digits are each a `DataError` with the
+file and (where there is one) the line; reading is linear in the file's size (`read_text_file`).
 
 The file reader (`read_records`) knows nothing about Alpaca. The other formats and file kinds now
 live beside it: `readers.read_any` reads every file kind (JSON/JSON Lines through `read_records`,
@@ -74,9 +77,9 @@ def read_records(path: str | os.PathLike) -> list[SourceRecord]:
             f"unsupported file type {path.suffix or '(none)'!r}",
             hint="Use .json (an array of objects) or .jsonl (one object per line).",
         )
-    if not path.is_file():
-        raise DataError(name, None, "no such file", hint="Check the path.")
-    text = _decode_utf8(path.read_bytes(), name)
+    text = read_text_file(path)
+    if not text.strip():
+        raise DataError(name, None, "the file is empty", hint="Point to a file with data.")
     if path.suffix.lower() == ".jsonl":
         records = _read_json_lines(text, name)
     else:
@@ -86,7 +89,37 @@ def read_records(path: str | os.PathLike) -> list[SourceRecord]:
     return records
 
 
+def require_file(path: Path) -> None:
+    """A DataError naming `path` unless it is a file: a directory and a missing path say which."""
+    if path.is_dir():
+        raise DataError(str(path), None, "is a directory, not a data file", hint="Pass the data file inside it.")
+    if not path.is_file():
+        raise DataError(str(path), None, "no such file", hint="Check the path.")
+
+
+def read_text_file(path: Path) -> str:
+    """The UTF-8 text of the data file `path` (see `_decode_utf8`); a directory, a missing or unreadable file is a
+    DataError naming it."""
+    name = str(path)
+    require_file(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(name, None, f"cannot read the file ({err.strerror or err})", hint="Check its permissions.") \
+            from None  # fmt: skip
+    return _decode_utf8(data, name)
+
+
 def _decode_utf8(data: bytes, name: str) -> str:
+    """`data` as text without a leading BOM; bad UTF-8 or a NUL byte is a DataError with line and byte offset."""
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise DataError(
+            name,
+            data.count(b"\n", 0, nul) + 1,
+            f"NUL byte at file offset {nul}: this is not a text file (binary, or UTF-16/32)",
+            hint="Re-save the file as UTF-8 text.",
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -114,6 +147,8 @@ def _read_json_lines(text: str, name: str) -> list[SourceRecord]:
                 f"invalid JSON at column {err.colno}: {err.msg}",
                 hint="Each line must hold one complete JSON object.",
             ) from None
+        except (RecursionError, ValueError) as err:
+            raise _unreadable_json(name, number, None, err) from None
         records.append(SourceRecord(value, name, number))
     return records
 
@@ -151,6 +186,8 @@ def _read_json_array(text: str, name: str) -> list[SourceRecord]:
         counted_to, line = 0, 1
         while True:
             index = len(records)
+            line += text.count("\n", counted_to, position)
+            counted_to = position
             try:
                 value, end = decoder.raw_decode(text, position)
             except json.JSONDecodeError as err:
@@ -160,8 +197,8 @@ def _read_json_array(text: str, name: str) -> list[SourceRecord]:
                     f"invalid JSON at column {err.colno} (in record {index}): {err.msg}",
                     hint="Fix the JSON syntax there.",
                 ) from None
-            line += text.count("\n", counted_to, position)
-            counted_to = position
+            except (RecursionError, ValueError) as err:
+                raise _unreadable_json(name, line, index, err) from None
             records.append(SourceRecord(value, name, line, index))
             position = skip_space(end)
             if position < length and text[position] == ",":
@@ -175,6 +212,15 @@ def _read_json_array(text: str, name: str) -> list[SourceRecord]:
     if position < length:
         raise fail(position, "unexpected data after the top-level array")
     return records
+
+
+def _unreadable_json(name: str, line: int, index: int | None, err: Exception) -> DataError:
+    """The DataError for JSON that is valid but beyond Python's json: nesting past the recursion limit (a
+    RecursionError), or an integer of more digits than Python converts (a ValueError, sys.get_int_max_str_digits)."""
+    deep = isinstance(err, RecursionError)
+    what = "is nested too deeply to read" if deep else "holds a number of more digits than Python reads"
+    return DataError(name, line, f"the JSON value starting here {what}", index=index,
+                     hint="Flatten or fix the record.")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- Alpaca

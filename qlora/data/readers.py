@@ -7,7 +7,9 @@ so the format layer above can say *where* a record is wrong without knowing the 
 - `.json` / `.jsonl`: `qlora.data.alpaca.read_records` (strict JSON, line of each record, BOM).
 - `.csv` / `.tsv`: the header row names the fields; each row is a dict of strings, located at the
   file line the row starts on (a quoted field may span lines). A row with more or fewer cells than
-  the header, an empty or duplicated header name, bad UTF-8 are `DataError`s with the line.
+  the header, an empty or duplicated header name, bad UTF-8, a NUL byte, a field longer than
+  Python's csv limit (`csv.field_size_limit()`, 131,072 characters: the limit is process-wide, so
+  we leave it and say so) are `DataError`s with the line.
   Whether the header has the *right* columns is the format's question (`formats.py`), asked once
   with line 1 so the user sees "the header has [...], the format needs [...]".
 - `.parquet`: rows through `pyarrow` when it is installed (the "line" is the 1-based row number);
@@ -30,7 +32,7 @@ import os
 import re
 from pathlib import Path
 
-from qlora.data.alpaca import SourceRecord, _decode_utf8, read_records
+from qlora.data.alpaca import SourceRecord, read_records, read_text_file, require_file
 from qlora.data.errors import DataError
 
 JSON_SUFFIXES = (".json", ".jsonl")
@@ -62,14 +64,13 @@ def read_any(path: str | os.PathLike) -> list[SourceRecord]:
             f"unsupported file type {path.suffix or '(none)'!r}",
             hint="Use .json, .jsonl, .csv, .tsv, .parquet or .txt.",
         )
-    if not path.is_file():
-        raise DataError(name, None, "no such file", hint="Check the path.")
+    require_file(path)
     if suffix in TABLE_SUFFIXES:
         records = _read_table(path, "\t" if suffix == ".tsv" else ",")
     elif suffix == ".parquet":
         records = _read_parquet(path)
     else:
-        text = _decode_utf8(path.read_bytes(), name)
+        text = read_text_file(path)
         records = [SourceRecord({"text": text}, name, 1)] if text.strip() else []
     if not records:
         raise DataError(name, None, "the file holds no records", hint="Point to a file with data.")
@@ -78,7 +79,7 @@ def read_any(path: str | os.PathLike) -> list[SourceRecord]:
 
 def _read_table(path: Path, delimiter: str) -> list[SourceRecord]:
     name = str(path)
-    text = _decode_utf8(path.read_bytes(), name)
+    text = read_text_file(path)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     start = 1
     kind = "TSV" if delimiter == "\t" else "CSV"
@@ -109,6 +110,10 @@ def _read_table(path: Path, delimiter: str) -> list[SourceRecord]:
             records.append(SourceRecord(dict(zip(header, row, strict=True)), name, start))
             start = reader.line_num + 1
     except csv.Error as err:
+        if "field limit" in str(err):
+            limit = csv.field_size_limit()
+            raise DataError(name, start, f"a cell of the row starting here is longer than Python's csv reader takes "
+                            f"({limit:,} characters)", hint="Store long texts in JSON Lines.") from None  # fmt: skip
         raise DataError(
             name, start, f"malformed {kind} in the row starting here: {err}", hint="Fix the quoting there."
         ) from None
