@@ -496,10 +496,15 @@ def compare(reference: dict, run: dict) -> list[str]:
         if key == "adapter_model.safetensors bytes":
             if reference[key] != run[key]:
                 out.append(f"{key}: the files differ ({len(run[key])} vs {len(reference[key])} bytes)")
-        elif key.endswith("entries"):
+        elif key.endswith("entries"):  # extra: leftovers (directory); missing: lost outputs (state)
             extra, missing = sorted(set(run[key]) - set(reference[key])), sorted(set(reference[key]) - set(run[key]))
-            if extra or missing:
-                out.append(f"{key}: extra {extra}, missing {missing}")
+            if extra:
+                out.append(f"{key}: extra {extra}")
+            if missing:
+                out.append(f"{key}: missing {missing}")
+        elif key == "checkpoints":  # those in both; the entries say which are extra or missing
+            for name in sorted(set(run[key]) & set(reference[key])):
+                diff(run[key][name], reference[key][name], f"{key}[{name!r}]", out)
         else:
             diff(run[key], reference[key], key, out)
     return out
@@ -588,7 +593,7 @@ KINDS = {
     "control": "a negative control was not reported as a difference",
     "instruments": "the instrumented run differs from the reference (the worker's wrappers changed something)",
 }
-DIRECTORY_KEYS = ("checkpoints/ entries", "output entries", "latest")
+DIRECTORY_KEYS = ("checkpoints/ entries: extra", "output entries: extra", "latest")
 CATEGORY_WEIGHTS = {"compute": 0.3, "checkpoint": 0.5, "adapter": 0.1, "output": 0.05, "resume": 0.05}
 
 
@@ -733,7 +738,7 @@ def summarize(summary: dict) -> str:
         lines.append(f"  control {name}: {'detected' if c['detected'] else 'NOT DETECTED'} ({c['differences']} "
                      "differences)")  # fmt: skip
     for kind, ok in summary["checks"].items():
-        lines.append(f"  {kind:<11} {'ok' if ok else 'FAIL'}: {KINDS[kind]}" if not ok else f"  {kind:<11} ok")
+        lines.append(f"  {kind:<11} {'ok' if ok else 'FAIL: ' + KINDS[kind]}")
     lines.extend(f"  FAIL [{f['kind']}] round {f.get('round', '-')}: {f['what']}" for f in summary["failures"])
     return "\n".join(lines)
 
