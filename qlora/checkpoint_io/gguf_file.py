@@ -141,7 +141,10 @@ class _Cursor:
         if n > _MAX_NAME_BYTES:
             raise self.fail(what, f"a name of {n:,} bytes")
         raw = self.buffer[self.take(n, what) : self.pos]
-        return raw.decode("utf-8", errors="replace")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise self.fail(what, f"a name that is not UTF-8 ({e.reason} at its byte {e.start})") from None
 
     def skip_value(self, vtype: int, what: str, depth: int = 0) -> None:
         if vtype in _SCALAR_BYTES:
