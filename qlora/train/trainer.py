@@ -502,6 +502,10 @@ class Trainer:
         SIGTERM or SIGINT (`StopSignals`): the current step finishes, a checkpoint is saved and the run returns
         early (`TrainResult.stopped`); a second signal exits at once. Non-finite steps are skipped and counted
         (`train.max_nonfinite_steps` in a row stop the run: `NonFiniteError`)."""
+        with StopSignals() as signals:  # from the start: a signal during setup stops before the first step
+            return self._fit(signals)
+
+    def _fit(self, signals: StopSignals) -> TrainResult:
         t = self.config.train
         if self.model is None:
             self.setup()
@@ -509,33 +513,37 @@ class Trainer:
             self.resume()
         self._check_free_space()
         main = self.runtime.is_main  # the one process that writes
+        stop, _ = self._stop_or_save_due(signals, time.monotonic())
+        if stop is not None:  # nothing trained yet in this process: nothing new to save
+            log.warning("stopped by %s before the first step", stop)
+            return TrainResult(self.output, self.step_count, math.nan, None, self.runtime.rank, stopped=stop,
+                               checkpoint=find_latest_checkpoint(self.output) if main else None)  # fmt: skip
         resumed = t.resume and self.step_count > 0
         logger = MetricsLogger(self.output, resume_step=self.step_count if resumed else None) if main else None
         bar = ProgressBar(t.max_steps, initial=self.step_count, enabled=self.progress if main else False,
                           device=self.device)  # fmt: skip
         loss, eval_loss, saved_at = math.nan, None, time.monotonic()
         try:
-            with StopSignals() as signals:
-                while self.step_count < t.max_steps:
-                    stats = self.step()
-                    step, last, loss = self.step_count, self.step_count == t.max_steps, stats.loss
-                    self._log_step(stats, logger, bar)
-                    self._count_nonfinite(stats)
-                    stop, overdue = self._stop_or_save_due(signals, saved_at)
-                    if stop is not None and not last:
-                        path = self.save_checkpoint()
-                        log.warning("stopped by %s after step %d of %d; checkpoint %s; run the same command with "
-                                    "--resume to continue", stop, step, t.max_steps, path)  # fmt: skip
-                        return TrainResult(self.output, step, loss, eval_loss, self.runtime.rank, stopped=stop,
-                                           checkpoint=path, nonfinite_steps=self.nonfinite_total)  # fmt: skip
-                    if self.held_out and ((t.eval_every and step % t.eval_every == 0) or last):
-                        eval_loss = self.evaluate()
-                        if main:
-                            logger.log_eval(step, eval_loss=eval_loss)
-                            bar.write(f"step {step}: eval_loss {eval_loss:.4f}")
-                    if (t.save_every and step % t.save_every == 0) or last or overdue:
-                        self.save_checkpoint()
-                        saved_at = time.monotonic()
+            while self.step_count < t.max_steps:
+                stats = self.step()
+                step, last, loss = self.step_count, self.step_count == t.max_steps, stats.loss
+                self._log_step(stats, logger, bar)
+                self._count_nonfinite(stats)
+                stop, overdue = self._stop_or_save_due(signals, saved_at)
+                if stop is not None and not last:
+                    path = self.save_checkpoint()
+                    log.warning("stopped by %s after step %d of %d; checkpoint %s; run the same command with "
+                                "--resume to continue", stop, step, t.max_steps, path)  # fmt: skip
+                    return TrainResult(self.output, step, loss, eval_loss, self.runtime.rank, stopped=stop,
+                                       checkpoint=path, nonfinite_steps=self.nonfinite_total)  # fmt: skip
+                if self.held_out and ((t.eval_every and step % t.eval_every == 0) or last):
+                    eval_loss = self.evaluate()
+                    if main:
+                        logger.log_eval(step, eval_loss=eval_loss)
+                        bar.write(f"step {step}: eval_loss {eval_loss:.4f}")
+                if (t.save_every and step % t.save_every == 0) or last or overdue:
+                    self.save_checkpoint()
+                    saved_at = time.monotonic()
         finally:
             bar.close()
             if main:

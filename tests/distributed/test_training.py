@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -172,6 +173,60 @@ def test_a_hung_rank_ends_the_job_within_the_timeout(tmp_path):
     assert done.returncode != 0, done.stderr[-3000:]
     assert elapsed < 200, elapsed
     assert "rank" in done.stderr, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_sigterm_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, one_process):
+    """SIGTERM reaches rank 1 only, during step 1: both ranks stop after step 1, the job saves that step's
+    checkpoint and exits 0; a resume on 2 processes then equals the uninterrupted run."""
+    output = tmp_path / "run"
+    done = launch(2, str(WORKER), str(write_config(output, "ddp", save_every=0)), "--signal-at-step", "1",
+                  "--rank", "1")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "stopped by a stop signal on another rank after step 1" in done.stderr, done.stderr[-3000:]
+    from qlora.train.checkpoint import list_checkpoints
+
+    assert [step for step, _ in list_checkpoints(output)] == [1]
+    train_worker(2, write_config(output, "ddp", resume=True, save_every=0))
+    assert_same_run(output, one_process)
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_torchrun_reaches_the_ranks_and_they_save_before_it_gives_up(tmp_path):
+    """What a cluster does: SIGTERM to torchrun, which forwards it to every worker and waits (30 s) before
+    SIGKILL. The workers finish their step and save; torchrun itself reports the signal (non-zero exit)."""
+    output = tmp_path / "run"
+    config = write_config(output, "ddp", max_steps=400, save_every=0)
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                            str(WORKER), str(config)], env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path},
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (output / "metrics.jsonl").exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    while not records(output) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=240)
+    assert "stopped by SIGTERM after step" in err, err[-3000:]
+    from qlora.train.checkpoint import find_intact_checkpoint
+
+    latest, skipped = find_intact_checkpoint(output)
+    assert latest is not None and not skipped
+    assert int(latest.name.split("-")[1]) == max(r["step"] for r in records(output))
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_is_skipped_by_all_and_stops_the_job(tmp_path):
+    """Rank 1's forward turns NaN from step 2: the reduced gradient norm is NaN on every rank, so every rank skips
+    steps 2-4 alike, and the third in a row stops the job with one message from rank 0."""
+    output = tmp_path / "run"
+    config = write_config(output, "fsdp", max_steps=6, save_every=1)
+    done = launch(2, str(WORKER), str(config), "--poison-from-step", "2", "--rank", "1")
+    assert done.returncode != 0
+    assert done.stderr.count("NonFiniteError: 3 steps in a row") >= 1, done.stderr[-3000:]
+    assert "(steps 2-4;" in done.stderr and "Last good checkpoint: " in done.stderr, done.stderr[-3000:]
+    assert [r.get("skipped") for r in records(output)] == [None, True, True, True]
 
 
 @pytest.mark.slow

@@ -1,16 +1,19 @@
 """One process of a distributed test run, started by torchrun from tests/distributed (not a test module).
 
     python -m torch.distributed.run --nproc-per-node N worker.py CONFIG.yaml [--wrong-reduction]
-        [--die-at-step K --die-rank R] [--hang-at-step K --hang-rank R]
+        [--die-at-step K --rank R] [--hang-at-step K --rank R] [--signal-at-step K --rank R]
+        [--poison-from-step K --rank R]
 
 Trains the `qlora.Trainer` of CONFIG.yaml. The flags break a run on purpose, for the negative controls:
 --wrong-reduction leaves the mean over ranks uncompensated (gradients divided by the world size),
 --die-at-step kills rank R with exit code 3 after step K (torchrun's first attempt only),
---hang-at-step makes rank R sleep there.
+--hang-at-step makes rank R sleep there, --signal-at-step sends rank R a SIGTERM after step K (first attempt),
+--poison-from-step makes rank R's embeddings NaN from step K on.
 """
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -45,6 +48,8 @@ def main() -> int:
     parser.add_argument("--wrong-reduction", action="store_true")
     parser.add_argument("--die-at-step", type=int)
     parser.add_argument("--hang-at-step", type=int)
+    parser.add_argument("--signal-at-step", type=int)
+    parser.add_argument("--poison-from-step", type=int)
     parser.add_argument("--rank", type=int, default=1)
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--report-shards", help="write this rank's bytes of base storage to this directory")
@@ -56,17 +61,25 @@ def main() -> int:
         report_shards(trainer, Path(args.report_shards))
     if args.wrong_reduction:
         trainer.parallel.gradient_multiplier = 1.0
-    if args.die_at_step or args.hang_at_step:
+    if args.poison_from_step and trainer.runtime.rank == args.rank:
+        def poison(module, inputs, output):
+            return output * float("nan") if trainer.step_count + 1 >= args.poison_from_step else output
+
+        trainer.model.model.embed_tokens.register_forward_hook(poison)
+    if args.die_at_step or args.hang_at_step or args.signal_at_step:
         step = trainer.step
 
         def breaking_step():
             stats = step()
             first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"  # a restart runs on
-            if first_attempt and trainer.runtime.rank == args.rank and trainer.step_count == args.die_at_step:
+            mine = trainer.runtime.rank == args.rank
+            if first_attempt and mine and trainer.step_count == args.die_at_step:
                 sys.stderr.flush()
                 os._exit(3)
-            if trainer.runtime.rank == args.rank and trainer.step_count == args.hang_at_step:
+            if mine and trainer.step_count == args.hang_at_step:
                 time.sleep(3600)
+            if first_attempt and mine and trainer.step_count == args.signal_at_step:
+                os.kill(os.getpid(), signal.SIGTERM)
             return stats
 
         trainer.step = breaking_step

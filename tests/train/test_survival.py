@@ -226,3 +226,19 @@ def test_save_every_minutes_saves_on_the_clock(tmp_path, monkeypatch):
     saved = [step for step, _ in list_checkpoints(tmp_path)]
     assert saved == [2, 4]  # 100 s after the start at step 2, then the last step
     assert json.loads((tmp_path / "checkpoints" / "step-000002" / "trainer.json").read_text())["step"] == 2
+
+
+def test_a_signal_during_setup_stops_before_the_first_step(tmp_path, monkeypatch):
+    setup = Trainer.setup
+
+    def signalled_setup(self):
+        setup(self)
+        os.kill(os.getpid(), signal.SIGTERM)  # as a cluster would while the model loads
+        time.sleep(0.1)
+        return self
+
+    monkeypatch.setattr(Trainer, "setup", signalled_setup)
+    result = Trainer(tiny_config(tmp_path, max_steps=3), progress=False).fit()
+    assert result.stopped == "SIGTERM" and result.steps == 0 and result.checkpoint is None
+    assert list_checkpoints(tmp_path) == [] and not (tmp_path / "metrics.jsonl").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
