@@ -244,6 +244,7 @@ DEVICE_BRANCHES_ALLOWED = {
     "qlora/train/prepare.py": "activation offload (pinned memory, streams) on CUDA only",
     "qlora/train/metrics.py": "memory reporting: CUDA peak allocated, else resident memory",
     "qlora/train/trainer.py": "paged AdamW on CUDA; peak-memory logging; the GPU's memory for parallel auto",
+    "qlora/train/memory_advice.py": "an out-of-memory message reports the GPU's capacity and peak",
     "qlora/distributed/runtime.py": "one GPU per process and NCCL on CUDA, gloo on CPUs",
     "qlora/distributed/parallel.py": "DDP's device_ids are given for a CUDA device only",
 }
