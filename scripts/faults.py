@@ -44,6 +44,11 @@ the newest one. Checked after each round: every checkpoint file (adapter, optimi
 data position, step) and the output adapter equal the reference's bit for bit (tensors compared as bytes), the
 metrics records equal (timings aside), the checkpoints directory and the output directory list the same entries
 as the reference's (no leftover temporary files or directories, same `latest`), and the adapter loads.
+
+Every process imports a copy of `qlora/` made when the script starts (the working tree, or `--git-ref`), so an
+edit made to the tree meanwhile cannot make the reference and a resumed run differ. What this does not test:
+SIGKILL loses the process, not the page cache, so what a power cut does to data not yet fsynced is not seen
+here; nor are several processes (torchrun) or CUDA.
 """
 
 from __future__ import annotations
@@ -103,8 +108,9 @@ class Instruments:
         self.counts: Counter[str] = Counter()
         self.in_backward = 0
         self.started = time.perf_counter()
-        self.setup: dict | None = None  # counts and time when the first training forward starts
-        self.steps: list[dict] = []  # counts and time after each optimizer step
+        self.starts: list[dict] = []  # counts and time when each step's first forward starts (census)
+        self.steps: list[dict] = []  # counts and time after each step's optimizer update (census)
+        self._in_step = False
         self.read_dirs: set[str] = set()
         self._mode = None
 
@@ -252,8 +258,9 @@ class Instruments:
             elif not torch.is_grad_enabled():
                 instruments.hit("eval")
             else:
-                if instruments.census and instruments.setup is None:
-                    instruments.setup = instruments.snapshot()
+                if instruments.census and not instruments._in_step:
+                    instruments.starts.append(instruments.snapshot())
+                    instruments._in_step = True
                 instruments.hit("forward")
 
         def gradient_arrived(grad):
@@ -293,6 +300,7 @@ class Instruments:
                 mode.__exit__(None, None, None)
             if self.census:
                 self.steps.append(self.snapshot())
+                self._in_step = False
 
         register_optimizer_step_pre_hook(step_pre)
         register_optimizer_step_post_hook(step_post)
@@ -309,7 +317,7 @@ def worker_main(args) -> int:
 
     rc = main(["train", "--config", args.config] + (["--resume"] if args.resume else []))
     if args.census:
-        Path(args.census).write_text(json.dumps({"setup": instruments.setup, "steps": instruments.steps,
+        Path(args.census).write_text(json.dumps({"starts": instruments.starts, "steps": instruments.steps,
                                                  "end": instruments.snapshot()}) + "\n")  # fmt: skip
     return rc
 
@@ -555,28 +563,37 @@ def flip_one_bit(state: dict) -> dict:
 
 
 class Census:
-    """How often each point is reached in an uninterrupted run, after setup and after every step."""
+    """How often each point is reached in an uninterrupted run: when each step's first forward starts (the first
+    one: after setup), after each step's update, and in all; with the times."""
 
     def __init__(self, data: dict, seconds: float):
-        self.setup = data["setup"]["counts"]
+        self.starts = [s["counts"] for s in data["starts"]]
         self.steps = [s["counts"] for s in data["steps"]]
         self.total = data["end"]["counts"]
-        self.t_setup, self.t_steps, self.t_end = data["setup"]["t"], [s["t"] for s in data["steps"]], data["end"]["t"]
+        self.t_starts, self.t_steps = [s["t"] for s in data["starts"]], [s["t"] for s in data["steps"]]
+        self.t_end = data["end"]["t"]
         self.startup = max(0.0, seconds - self.t_end)  # interpreter start before the worker's clock
 
-    def points(self) -> list[str]:
-        return sorted(p for p, n in self.total.items() if n > 0)
-
     def remaining(self, point: str, resumed: int) -> int:
-        """Arrivals of `point` in an attempt that resumes after step `resumed` (0: from scratch); an estimate:
-        setup's, then those after step `resumed`'s optimizer update (its checkpoint's included)."""
+        """Arrivals of `point` in a start that resumes after step `resumed` (0: from scratch): setup's, then
+        those from step `resumed + 1` on. Resumed after the last step, those after its update are counted (its
+        evaluation and checkpoint too, which a resume does not redo: an overestimate)."""
         if resumed == 0:
             return self.total.get(point, 0)
-        return self.setup.get(point, 0) + self.total.get(point, 0) - self.steps[resumed - 1].get(point, 0)
+        after = self.starts[resumed] if resumed < len(self.starts) else self.steps[resumed - 1]
+        return self.starts[0].get(point, 0) + self.total.get(point, 0) - after.get(point, 0)
+
+    def points(self, resumed: int) -> list[str]:
+        """Points a start resumed after step `resumed` reaches. After the last step only setup and the outputs
+        are left: no compute, and no checkpoint unless setup writes one."""
+        last = resumed >= len(self.steps)
+        return sorted(p for p in self.total if self.remaining(p, resumed) > 0
+                      and not (last and category(p) in ("compute", "checkpoint") and not self.starts[0].get(p)))
 
     def seconds(self, resumed: int) -> float:
-        done = self.t_setup if resumed == 0 else self.t_steps[resumed - 1]
-        return self.startup + self.t_setup + self.t_end - done
+        """How long a start that resumes after step `resumed` takes, roughly."""
+        done = self.t_starts[resumed] if resumed < len(self.t_starts) else self.t_steps[resumed - 1]
+        return self.startup + self.t_starts[0] + self.t_end - done
 
 
 # ---------------------------------------------------------------------------------------------- the rounds
@@ -650,7 +667,7 @@ class Faults:
             return None, None
         if self.rng.random() < self.args.wall_fraction:
             return None, round(self.rng.uniform(0.0, census.seconds(resumed)), 3)
-        points = census.points()
+        points = census.points(resumed)
         if resumed:  # a resume reads the checkpoint: a kill while it loads (not in the census, which starts fresh)
             points += ["torch.load:before@ckpt.step", "torch.load:after@ckpt.step"]
         families = {c: [p for p in points if category(p) == c] for c in CATEGORY_WEIGHTS}
