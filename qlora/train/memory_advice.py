@@ -17,7 +17,12 @@ import torch
 from qlora.config import TrainConfig
 from qlora.train.errors import OutOfMemory
 
-_ASKED = re.compile(r"Tried to allocate ([\d.]+ [KMGT]i?B)")
+_ASKED = re.compile(r"[Tt]ried to allocate ([\d.]+ [KMGT]i?B|\d+ bytes)")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A device's out-of-memory error, or the CPU allocator's ("DefaultCPUAllocator: can't allocate memory")."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
 def fitting_settings(config: TrainConfig, longest: int | None) -> list[str]:

@@ -84,7 +84,7 @@ from qlora.train.checkpoint import (
 )
 from qlora.train.errors import NonFiniteError
 from qlora.train.loss import StepLoss, loss_sum
-from qlora.train.memory_advice import out_of_memory
+from qlora.train.memory_advice import is_out_of_memory, out_of_memory
 from qlora.train.metrics import MetricsLogger, ProgressBar, memory_summary, plot_losses, summarize
 from qlora.train.preemption import StopSignals
 from qlora.train.prepare import prepare_for_training
@@ -420,7 +420,9 @@ class Trainer:
         micro_batches = self.batches.next_step(count, rank, world)
         try:
             stats = self.train_step(micro_batches, seeds)
-        except torch.OutOfMemoryError as e:
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
             longest = max(int(b["input_ids"].shape[1]) for b in micro_batches)
             raise out_of_memory(e, self.config, self.device, where=f"in step {self.step_count + 1}",
                                 longest=longest) from e  # fmt: skip

@@ -242,3 +242,37 @@ def test_a_signal_during_setup_stops_before_the_first_step(tmp_path, monkeypatch
     assert result.stopped == "SIGTERM" and result.steps == 0 and result.checkpoint is None
     assert list_checkpoints(tmp_path) == [] and not (tmp_path / "metrics.jsonl").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("two") / "run"
+    Trainer(tiny_config(output, max_steps=2, save_every=1), progress=False).fit()
+    return output
+
+
+def _checkpoint_files() -> list[str]:
+    # every file a trainer checkpoint holds (checked against a real one in the test)
+    return ["MANIFEST.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "data.json",
+            "optimizer.pt", "rng.pt", "scaler.pt", "scheduler.pt", "trainer.json"]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _checkpoint_files())
+def test_a_flipped_byte_in_any_file_of_a_trainer_checkpoint_falls_back_to_the_previous_one(
+        tmp_path, two_checkpoints, name, caplog):  # fmt: skip
+    import shutil
+
+    newest = two_checkpoints / "checkpoints" / "step-000002"
+    assert sorted(p.relative_to(newest).as_posix() for p in newest.rglob("*") if p.is_file()) == _checkpoint_files()
+    output = tmp_path / "run"
+    shutil.copytree(two_checkpoints, output)
+    damaged = output / "checkpoints" / "step-000002" / name
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 3] ^= 0x04
+    damaged.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="qlora.train"):
+        trainer = Trainer(tiny_config(output, max_steps=3, resume=True), progress=False)
+        assert trainer.resume() == 1
+    assert "skipping checkpoint step-000002" in caplog.text
+    assert [p.name for p in (output / "checkpoints").iterdir() if p.name.startswith("step-")] == ["step-000001"]
