@@ -12,7 +12,7 @@ of the current size + 2 GiB, so an allocation sized by a lying count or length f
 
 Mutations (`mutations`): a third are cuts at a random length, the rest change 1-4 bytes (a bit flip or a
 random byte), half of those within the header where the counts, lengths and offsets live. 200 cases per
-reader here; `test_fuzz_many` (slow) runs 2,000 per reader and the stories260K directory from ../shared.
+reader here; `test_fuzz_many` (slow) runs 1,000 per reader and the stories260K directory from ../shared.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def test_fuzz_data(tmp_path, suffix):
 
 @pytest.mark.slow
 def test_fuzz_many(tmp_path):
-    count = 10 * CASES
+    count = 5 * CASES
     assert fuzz_model_dir(write_model_dir(tmp_path / "m"), count, seed=11) > count // 3
     if STORIES.is_dir():
         stories = tmp_path / "stories"
