@@ -93,14 +93,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from qlora.adapter import AdapterError
+    from qlora.checkpoint_io import CheckpointError, GGUFError
     from qlora.config import ConfigError
     from qlora.data.errors import DataError
     from qlora.loading import ModelSourceError
+    from qlora.model.config import UnsupportedModelError
     from qlora.train.errors import TrainingError
 
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (AdapterError, ConfigError, DataError, ModelSourceError, FileNotFoundError) as e:
+    except (AdapterError, CheckpointError, ConfigError, DataError, GGUFError, ModelSourceError, UnsupportedModelError,
+            FileNotFoundError) as e:  # fmt: skip
         print(f"qlora {argv[0]}: error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:  # the run could not go on (a checkpoint, non-finite steps, memory): no traceback

@@ -41,3 +41,20 @@ def test_usage_errors_exit_2():
         main(["train", "--lora-r", "-3"])
     assert bad_flag.value.code == 2
     assert main(["frobnicate"]) == 2
+
+
+def test_damaged_model_files_are_one_message_not_a_traceback(stories260k_dir, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(stories260k_dir, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # cut inside the tensor data
+    assert main(["generate", "--model", str(model), "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qlora generate: error: ") and "model.safetensors" in err and "Traceback" not in err
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"NOTGGUF!" + bytes(64))
+    assert main(["generate", "--model", str(fake), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qlora generate: error: ") and "fake.gguf" in err and "Traceback" not in err

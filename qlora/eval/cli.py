@@ -168,12 +168,14 @@ MODES = {"answer": answer, "judge": judge, "datatypes": datatypes}
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch to a mode; errors a user can fix print one line and exit with status 2."""
     from qlora.adapter import AdapterError
+    from qlora.checkpoint_io import CheckpointError, GGUFError
     from qlora.config import ConfigError
     from qlora.eval.benchmarks import BenchmarkFileError
     from qlora.eval.judge import JudgeError
     from qlora.eval.mmlu_data import MMLUDataError
     from qlora.eval.scoring import ScoringError
     from qlora.loading import ModelSourceError
+    from qlora.model.config import UnsupportedModelError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     mode = argv[0] if argv and argv[0] in MODES else None
@@ -187,6 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         AdapterError,
         ConfigError,
         ModelSourceError,
+        CheckpointError,
+        GGUFError,
+        UnsupportedModelError,
         FileNotFoundError,
     ) as e:
         print(f"qlora eval{' ' + mode if mode else ''}: error: {e}", file=sys.stderr)

@@ -28,6 +28,9 @@ def read_gguf(path: Path) -> TokenizerParts:
     """The tokenizer parts of the GGUF file `path`; errors name the file and the metadata key."""
     import gguf  # heavy import, only needed here
 
+    from qlora.checkpoint_io.gguf_file import check_gguf_layout
+
+    check_gguf_layout(Path(path))  # the reader trusts the header's counts: a hostile one would hang it
     reader = gguf.GGUFReader(path)
 
     def meta(key: str, default: Any = None) -> Any:
