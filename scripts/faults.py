@@ -654,7 +654,7 @@ class Faults:
             raise SystemExit(f"faults: the census run failed (exit {attempt.rc}); its log: {log}\n{attempt.tail}")
         return Census(json.loads(data.read_text()), attempt.seconds), output
 
-    def choose(self, census: Census | None, resumed: int, kills_in_round: int, output: Path):
+    def choose(self, census: Census | None, resumed: int, kills_in_round: int, kills_at_end: int, output: Path):
         """(kill "POINT=N" or None, delay in seconds or None) for the next start of a round."""
         if self.schedule is not None:
             if not self.schedule:
@@ -665,8 +665,10 @@ class Faults:
             return entry, None
         if kills_in_round >= self.args.max_kills_per_round:
             return None, None
-        if self.rng.random() < self.args.wall_fraction:
-            return None, round(self.rng.uniform(0.0, census.seconds(resumed)), 3)
+        if resumed >= self.args.steps and kills_at_end >= self.args.max_kills_at_end:
+            return None, None  # only the outputs are left: a few kills there, then a new round
+        if self.rng.random() < self.args.wall_fraction:  # 0.9: the estimate runs long; a start that ends first
+            return None, round(self.rng.uniform(0.0, 0.9 * census.seconds(resumed)), 3)  # ends the round
         points = census.points(resumed)
         if resumed:  # a resume reads the checkpoint: a kill while it loads (not in the census, which starts fresh)
             points += ["torch.load:before@ckpt.step", "torch.load:after@ckpt.step"]
@@ -689,7 +691,8 @@ class Faults:
         while True:
             steps = committed(output)
             resumed = steps[-1] if steps else 0
-            kill, delay = self.choose(census, resumed, kills, output)
+            at_end = sum(1 for a in attempts if "point" in a and a["resume_from"] >= self.args.steps)
+            kill, delay = self.choose(census, resumed, kills, at_end, output)
             log = self.workdir / "logs" / f"{name}-start-{len(attempts):03d}.log"
             a = Attempt(self.code, cfg, log, bool(steps), kill, delay, self.args.timeout)
             record = {"resume_from": resumed, "kill": kill, "delay_s": delay, "rc": a.rc,
@@ -699,7 +702,7 @@ class Faults:
                 self.fail("atomicity", f"the resume read {a.read}, not the newest checkpoint step-{resumed:06d}",
                           round=index, log=str(log))  # fmt: skip
             if a.finished:
-                if kill is not None:
+                if kill is not None or delay is not None:
                     record["note"] = "the kill point was not reached; the start finished"
                     if self.schedule is not None:
                         self.fail("error", f"the scheduled kill {kill} was not reached", round=index, log=str(log))
@@ -852,6 +855,8 @@ def parse_args(argv=None):
     p.add_argument("--schedule", help="comma-separated kills, one per start, instead of random ones: POINT=N or "
                    "wall=SECONDS (see the module docstring for POINT); one round")  # fmt: skip
     p.add_argument("--max-kills-per-round", type=int, default=12)
+    p.add_argument("--max-kills-at-end", type=int, default=2,
+                   help="kills per round once the last step is checkpointed (only the outputs are left)")
     p.add_argument("--wall-fraction", type=float, default=0.2, help="share of random kills sent by the clock")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a start counts as hung")
     p.add_argument("--git-ref", help="test the qlora package of this commit (default: the working tree, copied)")
