@@ -103,10 +103,11 @@ class LeftoverFound(AssertionError):
 @pytest.mark.xfail(raises=LeftoverFound, strict=True, reason=(
     "qlora/train/checkpoint.py + trainer: a SIGKILL after `latest.tmp-PID` is created and before its os.replace "
     "leaves that file forever (_remove_leftovers removes only .tmp-/.del- prefixes); a kill inside the LAST "
-    "checkpoint's latest update or prune leaves `latest` stale and keep_last+1 checkpoints (the resume at "
-    "max_steps writes no checkpoint, so nothing repairs them); a kill between the final adapter's save_file and "
-    "os.replace leaves `.adapter_model.safetensors.tmp-PID` in the output directory (the unlink is in a finally "
-    "that SIGKILL skips; the next start has another pid)"))  # fmt: skip
+    "checkpoint's latest update or prune leaves `latest` stale, keep_last+1 checkpoints or a `.del-step-*` "
+    "directory (the resume at max_steps writes no checkpoint, so nothing repairs them); a kill between the final "
+    "adapter's save_file / write_text and os.replace leaves `.adapter_model.safetensors.tmp-PID` or "
+    "`.adapter_config.json.tmp-PID` in the output directory (qlora/adapter.py's unlink is in a finally that "
+    "SIGKILL skips; the next start has another pid)"))  # fmt: skip
 def test_a_kill_in_the_last_checkpoint_or_the_final_adapter_leaves_nothing_behind(tmp_path):
     schedule = ["open:after@ckpt.latest=1",  # step 1: the pointer's temporary file is written, not yet renamed
                 "replace:before@ckpt.latest=5",  # resumed at 1: the 5th save is the last (step 6)
