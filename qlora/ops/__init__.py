@@ -12,6 +12,7 @@ from qlora.ops.dispatch import (
     dequantize,
     dropout_backward,
     dropout_project,
+    matmul_4bit,
     rms_norm,
     swiglu,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "dropout_backward",
     "dropout_project",
     "has_float32_product_mm",
+    "matmul_4bit",
     "policy_of",
     "rms_norm",
     "swiglu",
