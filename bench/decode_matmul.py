@@ -16,8 +16,8 @@ few-microsecond kernel would be most of an eager call; `eager us` gives the kern
 with it). `weight GB/s` is the bytes of the weight each reads from its storage (4-bit: codes +
 absmax codes + nested absmax; dense: 2 per element) over the time. Every result is checked against
 the float64 product of the dequantized weight within tests/kernels/test_matmul_4bit.py's tolerance.
-`--sweep` also times other launches of the kernel (both paths, several tiles and both lookups), the
-data for choosing its defaults.
+`--sweep` also times other launches of the kernel (both paths, several tiles, both lookups, fixed
+splits of K), the data for choosing its defaults.
 
     PYTHONPATH=. python bench/decode_matmul.py --out decode_matmul.json [--sweep]   # on the GPU machine
     PYTHONPATH=. python bench/decode_matmul.py --device cpu                         # smoke: tiny, interpreted
@@ -67,7 +67,7 @@ def sweep_launches(rows: int) -> list[dict]:
     launches = [dict(use_dot=True, tiles=t) for t in dot]
     if rows <= 8:  # the CUDA-core path costs a multiply-add per weight and row
         launches += [dict(use_dot=False, tiles=t) for t in fma]
-    launches += [dict(lookup="select")]
+    launches += [dict(lookup="select")] + [dict(splits=s) for s in (1, 4, 16)]  # default tiles, K split otherwise
     return launches
 
 
@@ -80,6 +80,8 @@ def describe(launch: dict) -> str:
         parts.append(f"{t.block_n}x{t.block_k} {t.num_warps}w")
     if "lookup" in launch:
         parts.append(launch["lookup"])
+    if "splits" in launch:
+        parts.append(f"{launch['splits']} splits")
     return "matmul_4bit " + " ".join(parts)
 
 

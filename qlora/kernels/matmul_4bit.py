@@ -15,7 +15,7 @@ so every weight is bit-identical to `QuantizedTensor.dequantize(dtype)`'s (for 1
 product is exact in fp32); only the order of the fp32 sums differs from the twin's GEMM, hence the
 tests' tolerance. The double-quant absmax is restored as `fp32(fp32(map[c] * nested) + offset)`: the
 multiply is `libdevice.mul_rn`, which the compiler never contracts with the add into an FMA, so the
-rest of the kernel keeps FP contraction (the M = 1 path's multiply-adds); the dequantize kernel
+rest of the kernel keeps FP contraction (the CUDA-core path's multiply-adds); the dequantize kernel
 instead compiles without contraction (`enable_fp_fusion=False`), its only add being that one.
 
 Why it is shaped so (memory-bound: 0.5 byte per weight, a handful of instructions per weight):
@@ -32,15 +32,17 @@ Why it is shaped so (memory-bound: 0.5 byte per weight, a handful of instruction
   multiply-add per weight and row); more rows feed the tensor cores (`tl.dot` of the W tile
   [block_n, block_k] with x^T [block_k, 16 or 32], x's rows padded with zeros);
 - few output tiles would leave most SMs idle (N = 4096 in tiles of 16 is 256 programs, about two per
-  SM on an H100), so K is split until about `PROGRAMS_PER_SM` programs per SM run. Split-K is two
-  passes, without atomics: the matmul kernel writes fp32 partial sums [splits, M, N], then a small
-  kernel adds them in split order and rounds once. Deterministic, and nothing is shared between calls
-  (no counters), so it is safe under CUDA-graph capture and on several streams;
+  SM on an H100), so K is split until about `PROGRAMS_PER_SM` programs per SM run, as long as the
+  partial sums stay small beside the codes (`PARTIALS_PER_CODE_BYTE`). Split-K is two passes, without
+  atomics: the matmul kernel writes fp32 partial sums [splits, M, N], then a small kernel adds them in
+  split order and rounds once. Deterministic, and nothing is shared between calls (no counters), so it
+  is safe under CUDA-graph capture and on several streams;
 - masks cover odd N, odd K, K not a multiple of the step and rows of x beyond M; byte, element and
   output offsets are int64.
 
-The tile sizes and the crossover between the two paths are starting points from that instruction
-count, not measurements: `bench/decode_matmul.py --sweep` times the alternatives on a GPU.
+The tile sizes, the split targets and the crossover between the two paths are starting points reasoned
+from those byte and instruction counts, not measurements: `bench/decode_matmul.py --sweep` times the
+alternatives on a GPU.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOOKUPS = ("load", "select")
 DEFAULT_LOOKUP = "load"
 PROGRAMS_PER_SM = 8  # split K until about this many programs per SM
+# ... but the fp32 partial sums (4 bytes x M x N per split, written then read back, mostly in L2) stay under this
+# fraction of the bytes of codes read: splits <= K / (16 M), which binds only from a few rows up.
+PARTIALS_PER_CODE_BYTE = 0.5
 SUM_BLOCK = 1024  # outputs per program of the split-sum pass
 
 
@@ -242,11 +247,13 @@ def _flat_state(q: QuantizedTensor) -> tuple[torch.Tensor, ...]:
     return packed, absmax, nested_absmax, nested_table, offset, q.table.reshape(-1).contiguous()
 
 
-def splits_for(n_rows: int, n_cols: int, tiles: Tiles, device: torch.device) -> int:
-    """How many parts K is split into: enough for about PROGRAMS_PER_SM programs per SM, at least one step each."""
+def splits_for(x_rows: int, n_rows: int, n_cols: int, tiles: Tiles, device: torch.device) -> int:
+    """How many parts K is split into for x [x_rows, K] and W [n_rows, K]: enough for about PROGRAMS_PER_SM
+    programs per SM, at least one step each, and partial sums within PARTIALS_PER_CODE_BYTE of the codes' bytes."""
     steps = triton.cdiv(n_cols, tiles.block_k)
-    programs = triton.cdiv(n_rows, tiles.block_n)
-    return max(1, min(steps, triton.cdiv(PROGRAMS_PER_SM * _multiprocessors(device), programs)))
+    wanted = triton.cdiv(PROGRAMS_PER_SM * _multiprocessors(device), triton.cdiv(n_rows, tiles.block_n))
+    affordable = int(PARTIALS_PER_CODE_BYTE * (n_cols / 2) / (4 * x_rows))
+    return max(1, min(steps, wanted, affordable))
 
 
 def matmul_4bit(
@@ -291,7 +298,7 @@ def matmul_4bit(
     block_m = max(16, triton.next_power_of_2(m)) if use_dot else triton.next_power_of_2(m)
     segment = min(tiles.block_k, q.blocksize)
     steps = triton.cdiv(n_cols, tiles.block_k)
-    splits = splits or splits_for(n_rows, n_cols, tiles, x.device)
+    splits = splits or splits_for(m, n_rows, n_cols, tiles, x.device)
     iters = triton.cdiv(steps, max(1, min(splits, steps)))
     splits = triton.cdiv(steps, iters)  # no split left without a step
     partial = torch.empty(splits * m * n_rows if splits > 1 else 1, dtype=torch.float32, device=x.device)

@@ -154,6 +154,19 @@ def test_every_launch_configuration_within_tolerance_and_deterministic(device):
         assert torch.equal(bits(got), bits(matmul_4bit(x, q, **config))), config
 
 
+def test_k_is_split_for_programs_while_the_partial_sums_stay_small(monkeypatch):
+    """On an H100's 132 SMs: one row of a 4096 x 4096 weight splits K for about 8 programs per SM; 32 rows split
+    less, so the fp32 partial sums (4 bytes x M x N per split) stay within half the codes' bytes."""
+    from qlora.kernels import matmul_4bit as module
+
+    monkeypatch.setattr(module, "_multiprocessors", lambda device: 132)
+    cuda = torch.device("cuda")
+    one = module.splits_for(1, 4096, 4096, module.default_tiles(1), cuda)
+    assert one == 5 and one * 4096 // module.FMA_TILES.block_n >= 8 * 132  # 256 row tiles
+    many = module.splits_for(32, 4096, 4096, module.default_tiles(32), cuda)
+    assert many == 8 and many * 4 * 32 * 4096 <= 0.5 * 4096 * 4096 / 2  # (17 would give 8 programs per SM)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_leading_dimensions_and_strided_rows(device):
     q = weight((19, 128), "nf4", 64, True, seed=6, device=device)
