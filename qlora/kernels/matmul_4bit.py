@@ -62,6 +62,7 @@ from qlora.quant.tensor import QuantizedTensor
 
 # Rows of x this kernel takes. Above it the caller dequantizes and runs a GEMM (`ops.matmul_4bit` does):
 # with more rows the GEMM's arithmetic per weight byte grows and the 16-bit weight's extra traffic matters less.
+# Not yet measured: bench/decode_matmul.py times M = 32 against dequantize + GEMM.
 MAX_ROWS = 32
 FMA_MAX_ROWS = 2  # up to this many rows on the CUDA cores (one multiply-add per row and weight), more on MMA
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
