@@ -34,6 +34,7 @@ FLOOR = {
     "adapter": 5,
     "distributed": 5,
     "generate": 6,
+    "generation": 6,
     "export": 7,
     "train": 6,
     "demo": 7,
@@ -246,6 +247,7 @@ DEVICE_BRANCHES_ALLOWED = {
     "qlora/train/trainer.py": "paged AdamW on CUDA; peak-memory logging; the GPU's memory for parallel auto",
     "qlora/train/memory_advice.py": "an out-of-memory message reports the GPU's capacity and peak",
     "qlora/distributed/runtime.py": "one GPU per process and NCCL on CUDA, gloo on CPUs",
+    "qlora/generation/engine.py": "the decode step is replayed as a CUDA graph on CUDA only",
     "qlora/distributed/parallel.py": "DDP's device_ids are given for a CUDA device only",
 }
 

@@ -220,6 +220,15 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
 
+    @classmethod
+    def over(cls, keys: list[torch.Tensor], values: list[torch.Tensor]) -> KVCache:
+        """An empty cache that writes into the given per-layer tensors [B, n_kv, max_len, hd] (e.g. views of
+        one slot of a larger cache) instead of allocating its own."""
+        cache = cls.__new__(cls)
+        cache.keys, cache.values = list(keys), list(values)
+        cache.batch, cache.max_len, cache.length = keys[0].shape[0], keys[0].shape[2], 0
+        return cache
+
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v [B, n_kv, T, hd] at the current length; return all keys/values so far [B, n_kv, S, hd]."""
         start, end = self.length, self.length + k.shape[2]
@@ -233,6 +242,10 @@ class KVCache:
         self.keys[layer_idx][:, :, start:end] = k
         self.values[layer_idx][:, :, start:end] = v
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def keys_after(self, new: int) -> int:
+        """How many key positions attention sees once `new` positions are written (S = cached + new)."""
+        return self.length + new
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -499,8 +512,8 @@ class LlamaForCausalLM(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
-        past = kv_cache.length if kv_cache is not None else 0
-        S = past + T
+        S = kv_cache.keys_after(T) if kv_cache is not None else T  # a static cache: all its positions
+        past = S - T
         device = input_ids.device
 
         padding_mask = explicit_mask = None
