@@ -358,12 +358,26 @@ class LoRALinear(nn.Module):
         of rows that wide (`input_row_width`; `qlora.fused.FusedDecoderLayer`): h is then written into
         their spare columns instead of copying x."""
         base = self.current_base()
+        decoding = not self.training and not torch.is_grad_enabled() and isinstance(base, QuantizedTensor)
+        if decoding and ops.reads_4bit_codes(x, policy=self.policy):
+            return self._decode(x, base)
         if self.r:
             a, b = self.lora_A.weight, self.lora_B.weight
             p = self.dropout if self.training else 0.0
             return LoRALinearFunction.apply(x, a, b, self.bias, base, self.scale, self._wide_base(), p,
                                             self.policy, row_width)  # fmt: skip
         return LoRALinearFunction.apply(x, None, None, self.bias, base, 0.0, None, 0.0, self.policy)
+
+    def _decode(self, x: torch.Tensor, base: QuantizedTensor) -> torch.Tensor:
+        """A decoding step's few rows (no gradient): x W^T straight from the 4-bit codes (`ops.matmul_4bit`),
+        plus the adapter unmerged, scale * (x A^T) B^T (its own rounding; the training path rounds once)."""
+        y = ops.matmul_4bit(x, base, policy=self.policy)
+        if self.r:
+            h = F.linear(x, self.lora_A.weight.to(x.dtype))
+            y = y + F.linear(h, self.lora_B.weight.to(x.dtype)) * self.scale
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y
 
     def extra_repr(self) -> str:
         base = self.quant.quant_type or "dense"

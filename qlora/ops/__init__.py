@@ -13,6 +13,7 @@ from qlora.ops.dispatch import (
     dropout_backward,
     dropout_project,
     matmul_4bit,
+    reads_4bit_codes,
     rms_norm,
     swiglu,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "dropout_project",
     "has_float32_product_mm",
     "matmul_4bit",
+    "reads_4bit_codes",
     "policy_of",
     "rms_norm",
     "swiglu",

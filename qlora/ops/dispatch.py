@@ -52,18 +52,26 @@ def dequantize(
     return dense if out is None else out.copy_(dense)
 
 
+def reads_4bit_codes(x: torch.Tensor, *, policy: KernelPolicy) -> bool:
+    """Whether `matmul_4bit` of this x multiplies straight from the packed codes (the kernel: few rows, a
+    kernel device and dtype) rather than dequantizing W first."""
+    if not policy.uses_kernels(x.device):
+        return False
+    from qlora.kernels.matmul_4bit import COMPUTE_DTYPES, MAX_ROWS
+
+    return x.numel() <= MAX_ROWS * x.shape[-1] and x.dtype in COMPUTE_DTYPES
+
+
 def matmul_4bit(x: torch.Tensor, qweight: QuantizedTensor, *, policy: KernelPolicy) -> torch.Tensor:
     """x [..., K] @ W^T -> [..., N] in x's dtype, W = `qweight.dequantize(x.dtype)` [N, K] (a decoding step's
     projection). Up to `qlora.kernels.matmul_4bit.MAX_ROWS` rows (leading dimensions flattened) the kernel reads
     the packed codes once and never writes W; more rows, and the twin, dequantize W and multiply (the twin:
     `F.linear(x, qweight.dequantize(x.dtype))`). Each weight is the same bits either way; the fp32 sums are
     added in another order, so results agree to about one rounding of the output (tests/kernels/test_matmul_4bit.py)."""
-    if policy.uses_kernels(x.device):
-        from qlora.kernels.matmul_4bit import COMPUTE_DTYPES, MAX_ROWS
+    if reads_4bit_codes(x, policy=policy):
         from qlora.kernels.matmul_4bit import matmul_4bit as fused
 
-        if x.numel() <= MAX_ROWS * x.shape[-1] and x.dtype in COMPUTE_DTYPES:
-            return fused(x, qweight)
+        return fused(x, qweight)
     return F.linear(x, dequantize(qweight, x.dtype, policy=policy))
 
 

@@ -310,3 +310,27 @@ def test_a_small_adapter_term_is_not_lost_to_rounding():
 
     assert 0.8 < slope(layer(x).detach()) < 1.2
     assert slope((base_rounded + term).to(torch.bfloat16)) < 0.5
+
+
+@pytest.mark.skipif(not triton_importable() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs triton and TRITON_INTERPRET=1 to force the kernels onto CPU tensors")  # fmt: skip
+@pytest.mark.parametrize("rows", [1, 3, 33])
+def test_decoding_rows_read_the_4bit_codes_and_agree_with_the_training_path(rows, monkeypatch):
+    """Few rows without gradients (a decoding step) go through `ops.matmul_4bit` with the adapter unmerged; more
+    rows, gradients or training mode take the training path. Both agree to float32 rounding."""
+    layer = make_layer("nf4")
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.1)
+    layer.policy = KernelPolicy(kernels="triton")
+    x = torch.randn(rows, 96)
+    calls = []
+    decode = type(layer)._decode
+    monkeypatch.setattr(type(layer), "_decode", lambda self, x, base: calls.append(1) or decode(self, x, base))
+    with torch.no_grad():
+        fast = layer.eval()(x)
+    want = layer(x.requires_grad_()).detach()  # with gradients: the training path
+    assert len(calls) == (1 if rows <= 32 else 0)
+    torch.testing.assert_close(fast, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        layer.train()(x)
+    assert len(calls) == (1 if rows <= 32 else 0)  # training mode (dropout) never decodes from the codes
