@@ -257,7 +257,7 @@ class Engine:
     def _accept(self, b: int, token: int) -> None:
         """A new token of slot b's request: stream its text, end the request when it is done."""
         request = self.active[b]
-        if token in self.stop_token_ids or token in request.params.stop_token_ids:
+        if (token in self.stop_token_ids and not request.params.ignore_eos) or token in request.params.stop_token_ids:
             self._release(b, "stop")
             return
         request.output_ids.append(token)

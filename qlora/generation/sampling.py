@@ -40,6 +40,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # the output ends before the first of these strings
     stop_token_ids: tuple[int, ...] = ()  # besides the tokenizer's EOS
     seed: int = 0
+    ignore_eos: bool = False  # run to max_new_tokens whatever is generated (benchmarks)
 
     def __post_init__(self) -> None:
         problems = []
