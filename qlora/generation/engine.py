@@ -21,15 +21,18 @@ with each text delta and then None; it must not block (the HTTP server posts int
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from qlora.generation.adapters import AdapterBank
 from qlora.generation.cache import SlotKVCache
 from qlora.generation.sampling import BatchSampling, SamplingParams, next_tokens
 from qlora.generation.text import TextStream
@@ -61,6 +64,7 @@ class Request:
         self.prompt_ids, self.params, self.stream, self.listener = prompt_ids, params, stream, listener
         self.output_ids: list[int] = []
         self.finish_reason: str | None = None
+        self.adapter: str | None = None  # set by `Engine.submit`
         self._deltas: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._done = threading.Event()
         self._cancelled = threading.Event()
@@ -112,10 +116,13 @@ class Engine:
         max_len: positions per slot: prompt + new tokens must fit.
         cuda_graphs: on CUDA, replay the decode step as one CUDA graph.
         stop_token_ids: ids that end every request besides the tokenizer's EOS (e.g. a chat end-of-turn).
+        adapters: name -> PEFT adapter directory, loaded beside the model's own adapter (`AdapterBank`); a
+            request names one (`submit(adapter=)`), or None for the model as loaded.
     """
 
     def __init__(self, model, tokenizer, *, slots: int = 8, max_len: int = 2048, cuda_graphs: bool = True,
-                 stop_token_ids: tuple[int, ...] = ()) -> None:  # fmt: skip
+                 stop_token_ids: tuple[int, ...] = (),
+                 adapters: Mapping[str, str | Path] | None = None) -> None:  # fmt: skip
         if slots < 1 or max_len < 2:
             raise ValueError(f"slots must be >= 1 and max_len >= 2, got {slots} and {max_len}")
         windows = {layer.self_attn.sliding_window for layer in model.model.layers} - {None}
@@ -140,12 +147,21 @@ class Engine:
         self._lock = threading.Condition()
         self._worker: threading.Thread | None = None
         self._closing = False
+        self.bank = AdapterBank(model, adapters, slots).install() if adapters else None
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.bank.names) if self.bank is not None else []
 
     # --- requests ----------------------------------------------------------------------------------------
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None, *, add_bos: bool | None = None,
-               listener: Listener | None = None) -> Request:  # fmt: skip
-        """Queue a request: `prompt` as text (encoded here; BOS as the tokenizer adds it) or token ids."""
+               listener: Listener | None = None, adapter: str | None = None) -> Request:  # fmt: skip
+        """Queue a request: `prompt` as text (encoded here; BOS as the tokenizer adds it) or token ids; `adapter`
+        one of `adapter_names` (None: the model as loaded)."""
         params = params or SamplingParams()
+        if adapter is not None and adapter not in self.adapter_names:
+            served = ", ".join(self.adapter_names) or "none"
+            raise ValueError(f"unknown adapter {adapter!r}; this engine serves: {served}")
         if isinstance(prompt, str):
             bos = self.tokenizer.add_bos if add_bos is None else add_bos
             prompt = self.tokenizer.encode(prompt, add_bos=bos and self.tokenizer.bos_id is not None)
@@ -158,6 +174,7 @@ class Engine:
         if any(not 0 <= t < self.vocab for t in prompt):
             raise ValueError(f"the prompt has token ids outside the vocabulary [0, {self.vocab})")
         request = Request(prompt, params, TextStream(self.tokenizer, params.stop), listener)
+        request.adapter = adapter
         with self._lock:
             if self._closing:
                 raise RuntimeError("the engine is closed")
@@ -203,7 +220,10 @@ class Engine:
     def _prefill(self, b: int, request: Request) -> None:
         self.active[b] = request
         ids = torch.tensor(request.prompt_ids, device=self.device)[None]  # [1, P]
-        hidden = self.model.hidden_states(ids, kv_cache=self.cache.slot(b))[:, -1]  # [1, H]
+        if self.bank is not None:
+            self.bank.select(b, request.adapter)
+        with self.bank.only_row(b) if self.bank is not None else contextlib.nullcontext():
+            hidden = self.model.hidden_states(ids, kv_cache=self.cache.slot(b))[:, -1]  # [1, H]
         logits = self.model.lm_head(hidden)  # [1, V]
         self.cache.set_position(b, len(request.prompt_ids))
         self.sampling.assign(b, request.params, request.prompt_ids)
@@ -311,3 +331,5 @@ class Engine:
         for b, request in enumerate(self.active):
             if request is not None:
                 self._release(b, "cancelled")
+        if self.bank is not None:
+            self.bank.remove()  # the model's layers forward as before

@@ -230,6 +230,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         # which kernels run, shared by all layers of a model (`replace_linears`, `qlora.ops.policy.apply_policy`)
         self.policy = policy if policy is not None else KernelPolicy.from_env()
+        # set while a generation engine serves several adapters on this base (`qlora.generation.adapters`):
+        # called for the no-gradient eval-mode forward instead of this layer's own adapter
+        self.serving = None
         self.in_features, self.out_features = in_features, out_features
         self.quant = quant
         self.compute_dtype = dtype
@@ -358,8 +361,10 @@ class LoRALinear(nn.Module):
         of rows that wide (`input_row_width`; `qlora.fused.FusedDecoderLayer`): h is then written into
         their spare columns instead of copying x."""
         base = self.current_base()
-        decoding = not self.training and not torch.is_grad_enabled() and isinstance(base, QuantizedTensor)
-        if decoding and ops.reads_4bit_codes(x, policy=self.policy):
+        inference = not self.training and not torch.is_grad_enabled()
+        if inference and self.serving is not None:
+            return self.serving(x, base)
+        if inference and isinstance(base, QuantizedTensor) and ops.reads_4bit_codes(x, policy=self.policy):
             return self._decode(x, base)
         if self.r:
             a, b = self.lora_A.weight, self.lora_B.weight

@@ -140,3 +140,40 @@ def test_on_cuda_the_graphed_decode_equals_the_eager_one_and_the_plain_path(stor
     agree = [sum(x == y for x, y in zip(c.token_ids, p, strict=False)) / max(len(p), 1)
              for c, p in zip(eager, plain, strict=True)]  # fmt: skip
     assert min(agree) > 0.5, agree  # bf16: the 4-bit kernel sums in another order; near-ties may flip later tokens
+
+
+def _write_random_adapter(model_dir, directory, seed: int, r: int):
+    from qlora.adapter import save_adapter
+    from qlora.lora import LoraSpec, lora_layers
+
+    spec = LoraSpec(r=r, alpha=2.0 * r, dropout=0.0)
+    model = qlora.load_model(model_dir, "nf4", compute_dtype=torch.float32, device="cpu", lora=spec)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.5)
+    save_adapter(model, directory, spec, str(model_dir))
+    return directory
+
+
+def test_several_adapters_on_one_base_each_request_its_own(stories260k_dir, tmp_path):
+    a = _write_random_adapter(stories260k_dir, tmp_path / "a", seed=1, r=4)
+    b = _write_random_adapter(stories260k_dir, tmp_path / "b", seed=2, r=8)
+    params = SamplingParams(max_new_tokens=24)
+
+    def alone(adapter_dir):
+        loaded = qlora.load(stories260k_dir, adapter_dir, quant_type="nf4", compute_dtype="float32", device="cpu")
+        return Engine(loaded.model, loaded.tokenizer, slots=1, max_len=64).generate([PROMPTS[0]], params)[0].token_ids
+
+    want = {"a": alone(a), "b": alone(b), None: alone(None)}
+    assert len({tuple(t) for t in want.values()}) == 3  # the adapters change the answer
+    base = qlora.load(stories260k_dir, quant_type="nf4", compute_dtype="float32", device="cpu")
+    engine = Engine(base.model, base.tokenizer, slots=3, max_len=64, adapters={"a": a, "b": b})
+    assert engine.adapter_names == ["a", "b"]
+    requests = {name: engine.submit(PROMPTS[0], params, adapter=name) for name in ("a", None, "b")}  # one batch
+    engine.run_until_idle()
+    assert {name: r.completion().token_ids for name, r in requests.items()} == want
+    with pytest.raises(ValueError, match="unknown adapter 'c'"):
+        engine.submit(PROMPTS[0], params, adapter="c")
+    engine.close()
+    assert all(layer.serving is None for layer in qlora.lora.lora_layers(base.model).values())
