@@ -82,8 +82,21 @@ def _eval(argv: Sequence[str]) -> int:
     return eval_main(argv)
 
 
+def _serve(argv: Sequence[str]) -> int:
+    from qlora.serve.command import serve_main
+
+    return serve_main(argv)
+
+
+def _chat(argv: Sequence[str]) -> int:
+    from qlora.serve.chat import chat_main
+
+    return chat_main(argv)
+
+
 COMMANDS = {"train": _train, "generate": _generate, "data": _data, "demo": _demo, "merge": _export("merge"),
-            "quantize": _export("quantize"), "export-gguf": _export("export_gguf"), "eval": _eval}  # fmt: skip
+            "quantize": _export("quantize"), "export-gguf": _export("export_gguf"), "eval": _eval, "serve": _serve,
+            "chat": _chat}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,6 +39,7 @@ FLOOR = {
     "train": 6,
     "demo": 7,
     "eval": 7,
+    "serve": 7,
     "cli_args": 7,
     "cli": 8,
     "__init__": 8,

@@ -15,6 +15,7 @@ spellings that scripts and the README use are the fields' aliases (`--model`, `-
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import ClassVar, Literal
 
 from qlora.config.checks import non_empty_str, non_negative_int, positive_float, positive_int
@@ -335,3 +336,87 @@ class DataCheckConfig(Config):
 
     model: str = model_path_field()
     data: DataCheckSection = _opt(doc="The data file and how training cuts it into examples.")
+
+
+def _split_adapter(entry: str) -> tuple[str, str]:
+    """`NAME=DIR` -> (NAME, DIR); a bare `DIR` is named after its last part."""
+    name, sep, directory = entry.partition("=")
+    if not sep:
+        name, directory = PurePath(entry).name, entry
+    return name.strip(), directory.strip()
+
+
+def _adapter_entries(v: list[str]) -> str | None:
+    """`--adapter NAME=DIR` (or DIR): names and directories non-empty, names distinct."""
+    names = []
+    for entry in v:
+        name, directory = _split_adapter(entry)
+        if not name or not directory:
+            return f"must be NAME=DIR or DIR with a non-empty name and directory (got {entry!r})"
+        names.append(name)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    return f"must not repeat an adapter name ({', '.join(repeated)})" if repeated else None
+
+
+def _port(v: int) -> str | None:
+    return None if 0 <= v <= 65535 else "must be a TCP port in [0, 65535] (0 = any free port)"
+
+
+def _max_len_field(default: int):
+    return _opt(default, doc="Positions per sequence in the KV cache: prompt + new tokens must fit (longer prompts "
+                "are refused).", alias="--max-len", check=positive_int)  # fmt: skip
+
+
+@dataclass(kw_only=True)
+class ServeConfig(Config):
+    """`qlora serve`: an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models)."""
+
+    COMMAND: ClassVar[str] = "serve"
+    ALIASES: ClassVar[dict[str, str]] = {"model.compute_dtype": "--dtype"}
+    HIDDEN: ClassVar[frozenset[str]] = frozenset({"model.adapter"})  # --adapter is `adapters` here: several
+
+    model: ModelSource = _model_field()
+    adapters: list[str] = _opt(
+        doc="A LoRA adapter to serve on the base, as NAME=DIR (or DIR: named after the directory); repeat the flag "
+        "for several. A request's `model` field picks one by NAME; the base model's name picks none.",
+        alias="--adapter", append=True, check=_adapter_entries, factory=list,
+    )  # fmt: skip
+    served_model_name: str | None = _opt(None, doc="The base model's name in /v1/models and requests; none = the "
+                                         "model path's last part.", alias="--served-model-name",
+                                         check=non_empty_str)  # fmt: skip
+    host: str = _opt("127.0.0.1", doc="Address to listen on (0.0.0.0: every interface).", alias="--host",
+                     check=non_empty_str)  # fmt: skip
+    port: int = _opt(8000, doc="TCP port to listen on.", alias="--port", check=_port)
+    slots: int = _opt(8, doc="Requests decoded together in one batch; more wait for a free slot.", alias="--slots",
+                      check=positive_int)  # fmt: skip
+    max_len: int = _max_len_field(4096)
+    cuda_graphs: bool = _opt(True, doc="On CUDA, replay each decoding step as one CUDA graph.", alias="--cuda-graphs")
+
+    def adapter_dirs(self) -> dict[str, str]:
+        """The adapters to serve: name -> directory, in the order given."""
+        return dict(_split_adapter(entry) for entry in self.adapters)
+
+
+@dataclass(kw_only=True)
+class ChatSamplingSection(SamplingSection):
+    """How new tokens are chosen in a chat (greedy by default); a reply runs longer than `qlora generate`'s."""
+
+    max_new_tokens: int = _opt(512, doc="Most tokens in one reply.", alias="--max-new-tokens", check=positive_int)
+    top_k: int = _opt(0, doc="Keep only the k most likely tokens; 0 = all.", alias="--top-k", check=non_negative_int)
+    repetition_penalty: float = _opt(1.0, doc="Above 1 discourages tokens already in the conversation.",
+                                     alias="--repetition-penalty", check=positive_float)  # fmt: skip
+
+
+@dataclass(kw_only=True)
+class ChatConfig(Config):
+    """`qlora chat`: talk with a model (+ adapter) in the terminal, in its chat template, the reply streamed."""
+
+    COMMAND: ClassVar[str] = "chat"
+    ALIASES: ClassVar[dict[str, str]] = {"model.compute_dtype": "--dtype"}
+
+    model: ModelSource = _model_field()
+    sampling: ChatSamplingSection = _opt(doc="Sampling.", factory=ChatSamplingSection)
+    system: str | None = _opt(None, doc="A system message at the start of the conversation; none = the template's "
+                              "own default.", alias="--system", check=non_empty_str)  # fmt: skip
+    max_len: int = _max_len_field(4096)
+    cuda_graphs: bool = _opt(True, doc="On CUDA, replay each decoding step as one CUDA graph.", alias="--cuda-graphs")
