@@ -153,6 +153,10 @@ def adapter_config(lora: LoraSpec, base_model: str) -> dict:
 
 
 def _atomic_write(path: Path, write) -> None:
+    """Write `path` through a hidden temporary beside it and one rename. Temporaries a killed writer left (any
+    process id: a `finally` does not run under SIGKILL) are removed first; one writer per directory."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)

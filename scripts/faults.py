@@ -141,8 +141,8 @@ class Instruments:
         if parts[0] == "checkpoints":
             if len(parts) == 1:
                 return "ckpt.dir"
-            for prefix, name in ((".tmp-", "ckpt.tmp"), (".del-", "ckpt.prune"), (".old-", "ckpt.old"),
-                                 ("latest", "ckpt.latest"), ("step-", "ckpt.step")):  # fmt: skip
+            for prefix, name in ((".tmp-latest", "ckpt.latest"), (".tmp-", "ckpt.tmp"), (".del-", "ckpt.prune"),
+                                 (".old-", "ckpt.old"), ("latest", "ckpt.latest"), ("step-", "ckpt.step")):  # fmt: skip
                 if parts[1].startswith(prefix):
                     return name
             return "ckpt.other"

@@ -245,7 +245,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_latest(ckpts: Path, name: str) -> None:
-    tmp = ckpts / f"{LATEST_FILE}.tmp-{os.getpid()}"
+    tmp = ckpts / f".tmp-{LATEST_FILE}-{os.getpid()}"  # a ".tmp-" name: the next save sweeps it if we die here
     with tmp.open("w", encoding="utf-8") as f:
         f.write(name + "\n")
         f.flush()
@@ -403,6 +403,26 @@ def prune_checkpoints(root: str | Path, keep_last: int, *, protect: Path | None 
         os.rename(p, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
     return victims
+
+
+def tidy_checkpoints(root: str | Path, keep_last: int | None) -> None:
+    """Finish what a save killed after its commit left undone: remove temporaries, half-deleted and superseded
+    directories (`.tmp-*`, `.del-*`, `.old-*` of a step that exists), point `latest` at the newest complete
+    checkpoint and prune to `keep_last`. Run before a resume (by the one process that writes)."""
+    ckpts = Path(root) / CHECKPOINTS_DIR
+    if not ckpts.is_dir():
+        return
+    _remove_leftovers(ckpts, (".tmp-", ".del-"))
+    for p in ckpts.iterdir():
+        m = _OLD_RE.match(p.name)
+        if m and is_complete(ckpts / checkpoint_name(int(m.group(1)))):
+            shutil.rmtree(p, ignore_errors=True)
+    newest = find_latest_checkpoint(root)
+    pointer = ckpts / LATEST_FILE
+    if newest is not None and (not pointer.is_file() or pointer.read_text(encoding="utf-8").strip() != newest.name):
+        _write_latest(ckpts, newest.name)
+    if keep_last is not None and newest is not None:
+        prune_checkpoints(root, keep_last, protect=newest)
 
 
 def load_checkpoint_state(

@@ -81,6 +81,7 @@ from qlora.train.checkpoint import (
     save_checkpoint,
     set_aside,
     tensor_bytes,
+    tidy_checkpoints,
 )
 from qlora.train.errors import NonFiniteError
 from qlora.train.loss import StepLoss, loss_sum
@@ -355,6 +356,7 @@ class Trainer:
         for path, reason in skipped:
             moved = set_aside(path)
             log.warning("skipping checkpoint %s: %s (moved to %s)", path.name, reason, moved.name)
+        tidy_checkpoints(self.output, self.config.train.keep_last)  # what a save killed after its commit left
         return latest, skipped
 
     def _has_checkpoint_to_resume(self) -> bool:

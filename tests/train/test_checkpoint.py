@@ -474,3 +474,16 @@ def test_a_read_only_output_is_a_clear_error(tmp_path):
     seen = json.loads(result.stdout.splitlines()[-1])
     assert "Read-only file system" in seen["message"] and "step-000001 is intact" in seen["message"]
     assert seen["latest"].endswith("step-000001")
+
+
+def test_tidy_finishes_what_a_killed_save_left_after_its_commit(tmp_path):
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, _files(step))
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "latest").write_text("step-000002\n")  # killed before the pointer moved
+    (ckpts / ".tmp-latest-999").write_text("step-000003\n")  # ... or while writing it
+    (ckpts / ".del-step-000001-abcd1234").mkdir()  # ... or while pruning
+    shutil.copytree(ckpts / "step-000003", ckpts / ".old-step-000003-deadbeef")  # ... or after a re-save's commit
+    ckpt_mod.tidy_checkpoints(tmp_path, keep_last=2)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000002", "step-000003"]
+    assert (ckpts / "latest").read_text() == "step-000003\n"
