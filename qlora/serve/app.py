@@ -122,8 +122,8 @@ class Server:
             if isinstance(e, RuntimeError):  # the engine is closed: the server is stopping
                 raise api.ApiError(503, f"the server is shutting down: {e}", kind="server_error") from e
             where = "messages" if chat else "prompt"
-            index = f"[{len(requests)}]" if len(generation.prompts) > 1 else ""
-            raise api.bad(where, f"{where}{index}: {e}") from e
+            index = f"{where}[{len(requests)}]: " if len(generation.prompts) > 1 else ""
+            raise api.bad(where, f"{index}{e}") from e
         return requests
 
     async def _events(self, queue: asyncio.Queue, requests: list[Request], head: tuple, chat: bool,

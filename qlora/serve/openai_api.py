@@ -57,7 +57,7 @@ class Generation:
     add_bos: bool | None  # None: as the tokenizer adds it (a raw completion prompt)
 
 
-def bad(param: str, message: str) -> ApiError:
+def bad(param: str | None, message: str) -> ApiError:
     return ApiError(400, message, param=param)
 
 

@@ -9,12 +9,19 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import os
+import queue
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +33,7 @@ from qlora.generation import Engine, SamplingParams  # noqa: E402
 from qlora.serve.app import build_app  # noqa: E402
 from qlora.serve.chat_format import render_chat  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[2]
 MAX_LEN = 320
 LOAD = dict(quant_type="nf4", compute_dtype="float32", device="cpu")
 
@@ -314,6 +322,35 @@ def test_a_client_that_hangs_up_is_cancelled_and_the_others_carry_on(served, ref
     _wait_for(lambda: not served.engine.busy)  # every slot free again
     again = served.client.completions.create(**{**other, "max_tokens": 20})
     assert again.choices[0].text == reference(PROMPTS[1], SamplingParams(max_new_tokens=20), "tell").text
+
+
+def test_the_command_serves_the_base_and_its_adapters(stories_chat_dir, stories_adapters, reference):
+    command = [sys.executable, "-m", "qlora", "serve", "--model", str(stories_chat_dir), "--adapter",
+               f"tell={stories_adapters['tell']}", "--adapter", str(stories_adapters["wise"]), "--port", "0",
+               "--slots", "2", "--max-len", "128", "--dtype", "float32", "--device", "cpu"]  # fmt: skip
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
+    try:
+        log, port = "", None
+        while port is None:
+            log += lines.get(timeout=120)
+            assert process.poll() is None, log
+            if match := re.search(r"running on http://127\.0\.0\.1:(\d+)", log):
+                port = int(match.group(1))
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        name = stories_chat_dir.name  # the directory's name; the bare adapter DIR is named after its own
+        assert [m.id for m in client.models.list().data] == [name, "tell", "wise"]
+        for model, adapter in ((name, None), ("tell", "tell"), ("wise", "wise")):
+            got = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=16, temperature=0)
+            assert got.choices[0].text == reference(PROMPTS[0], SamplingParams(max_new_tokens=16), adapter).text
+        process.send_signal(signal.SIGINT)  # Ctrl-C: uvicorn stops, the engine closes
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 @pytest.mark.slow
