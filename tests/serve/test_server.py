@@ -134,6 +134,11 @@ def test_completions_equal_the_engine_streamed_or_not(served, reference):
     assert [c.finish_reason for c in got.choices] == ["length", "length"]
     assert got.usage.prompt_tokens == sum(w.prompt_tokens for w in want)
     assert got.usage.completion_tokens == 48 and got.usage.total_tokens == got.usage.prompt_tokens + 48
+    streamed = {0: "", 1: ""}
+    for chunk in served.client.completions.create(model="stories", prompt=PROMPTS[:2], max_tokens=24, temperature=0,
+                                                  stream=True):  # fmt: skip
+        streamed[chunk.choices[0].index] += chunk.choices[0].text  # the two choices' deltas interleave
+    assert list(streamed.values()) == [w.text for w in want]
 
     sampled = SamplingParams(max_new_tokens=30, temperature=0.9, top_p=0.95, top_k=40, seed=11)
     want = reference(PROMPTS[2], sampled)
