@@ -1,10 +1,10 @@
 """Text generation with a KV cache: greedy or sampled (temperature, top-p), chat template aware.
 
 Used by `qlora generate` (`generate_from_config`: a `GenerateConfig` in, texts out), by the demo's
-accuracy check, and by benchmark-prompt generation.
-Prompts are encoded one at a time and decoded together, left-padded, so a batch needs one prefill
-and one cached forward per new token. Generation stops at EOS (the tokenizer's, plus any extra
-ids the caller gives, e.g. a chat model's end-of-turn token) or after `max_new_tokens`.
+accuracy check, and by benchmark-prompt generation. A list of prompts in, their new texts out, through the
+generation engine (`qlora.generation`: one batch, a static cache, the decode step as a CUDA graph on GPUs).
+Generation stops at EOS (the tokenizer's, plus any extra ids the caller gives, e.g. a chat model's
+end-of-turn token) or after `max_new_tokens`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ import dataclasses
 import torch
 
 from qlora.config import GenerateConfig
+from qlora.generation import Engine, SamplingParams
 from qlora.loading import load
 from qlora.tokenizer import Tokenizer
+
+MAX_SLOTS = 64  # sequences decoded together; more prompts wait for a free slot
 
 
 def render_prompt(tokenizer: Tokenizer, prompt: str, use_chat_template: bool | None = None) -> str:
@@ -25,18 +28,6 @@ def render_prompt(tokenizer: Tokenizer, prompt: str, use_chat_template: bool | N
     if use_chat_template:
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     return prompt
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
-        sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
@@ -52,47 +43,26 @@ def generate(
     stop_ids: tuple[int, ...] = (),
     seed: int | None = None,
 ) -> list[str]:
-    """Continue each prompt (already rendered; see `render_prompt`); return only the new text."""
+    """Continue each prompt (already rendered; see `render_prompt`); return only the new text.
+
+    Through the generation engine (`qlora.generation.Engine`: every prompt in one batch, a static cache);
+    prompt i samples with seed `seed + i` (seed None: 0), so its text does not depend on the others'."""
+    if not prompts:
+        return []
     was_training = model.training
-    model.eval()
-    device = model.model.embed_tokens.weight.device
     add_bos = tokenizer.add_bos if add_bos is None else add_bos
     encoded = [tokenizer.encode(p, add_bos=add_bos and tokenizer.bos_id is not None) for p in prompts]
-    width = max(len(e) for e in encoded)
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width + max_new_tokens), dtype=torch.long)
-    for row, e in enumerate(encoded):  # left padding: every prompt ends at the same column
-        ids[row, width - len(e) :] = torch.tensor(e)
-        mask[row, width - len(e) : width] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    stops = torch.tensor(sorted({*stop_ids, *([tokenizer.eos_id] if tokenizer.eos_id is not None else [])}),
-                         device=device)  # fmt: skip
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    cache = model.new_kv_cache(len(prompts), width + max_new_tokens)
-    logits = model(ids, attention_mask=mask[:, :width], kv_cache=cache)[:, -1]  # prefill
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    new_tokens = []
-    for t in range(max_new_tokens):
-        token = _sample(logits, temperature, top_p, generator)
-        token = torch.where(done, torch.full_like(token, pad), token)
-        new_tokens.append(token)
-        done |= torch.isin(token, stops)
-        if bool(done.all()):
-            break
-        mask[:, width + t] = 1
-        logits = model(token[:, None], attention_mask=mask[:, : width + t + 1], kv_cache=cache)[:, -1]
+    longest = max(len(e) for e in encoded)
+    engine = Engine(model, tokenizer, slots=min(len(prompts), MAX_SLOTS), max_len=longest + max_new_tokens,
+                    stop_token_ids=tuple(stop_ids))  # fmt: skip
+    base = seed or 0
+    requests = [engine.submit(ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                  top_p=top_p, seed=base + i))
+                for i, ids in enumerate(encoded)]  # fmt: skip
+    engine.run_until_idle()
+    engine.close()
     model.train(was_training)
-    out = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompts]
-    texts = []
-    for row in out:
-        kept = []
-        for tok in row:
-            if tok in stops.tolist():
-                break
-            kept.append(tok)
-        texts.append(tokenizer.decode(kept))
-    return texts
+    return [r.completion().text for r in requests]
 
 
 def generate_from_config(cfg: GenerateConfig) -> list[str]:
