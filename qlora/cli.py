@@ -1,4 +1,5 @@
-"""The `qlora` command: `train`, `generate`, `data check`, `demo`, `merge`, `quantize`, `export-gguf`, `eval`.
+"""The `qlora` command: `train`, `generate`, `chat`, `serve`, `data check`, `demo`, `merge`, `quantize`,
+`export-gguf`, `eval`.
 
 Each subcommand is a thin shell over a library function; its flags are generated from its typed
 configuration (`qlora.config`, `qlora.cli_args`), so `qlora COMMAND --help` documents every option

@@ -1,5 +1,5 @@
 """The typed configuration of every command besides `qlora train` (`qlora.config.sections`): `generate`,
-`eval` and its modes (`answer`, `judge`, `datatypes`), `merge`, `quantize`, `export-gguf`, `data check`
+`chat`, `serve`, `eval` and its modes (`answer`, `judge`, `datatypes`), `merge`, `quantize`, `export-gguf`, `data check`
 (`demo`'s is beside it, in `qlora.demo`).
 
 Each is a root `Config`, so its flags, `--help`, config files and error messages are derived exactly
