@@ -375,3 +375,15 @@ def test_smollm2_chat_streams_and_ends_at_its_end_of_turn(smollm2_gguf):
         assert text == answer and finishes[-1] == "stop"
     finally:
         _stop(server, thread, engine)
+
+
+def test_qlora_eval_judge_can_ask_a_qlora_serve(served, reference):
+    """The judge's OpenAI client (`qlora.eval.judge.OpenAIJudge`) talks to the server: its request shape is
+    accepted and its reply is the engine's chat answer (here a tiny model judging, so only the plumbing counts)."""
+    from qlora.eval.judge import OpenAIJudge
+
+    judge = OpenAIJudge(f"{served.url}/v1", "wise", max_tokens=12, retries=1)
+    messages = [{"role": "system", "content": "Judge."}, {"role": "user", "content": "Which is better?"}]
+    text, add_bos = render_chat(served.engine.tokenizer, messages)
+    want = reference(text, SamplingParams(max_new_tokens=12, temperature=0.0), adapter="wise", add_bos=add_bos)
+    assert judge.complete("Judge.", "Which is better?") == want.text
