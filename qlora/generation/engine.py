@@ -142,7 +142,7 @@ class Engine:
         eos = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
         self.stop_token_ids = frozenset((*eos, *stop_token_ids))
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # one per mode: all greedy, or some sampled
         self._waiting: collections.deque[Request] = collections.deque()
         self._lock = threading.Condition()
         self._worker: threading.Thread | None = None
@@ -228,34 +228,36 @@ class Engine:
         self.cache.set_position(b, len(request.prompt_ids))
         self.sampling.assign(b, request.params, request.prompt_ids)
         self.generated[b] = 0
-        token = next_tokens(logits, self.sampling.rows(b), self.generated[b : b + 1])
+        token = next_tokens(logits, self.sampling.rows(b), self.generated[b : b + 1], not request.params.greedy)
         self.tokens[b] = token[0]
         self.generated[b] += 1
         self.sampling.seen[b, token[0]] = True
         self._accept(b, int(token[0]))
 
-    def _decode_once(self) -> None:
-        """One token for every slot, into `self.next` (device work only: what a CUDA graph captures)."""
+    def _decode_once(self, sample: bool) -> None:
+        """One token for every slot, into `self.next` (device work only: what a CUDA graph captures); `sample`
+        False when every running request is greedy (no sort over the vocabulary)."""
         mask, positions = self.cache.decode_mask(), self.cache.positions[:, None]
         hidden = self.model.hidden_states(self.tokens[:, None], attention_mask=mask, position_ids=positions,
                                           kv_cache=self.cache)[:, -1]  # fmt: skip
-        self.next.copy_(next_tokens(self.model.lm_head(hidden), self.sampling, self.generated))
+        self.next.copy_(next_tokens(self.model.lm_head(hidden), self.sampling, self.generated, sample))
         self.tokens.copy_(self.next)
         self.generated.add_(1)
         self.sampling.seen[torch.arange(self.slots, device=self.device), self.next] = True
 
     def _decode(self) -> None:
+        sample = any(r is not None and not r.params.greedy for r in self.active)
         if self.cuda_graphs:
-            if self._graph is None:
-                self._graph = self._capture()
-            self._graph.replay()
+            if sample not in self._graphs:
+                self._graphs[sample] = self._capture(sample)
+            self._graphs[sample].replay()
         else:
-            self._decode_once()
+            self._decode_once(sample)
         for b, token in enumerate(self.next.tolist()):
             if self.active[b] is not None:
                 self._accept(b, token)
 
-    def _capture(self) -> torch.cuda.CUDAGraph:
+    def _capture(self, sample: bool) -> torch.cuda.CUDAGraph:
         """The decode step as a CUDA graph; the warm-up's writes (positions, counters, seen tokens) are undone."""
         saved = [t.clone() for t in (self.cache.positions, self.generated, self.tokens, self.sampling.seen)]
         entered = policy_of(self.model).graph_step()  # the graph-step kernels, compiled before the capture
@@ -264,14 +266,15 @@ class Engine:
         with entered:
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self._decode_once()
+                    self._decode_once(sample)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._decode_once()
+                self._decode_once(sample)
         for t, old in zip((self.cache.positions, self.generated, self.tokens, self.sampling.seen), saved, strict=True):
             t.copy_(old)
-        log.info("decode step captured as a CUDA graph (%d slots x %d positions)", self.slots, self.max_len)
+        log.info("decode step captured as a CUDA graph (%d slots x %d positions, %s)", self.slots, self.max_len,
+                 "sampling" if sample else "greedy")  # fmt: skip
         return graph
 
     def _accept(self, b: int, token: int) -> None:

@@ -112,20 +112,25 @@ def gumbel_noise(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Te
     """g [rows, vocab] = -log(-log u), u a hash of (seed [rows, 2], step [rows], token id)."""
     ids = torch.arange(vocab, device=seed.device, dtype=torch.int64)[None]  # [1, V]
     words = 0xFFFFFFFF  # every hash input is kept to 32 bits (pcg_hash multiplies in int64)
-    row_key = pcg_hash((pcg_hash(seed[:, 0] ^ (step & words)) + seed[:, 1]) & words)  # [rows]
-    h = pcg_hash((row_key[:, None] + ids) & words)  # [rows, V]
+    # nested, so that no two (seed, step) pairs or (key, token) pairs share an input (as `seed ^ step` would)
+    row_key = pcg_hash((pcg_hash(pcg_hash(seed[:, 0]) ^ seed[:, 1]) + (step & words)) & words)  # [rows]
+    h = pcg_hash(pcg_hash(ids) ^ row_key[:, None])  # [rows, V]
     u = ((h >> 8).to(torch.float32) + 0.5) * _UNIT
     return -torch.log(-torch.log(u))
 
 
-def next_tokens(logits: torch.Tensor, sampling: BatchSampling, step: torch.Tensor) -> torch.Tensor:
+def next_tokens(logits: torch.Tensor, sampling: BatchSampling, step: torch.Tensor, sample: bool = True
+                ) -> torch.Tensor:  # fmt: skip
     """The next token of each row [rows] from `logits` [rows, V] (any float dtype; computed in float32) under
-    each row's parameters; `step` [rows] is each row's count of tokens generated so far (the noise's index)."""
+    each row's parameters; `step` [rows] is each row's count of tokens generated so far (the noise's index).
+    `sample` False: every row is greedy (the caller knows), so the sort for top-k/top-p is skipped."""
     logits = logits.float()
     s = sampling
     penalised = torch.where(logits > 0, logits / s.penalty[:, None], logits * s.penalty[:, None])
     logits = torch.where(s.seen, penalised, logits)
     greedy = logits.argmax(dim=-1)
+    if not sample:
+        return greedy
     vocab = logits.shape[-1]
     scaled = logits / torch.where(s.temperature > 0, s.temperature, 1.0)[:, None]
     # top-k: keep logits >= the k-th largest (k = 0: all)
