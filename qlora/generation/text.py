@@ -34,22 +34,26 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.append(token)
-        window = self.tokenizer.decode(self.ids[self._prefix :])
-        if window.endswith(REPLACEMENT):
+        if not self._absorb(final=False):
             return ""  # a character not yet complete
-        before = self.tokenizer.decode(self.ids[self._prefix : self._read])
-        self.text += window[len(before) :] if window.startswith(before) else window
-        self._prefix, self._read = self._read, len(self.ids)
         return self._release(final=False)
 
     def finish(self) -> str:
         """The text held back (a partial stop string, or an incomplete character) when the sequence ends."""
         if not self.stopped and self._read < len(self.ids):  # an incomplete character at the very end
-            window = self.tokenizer.decode(self.ids[self._prefix :])
-            before = self.tokenizer.decode(self.ids[self._prefix : self._read])
-            self.text += window[len(before) :]
-            self._read = len(self.ids)
+            self._absorb(final=True)
         return self._release(final=True)
+
+    def _absorb(self, final: bool) -> bool:
+        """Decode the tokens since the last boundary into `text`; False (nothing taken) while the window ends
+        in an incomplete character, unless `final`."""
+        window = self.tokenizer.decode(self.ids[self._prefix :])
+        if window.endswith(REPLACEMENT) and not final:
+            return False
+        before = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        self.text += window[len(before) :] if window.startswith(before) else window
+        self._prefix, self._read = self._read, len(self.ids)
+        return True
 
     @property
     def final_text(self) -> str:
